@@ -1,0 +1,249 @@
+//! `mxhsm keys generate | import | list | delete`.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use clap::{Args, Subcommand};
+use mxhsm::token::{KeyInfo, KeyOptions, KeyRole, KeyStore, SecretKeyBytes};
+use serde_json::json;
+use zeroize::Zeroizing;
+
+use super::{GlobalArgs, open_store, output};
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Generate a key pair on the token.
+    Generate(KeyTarget),
+    /// Import an existing private key onto the token (as a non-extractable key).
+    Import {
+        #[command(flatten)]
+        target: KeyTarget,
+        /// File with the private key: base64 (padded or not, as in secret storage) or 32
+        /// raw bytes; '-' reads standard input. Never the key itself on the command line.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+    },
+    /// List the mxhsm keys on the token.
+    List {
+        /// Only this user's keys.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Delete a key from the token (destroys the private key: it cannot be undone).
+    Delete {
+        #[command(flatten)]
+        target: KeyTarget,
+        /// Delete the key with this public key (base64) rather than the current one.
+        #[arg(long, value_name = "BASE64")]
+        public_key: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct KeyTarget {
+    /// The Matrix user ID the key belongs to (@alice:example.org).
+    #[arg(long)]
+    pub user: String,
+    /// master, self_signing, user_signing or backup.
+    #[arg(long)]
+    pub role: KeyRole,
+}
+
+pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
+    match cmd {
+        KeysCommand::Generate(t) => {
+            let store = open_store(global)?;
+            let key = store.generate(&t.user, t.role, &KeyOptions::default())?;
+            report_new_key(global, "generated", &key);
+        }
+        KeysCommand::Import { target, from } => {
+            let secret = read_secret(&from)?;
+            let store = open_store(global)?;
+            let key = store.import(&target.user, target.role, secret, &KeyOptions::default())?;
+            report_new_key(global, "imported", &key);
+        }
+        KeysCommand::List { user } => {
+            let store = open_store(global)?;
+            let keys = store.list_keys(user.as_deref())?;
+            if global.json {
+                output::json(&json!(keys.iter().map(key_json).collect::<Vec<_>>()));
+            } else if keys.is_empty() {
+                println!("no mxhsm keys on {}", store.summary());
+            } else {
+                let rows: Vec<Vec<String>> = keys
+                    .iter()
+                    .map(|k| {
+                        vec![
+                            k.user_id.clone(),
+                            k.role.to_string(),
+                            k.algorithm().to_string(),
+                            k.public_key_base64(),
+                            k.origin.as_str().to_string(),
+                            output::timestamp(k.created_ms),
+                            protection_summary(k),
+                        ]
+                    })
+                    .collect();
+                output::table(
+                    &[
+                        "USER",
+                        "ROLE",
+                        "ALG",
+                        "PUBLIC KEY",
+                        "ORIGIN",
+                        "CREATED",
+                        "PROTECTION",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        KeysCommand::Delete {
+            target,
+            public_key,
+            yes,
+        } => {
+            let store = open_store(global)?;
+            let key = match &public_key {
+                Some(pk) => store
+                    .list_keys(Some(&target.user))?
+                    .into_iter()
+                    .find(|k| k.role == target.role && &k.public_key_base64() == pk)
+                    .with_context(|| {
+                        format!(
+                            "no {} key of {} with public key {pk} on {}",
+                            target.role,
+                            target.user,
+                            store.summary()
+                        )
+                    })?,
+                None => store.find_key(&target.user, target.role)?,
+            };
+            if !yes {
+                confirm(&format!(
+                    "Destroy the {} key {} of {} on {}? This cannot be undone.",
+                    key.role,
+                    key.public_key_base64(),
+                    key.user_id,
+                    store.summary()
+                ))?;
+            }
+            store.delete(&key)?;
+            if global.json {
+                output::json(&json!({"deleted": key_json(&key)}));
+            } else {
+                println!(
+                    "deleted the {} key {} of {}",
+                    key.role,
+                    key.public_key_base64(),
+                    key.user_id
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report_new_key(global: &GlobalArgs, verb: &str, key: &KeyInfo) {
+    if global.json {
+        output::json(&key_json(key));
+    } else {
+        println!(
+            "{verb} the {} key of {} ({}): {}",
+            key.role,
+            key.user_id,
+            key.algorithm(),
+            key.public_key_base64()
+        );
+    }
+}
+
+/// Asks a yes/no question on the terminal; refuses when there is none.
+pub fn confirm(question: &str) -> Result<()> {
+    if !std::io::stdin().is_terminal() {
+        bail!("{question}\nrefusing without a terminal to confirm; pass --yes");
+    }
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush().ok();
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if matches!(answer.trim(), "y" | "Y" | "yes") {
+        Ok(())
+    } else {
+        bail!("cancelled; nothing changed")
+    }
+}
+
+/// Reads a private key from a file or stdin: base64 (padded or not) or 32 raw bytes.
+fn read_secret(path: &PathBuf) -> Result<SecretKeyBytes> {
+    let mut raw = Zeroizing::new(Vec::new());
+    if path.as_os_str() == "-" {
+        std::io::stdin()
+            .read_to_end(&mut raw)
+            .context("cannot read the private key from standard input")?;
+    } else {
+        *raw = std::fs::read(path)
+            .with_context(|| format!("cannot read the private key from {}", path.display()))?;
+    }
+    let text = std::str::from_utf8(&raw).ok().map(str::trim);
+    if let Some(text) = text.filter(|t| !t.is_empty()) {
+        let decoded = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(text.trim_end_matches('='))
+            .map(Zeroizing::new);
+        if let Ok(bytes) = decoded {
+            return SecretKeyBytes::from_slice(&bytes).map_err(|_| {
+                anyhow::anyhow!(
+                    "{}: the base64 decodes to {} bytes; a private key is 32 bytes",
+                    path.display(),
+                    bytes.len()
+                )
+            });
+        }
+    }
+    if raw.len() == 32 {
+        return Ok(SecretKeyBytes::from_slice(&raw)?);
+    }
+    bail!(
+        "{}: not a private key (expected base64 of 32 bytes, or 32 raw bytes; got {} bytes that are neither)",
+        path.display(),
+        raw.len()
+    )
+}
+
+fn protection_summary(k: &KeyInfo) -> String {
+    let problems = k.protection.problems();
+    if problems.is_empty() {
+        "sensitive, non-extractable".into()
+    } else {
+        format!("WEAK: {}", problems.join("; "))
+    }
+}
+
+pub fn key_json(k: &KeyInfo) -> serde_json::Value {
+    let p = &k.protection;
+    json!({
+        "user_id": k.user_id,
+        "role": k.role.as_str(),
+        "algorithm": k.algorithm().to_string(),
+        "public_key": k.public_key_base64(),
+        "origin": k.origin.as_str(),
+        "created_ms": k.created_ms,
+        "x25519_mechanism": k.x25519_mechanism.map(|m| m.as_str()),
+        "locator": k.locator.to_string(),
+        "attributes": {
+            "token": p.token,
+            "private": p.private,
+            "sensitive": p.sensitive,
+            "extractable": p.extractable,
+            "always_sensitive": p.always_sensitive,
+            "never_extractable": p.never_extractable,
+            "local": p.local,
+        },
+    })
+}

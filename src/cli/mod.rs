@@ -1,0 +1,93 @@
+//! The command line: one file per command group; output (a table, or `--json`), prompts.
+
+mod keys;
+mod output;
+mod token;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use mxhsm::config;
+use mxhsm::token::pin::PinSources;
+use mxhsm::token::pkcs11::Pkcs11Store;
+use mxhsm::token::{PinRequest, TokenError};
+use secrecy::SecretString;
+
+/// Keep a Matrix user's cross-signing and key-backup keys in hardware.
+#[derive(Debug, Parser)]
+#[command(name = "mxhsm", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// The token, as a PKCS#11 URI: 'pkcs11:token=NAME;serial=N?module-path=/path/module.so'.
+    /// Default: $MXHSM_TOKEN.
+    #[arg(long, global = true, value_name = "URI")]
+    pub token: Option<String>,
+    /// Read the token PIN from this file (its first line). Otherwise $MXHSM_PIN or a prompt;
+    /// never from the command line.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub pin_file: Option<PathBuf>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Find tokens, check one, measure one.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Generate, import, list and delete keys on the token.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Token(cmd) => token::run(&cli.global, cmd),
+        Command::Keys(cmd) => keys::run(&cli.global, cmd),
+    }
+}
+
+/// The PIN chain of the CLI: --pin-file, $MXHSM_PIN, then a prompt when a terminal is
+/// attached.
+fn pin_sources(global: &GlobalArgs) -> PinSources {
+    let mut pins = PinSources::non_interactive(global.pin_file.clone());
+    if std::io::stdin().is_terminal() {
+        pins.prompt = Some(Box::new(|req: &PinRequest| {
+            let warning = req
+                .status
+                .describe()
+                .map(|s| format!(" [{s}]"))
+                .unwrap_or_default();
+            rpassword::prompt_password(format!("PIN for {}{warning}: ", req.token))
+                .map(SecretString::from)
+                .map_err(|e| TokenError::NoPin {
+                    token: req.token.clone(),
+                    reason: format!("cannot read from the terminal: {e}"),
+                })
+        }));
+    }
+    pins
+}
+
+/// Opens and logs in to the token named by --token / $MXHSM_TOKEN.
+fn open_store(global: &GlobalArgs) -> Result<Pkcs11Store> {
+    let uri = config::token_uri(global.token.as_deref())?;
+    let store = Pkcs11Store::open(&uri, &pin_sources(global))?;
+    if let Some(warning) = store.pin_status_before_login().describe() {
+        eprintln!(
+            "warning: before this login the token reported: {warning} (someone entered a wrong PIN)"
+        );
+    }
+    Ok(store)
+}

@@ -1,0 +1,439 @@
+//! `mxhsm token list | doctor | bench`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use clap::Subcommand;
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use mxhsm::config;
+use mxhsm::token::pkcs11::{self, Pkcs11Store, TokenEntry};
+use mxhsm::token::{KeyAlgorithm, KeyInfo, KeyStore};
+use serde_json::json;
+use x25519_dalek::{PublicKey as XPublic, StaticSecret};
+
+use super::{GlobalArgs, open_store, output};
+
+/// Modules `token list` looks for when none is named.
+const WELL_KNOWN_MODULES: &[&str] = &[
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/libykcs11.so",
+    "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so",
+];
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// List PKCS#11 modules, their slots and tokens, and what each token can do.
+    List {
+        /// A module to look in (repeatable). Default: the module of --token/$MXHSM_TOKEN,
+        /// $MXHSM_PKCS11_MODULE and the usual install paths.
+        #[arg(long, value_name = "PATH")]
+        module: Vec<PathBuf>,
+    },
+    /// Self-test the token with temporary keys, and audit every mxhsm key on it.
+    Doctor,
+    /// Measure Ed25519 signatures and X25519 agreements per second on the token, against
+    /// ed25519-dalek / x25519-dalek in software in the same run.
+    Bench {
+        /// Seconds to measure each operation.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+}
+
+pub fn run(global: &GlobalArgs, cmd: TokenCommand) -> Result<ExitCode> {
+    match cmd {
+        TokenCommand::List { module } => list(global, module),
+        TokenCommand::Doctor => doctor(global),
+        TokenCommand::Bench { seconds } => bench(global, seconds),
+    }
+}
+
+fn list(global: &GlobalArgs, modules: Vec<PathBuf>) -> Result<ExitCode> {
+    let modules = if modules.is_empty() {
+        default_modules(global)
+    } else {
+        modules
+    };
+    if modules.is_empty() {
+        bail!(
+            "no PKCS#11 module found; name one with --module PATH or set {}",
+            pkcs11::MODULE_ENV
+        );
+    }
+    let mut found: Vec<(PathBuf, Result<Vec<TokenEntry>, String>)> = Vec::new();
+    for m in modules {
+        let r = pkcs11::list_tokens(&m).map_err(|e| e.to_string());
+        found.push((m, r));
+    }
+    if global.json {
+        let v: Vec<_> = found
+            .iter()
+            .map(|(m, r)| match r {
+                Ok(tokens) => json!({
+                    "module": m.display().to_string(),
+                    "tokens": tokens.iter().map(token_json).collect::<Vec<_>>(),
+                }),
+                Err(e) => json!({"module": m.display().to_string(), "error": e}),
+            })
+            .collect();
+        output::json(&json!(v));
+    } else {
+        let mut rows = Vec::new();
+        for (m, r) in &found {
+            match r {
+                Ok(tokens) if tokens.is_empty() => {
+                    rows.push(vec![
+                        m.display().to_string(),
+                        "-".into(),
+                        "(no token)".into(),
+                        "".into(),
+                        "".into(),
+                        "".into(),
+                        "".into(),
+                    ]);
+                }
+                Ok(tokens) => {
+                    for t in tokens {
+                        rows.push(vec![
+                            m.display().to_string(),
+                            t.slot_id.to_string(),
+                            t.summary.label.clone(),
+                            t.summary.serial.clone(),
+                            format!("{} {}", t.summary.manufacturer, t.summary.model),
+                            t.capabilities
+                                .as_ref()
+                                .map(|c| c.summary())
+                                .unwrap_or_else(|| "(not initialised)".into()),
+                            t.pin_status.describe().unwrap_or_else(|| "ok".into()),
+                        ]);
+                    }
+                }
+                Err(e) => rows.push(vec![
+                    m.display().to_string(),
+                    "-".into(),
+                    format!("error: {e}"),
+                    "".into(),
+                    "".into(),
+                    "".into(),
+                    "".into(),
+                ]),
+            }
+        }
+        output::table(
+            &[
+                "MODULE",
+                "SLOT",
+                "TOKEN",
+                "SERIAL",
+                "MAKE",
+                "CAPABILITIES",
+                "PIN",
+            ],
+            &rows,
+        );
+        let usable: Vec<&TokenEntry> = found
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok())
+            .flatten()
+            .filter(|t| t.capabilities.is_some())
+            .collect();
+        if !usable.is_empty() {
+            println!("\nuse a token with --token '<URI>' or MXHSM_TOKEN:");
+            for t in usable {
+                println!("  {}", t.uri);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn default_modules(global: &GlobalArgs) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    let mut add = |p: PathBuf| {
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    };
+    if let Ok(uri) = config::token_uri(global.token.as_deref()) {
+        if let Ok(p) = pkcs11::resolve_module_path(&uri) {
+            add(p);
+        }
+    }
+    if let Some(p) = std::env::var_os(pkcs11::MODULE_ENV) {
+        add(PathBuf::from(p));
+    }
+    for p in WELL_KNOWN_MODULES {
+        if Path::new(p).exists() {
+            add(PathBuf::from(p));
+        }
+    }
+    out
+}
+
+fn token_json(t: &TokenEntry) -> serde_json::Value {
+    json!({
+        "slot_id": t.slot_id,
+        "slot_description": t.slot_description,
+        "label": t.summary.label,
+        "serial": t.summary.serial,
+        "manufacturer": t.summary.manufacturer,
+        "model": t.summary.model,
+        "initialized": t.capabilities.is_some(),
+        "capabilities": t.capabilities.as_ref().map(|c| json!({
+            "ed25519": c.ed25519,
+            "x25519": c.x25519.map(|m| m.as_str()),
+            "import": c.import,
+        })),
+        "pin": {
+            "count_low": t.pin_status.count_low,
+            "final_try": t.pin_status.final_try,
+            "locked": t.pin_status.locked,
+        },
+        "uri": t.uri,
+    })
+}
+
+/// One line of the doctor's report.
+struct Check {
+    name: String,
+    ok: bool,
+    detail: String,
+}
+
+fn check(name: impl Into<String>, r: Result<String>) -> Check {
+    match r {
+        Ok(detail) => Check {
+            name: name.into(),
+            ok: true,
+            detail,
+        },
+        Err(e) => Check {
+            name: name.into(),
+            ok: false,
+            detail: format!("{e:#}"),
+        },
+    }
+}
+
+/// A temporary key that is destroyed when dropped.
+struct SessionKey<'a> {
+    store: &'a Pkcs11Store,
+    key: KeyInfo,
+}
+
+impl<'a> SessionKey<'a> {
+    fn new(store: &'a Pkcs11Store, algorithm: KeyAlgorithm) -> Result<Self> {
+        Ok(SessionKey {
+            store,
+            key: store.generate_session_key(algorithm)?,
+        })
+    }
+}
+
+impl Drop for SessionKey<'_> {
+    fn drop(&mut self) {
+        let _ = self.store.delete(&self.key);
+    }
+}
+
+fn doctor(global: &GlobalArgs) -> Result<ExitCode> {
+    let store = open_store(global)?;
+    let caps = store.capabilities().clone();
+    let mut checks = vec![Check {
+        name: "capabilities".into(),
+        ok: caps.ed25519,
+        detail: caps.summary(),
+    }];
+    if caps.ed25519 {
+        checks.push(check("ed25519 sign + verify", (|| {
+            let k = SessionKey::new(&store, KeyAlgorithm::Ed25519)?;
+            let vk = VerifyingKey::from_bytes(&k.key.public_key)?;
+            let mut lengths = Vec::new();
+            for len in [0usize, 1, 255, 1015, 65536] {
+                let msg: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+                let sig = store.sign_ed25519(&k.key, &msg)?;
+                vk.verify_strict(&msg, &Signature::from_bytes(&sig))
+                    .map_err(|_| anyhow::anyhow!("a {len}-byte message's signature does not verify (ed25519-dalek verify_strict)"))?;
+                lengths.push(len.to_string());
+            }
+            Ok(format!("session key; signatures over {} bytes verify with ed25519-dalek", lengths.join("/")))
+        })()));
+    }
+    if caps.x25519.is_some() {
+        checks.push(check(
+            "x25519 agreement",
+            (|| {
+                let k = SessionKey::new(&store, KeyAlgorithm::X25519)?;
+                let mut seed = [0u8; 32];
+                getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let peer = StaticSecret::from(seed);
+                let on_token = store.x25519(&k.key, XPublic::from(&peer).as_bytes())?;
+                let soft = peer.diffie_hellman(&XPublic::from(k.key.public_key));
+                if on_token.expose() != soft.as_bytes() {
+                    bail!("the token's shared secret differs from x25519-dalek's");
+                }
+                // A small-order peer key must be refused, not turned into a zero secret.
+                match store.x25519(&k.key, &[0u8; 32]) {
+                    Err(_) => {}
+                    Ok(_) => bail!("an all-zero peer key gave a secret"),
+                }
+                Ok(format!(
+                    "session key ({}); secret equals x25519-dalek's; zero peer key refused",
+                    k.key.x25519_mechanism.map(|m| m.as_str()).unwrap_or("?")
+                ))
+            })(),
+        ));
+    } else {
+        checks.push(Check {
+            name: "x25519 agreement".into(),
+            ok: true,
+            detail:
+                "not supported by this token: keep the backup key elsewhere (cross-signing works)"
+                    .into(),
+        });
+    }
+    let keys = store.list_keys(None);
+    match keys {
+        Ok(keys) => {
+            if keys.is_empty() {
+                checks.push(Check {
+                    name: "key audit".into(),
+                    ok: true,
+                    detail: "no mxhsm keys on this token".into(),
+                });
+            }
+            for k in &keys {
+                let problems = k.protection.problems();
+                let mut notes = vec![k.origin.as_str().to_string()];
+                if k.protection.never_extractable == Some(true)
+                    && k.protection.always_sensitive == Some(true)
+                {
+                    notes.push("never extractable, always sensitive".into());
+                }
+                checks.push(Check {
+                    name: format!("key {} {} {}", k.user_id, k.role, k.public_key_base64()),
+                    ok: problems.is_empty(),
+                    detail: if problems.is_empty() {
+                        format!(
+                            "token, private, sensitive, not extractable; {}",
+                            notes.join(", ")
+                        )
+                    } else {
+                        problems.join("; ")
+                    },
+                });
+            }
+        }
+        Err(e) => checks.push(Check {
+            name: "key audit".into(),
+            ok: false,
+            detail: e.to_string(),
+        }),
+    }
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    if global.json {
+        output::json(&json!({
+            "token": store.summary().to_string(),
+            "ok": failed == 0,
+            "checks": checks.iter().map(|c| json!({"name": c.name, "ok": c.ok, "detail": c.detail})).collect::<Vec<_>>(),
+        }));
+    } else {
+        println!("{}", store.summary());
+        let rows: Vec<Vec<String>> = checks
+            .iter()
+            .map(|c| {
+                vec![
+                    if c.ok { "ok" } else { "FAIL" }.to_string(),
+                    c.name.clone(),
+                    c.detail.clone(),
+                ]
+            })
+            .collect();
+        output::table(&["", "CHECK", "DETAIL"], &rows);
+        if failed > 0 {
+            eprintln!("{failed} check(s) failed");
+        }
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Runs `op` repeatedly for `seconds` and returns operations per second.
+fn rate(seconds: f64, mut op: impl FnMut() -> Result<()>) -> Result<f64> {
+    let budget = Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < budget || n < 10 {
+        op()?;
+        n += 1;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+fn bench(global: &GlobalArgs, seconds: f64) -> Result<ExitCode> {
+    if !(seconds > 0.0 && seconds <= 600.0) {
+        bail!("--seconds must be between 0 and 600");
+    }
+    let store = open_store(global)?;
+    let msg = br#"{"keys":{"ed25519:AAAA":"AAAA"},"usage":["self_signing"],"user_id":"@alice:example.org"}"#;
+    let mut rows = Vec::new();
+    let mut results = Vec::new();
+    if store.capabilities().ed25519 {
+        let k = SessionKey::new(&store, KeyAlgorithm::Ed25519)?;
+        let token = rate(seconds, || {
+            store
+                .sign_ed25519(&k.key, msg)
+                .map(|_| ())
+                .map_err(Into::into)
+        })?;
+        let sk = SigningKey::from_bytes(&[7u8; 32]);
+        let soft = rate(seconds, || {
+            std::hint::black_box(sk.sign(std::hint::black_box(msg)));
+            Ok(())
+        })?;
+        results.push(("ed25519 sign", token, "ed25519-dalek", soft));
+    }
+    if store.capabilities().x25519.is_some() {
+        let k = SessionKey::new(&store, KeyAlgorithm::X25519)?;
+        let peer = XPublic::from(&StaticSecret::from([9u8; 32]));
+        let token = rate(seconds, || {
+            store
+                .x25519(&k.key, peer.as_bytes())
+                .map(|_| ())
+                .map_err(Into::into)
+        })?;
+        let secret = StaticSecret::from([5u8; 32]);
+        let soft = rate(seconds, || {
+            std::hint::black_box(secret.diffie_hellman(std::hint::black_box(&peer)));
+            Ok(())
+        })?;
+        results.push(("x25519 agree", token, "x25519-dalek", soft));
+    }
+    for (op, token, baseline, soft) in &results {
+        rows.push(vec![
+            op.to_string(),
+            format!("{token:.0}/s"),
+            format!("{soft:.0}/s ({baseline})"),
+            format!("{:.4}", token / soft),
+        ]);
+    }
+    if global.json {
+        output::json(&json!({
+            "token": store.summary().to_string(),
+            "seconds": seconds,
+            "results": results.iter().map(|(op, t, b, s)| json!({
+                "operation": op, "token_per_second": t, "software": b,
+                "software_per_second": s, "ratio": t / s,
+            })).collect::<Vec<_>>(),
+        }));
+    } else {
+        println!("{} — one thread, one session", store.summary());
+        output::table(&["OPERATION", "TOKEN", "SOFTWARE", "TOKEN/SOFTWARE"], &rows);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,525 @@
+//! The hardware boundary: the only code in mxhsm that knows PKCS#11 or PIV.
+//!
+//! Everything above this module sees a token through the [`KeyStore`] trait: keys are
+//! found by (Matrix user ID, [`KeyRole`]), several generations of a role may coexist until
+//! the old one is deleted (the newest is the current one), and the only private-key
+//! operations are an Ed25519 signature and an X25519 agreement, both done on the device.
+//! Private keys never leave it: they are created sensitive and non-extractable, and
+//! imported key material is zeroized as soon as the token has it.
+//!
+//! Backends: [`pkcs11`] (SoftHSM, Kryoptic, network HSMs, ykcs11 — any module).
+
+pub mod pin;
+pub mod pkcs11;
+
+use std::fmt;
+use std::str::FromStr;
+
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+pub use pin::{PinProvider, PinRequest, PinStatus};
+
+/// What a key is for in Matrix's key infrastructure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KeyRole {
+    /// The cross-signing master key (MSK): signs the SSK, the USK and backup `auth_data`.
+    Master,
+    /// The self-signing key (SSK): signs the user's own devices.
+    SelfSigning,
+    /// The user-signing key (USK): signs other users' master keys.
+    UserSigning,
+    /// The key-backup decryption key (`m.megolm_backup.v1.curve25519-aes-sha2`).
+    Backup,
+}
+
+impl KeyRole {
+    /// Every role, in the order they are created and listed.
+    pub const ALL: [KeyRole; 4] = [
+        KeyRole::Master,
+        KeyRole::SelfSigning,
+        KeyRole::UserSigning,
+        KeyRole::Backup,
+    ];
+
+    /// The role's name as used in Matrix (`usage` of a cross-signing key) and in labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyRole::Master => "master",
+            KeyRole::SelfSigning => "self_signing",
+            KeyRole::UserSigning => "user_signing",
+            KeyRole::Backup => "backup",
+        }
+    }
+
+    /// The algorithm every key of this role uses.
+    pub fn algorithm(self) -> KeyAlgorithm {
+        match self {
+            KeyRole::Backup => KeyAlgorithm::X25519,
+            _ => KeyAlgorithm::Ed25519,
+        }
+    }
+}
+
+impl fmt::Display for KeyRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for KeyRole {
+    type Err = TokenError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "master" | "msk" => Ok(KeyRole::Master),
+            "self_signing" | "self-signing" | "ssk" => Ok(KeyRole::SelfSigning),
+            "user_signing" | "user-signing" | "usk" => Ok(KeyRole::UserSigning),
+            "backup" => Ok(KeyRole::Backup),
+            other => Err(TokenError::InvalidInput(format!(
+                "unknown key role {other:?} (expected master, self_signing, user_signing or backup)"
+            ))),
+        }
+    }
+}
+
+/// The two key algorithms Matrix needs from a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyAlgorithm {
+    Ed25519,
+    X25519,
+}
+
+impl fmt::Display for KeyAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KeyAlgorithm::Ed25519 => "ed25519",
+            KeyAlgorithm::X25519 => "x25519",
+        })
+    }
+}
+
+/// How a PKCS#11 token does X25519 (see `../shared/reference/tokens.md` §0.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum X25519Mechanism {
+    /// `CKM_EC_MONTGOMERY_KEY_PAIR_GEN` + `CKK_EC_MONTGOMERY` + `CKM_ECDH1_DERIVE`.
+    Montgomery,
+    /// SoftHSM 2.x: `CKM_EC_EDWARDS_KEY_PAIR_GEN` with curve25519 parameters, so the key is a
+    /// `CKK_EC_EDWARDS` object, and `CKM_ECDH1_DERIVE` on it (softhsm/SoftHSMv2#647).
+    SoftHsmEdwards,
+    /// Not PKCS#11: a PIV slot's GENERAL AUTHENTICATE key agreement.
+    Piv,
+}
+
+impl X25519Mechanism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            X25519Mechanism::Montgomery => "montgomery",
+            X25519Mechanism::SoftHsmEdwards => "softhsm-edwards",
+            X25519Mechanism::Piv => "piv",
+        }
+    }
+}
+
+/// What a token can do, probed from its mechanism list (never assumed from its name alone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Ed25519 key generation and pure EdDSA signing.
+    pub ed25519: bool,
+    /// How X25519 agreement works on this token, if it can do it at all.
+    pub x25519: Option<X25519Mechanism>,
+    /// Whether existing keys can be imported (created from their secret bytes).
+    pub import: bool,
+}
+
+impl Capabilities {
+    /// Whether keys of `role` can be created and used on this token.
+    pub fn supports(&self, role: KeyRole) -> bool {
+        match role.algorithm() {
+            KeyAlgorithm::Ed25519 => self.ed25519,
+            KeyAlgorithm::X25519 => self.x25519.is_some(),
+        }
+    }
+
+    /// A short human summary, e.g. `ed25519, x25519 (softhsm-edwards), import`.
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        if self.ed25519 {
+            parts.push("ed25519".to_string());
+        }
+        if let Some(m) = self.x25519 {
+            parts.push(format!("x25519 ({})", m.as_str()));
+        }
+        if self.import {
+            parts.push("import".to_string());
+        }
+        if parts.is_empty() {
+            "none usable by mxhsm".to_string()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+/// How a private key came to be on the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOrigin {
+    /// Generated on the device (`CKA_LOCAL`, PIV metadata origin "generated").
+    Generated,
+    /// Imported from outside (the key existed in software before).
+    Imported,
+    /// The token does not say.
+    Unknown,
+}
+
+impl KeyOrigin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyOrigin::Generated => "generated",
+            KeyOrigin::Imported => "imported",
+            KeyOrigin::Unknown => "unknown",
+        }
+    }
+}
+
+/// The protection attributes of a private key as the token reports them (`None`: not
+/// reported).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyProtection {
+    pub token: Option<bool>,
+    pub private: Option<bool>,
+    pub sensitive: Option<bool>,
+    pub extractable: Option<bool>,
+    pub always_sensitive: Option<bool>,
+    pub never_extractable: Option<bool>,
+    pub local: Option<bool>,
+}
+
+impl KeyProtection {
+    /// Problems a security audit must flag: anything that would let the private key out.
+    pub fn problems(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.token != Some(true) {
+            out.push("not a token (persistent) object");
+        }
+        if self.private != Some(true) {
+            out.push("CKA_PRIVATE is not true");
+        }
+        if self.sensitive != Some(true) {
+            out.push("CKA_SENSITIVE is not true");
+        }
+        if self.extractable != Some(false) {
+            out.push("CKA_EXTRACTABLE is not false");
+        }
+        out
+    }
+}
+
+/// One key on a token, as [`KeyStore::list_keys`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// The Matrix user ID the key belongs to.
+    pub user_id: String,
+    pub role: KeyRole,
+    /// Creation time, milliseconds since the Unix epoch, when the token records it.
+    pub created_ms: Option<u64>,
+    /// The raw 32-byte public key (Ed25519 or X25519).
+    pub public_key: [u8; 32],
+    pub origin: KeyOrigin,
+    pub protection: KeyProtection,
+    /// For backup keys: how the token does X25519 with this key.
+    pub x25519_mechanism: Option<X25519Mechanism>,
+    /// Where the key lives on the token, backend-specific (e.g. the PKCS#11 `CKA_ID`).
+    pub locator: KeyLocator,
+}
+
+impl KeyInfo {
+    pub fn algorithm(&self) -> KeyAlgorithm {
+        self.role.algorithm()
+    }
+
+    /// The public key as Matrix writes it: unpadded standard base64.
+    pub fn public_key_base64(&self) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(self.public_key)
+    }
+}
+
+/// Where a key is on its token. Opaque above the `token` module.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KeyLocator {
+    /// A PKCS#11 key pair sharing this `CKA_ID` and `CKA_LABEL`.
+    Pkcs11 { id: Vec<u8>, label: String },
+    /// A PIV slot (retired key management slots 0x82..=0x95).
+    Piv { slot: u8 },
+}
+
+impl fmt::Display for KeyLocator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyLocator::Pkcs11 { id, .. } => {
+                f.write_str("id=")?;
+                for b in id {
+                    write!(f, "{b:02x}")?;
+                }
+                Ok(())
+            }
+            KeyLocator::Piv { slot } => write!(f, "slot {slot:02x}"),
+        }
+    }
+}
+
+/// Options for creating a key. Backends ignore what does not apply to them (a PKCS#11
+/// token has no touch policy).
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct KeyOptions {
+    /// PIV: when the PIN is required for the key.
+    pub pin_policy: Option<PinPolicy>,
+    /// PIV: when a touch is required for the key.
+    pub touch_policy: Option<TouchPolicy>,
+    /// PIV: overwrite a slot that already holds a key.
+    pub force: bool,
+}
+
+/// PIV PIN policy of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinPolicy {
+    Never,
+    Once,
+    Always,
+}
+
+/// PIV touch policy of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TouchPolicy {
+    Never,
+    Always,
+    Cached,
+}
+
+/// Secret key bytes on their way onto a token: an Ed25519 seed (RFC 8032) or an X25519
+/// scalar. Zeroized on drop, never printed.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct SecretKeyBytes([u8; 32]);
+
+impl SecretKeyBytes {
+    pub fn new(bytes: [u8; 32]) -> Self {
+        SecretKeyBytes(bytes)
+    }
+
+    /// Takes the bytes from a slice that must be exactly 32 bytes long.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, TokenError> {
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| {
+            TokenError::InvalidInput(format!(
+                "a private key must be 32 bytes, this one is {} bytes",
+                bytes.len()
+            ))
+        })?;
+        Ok(SecretKeyBytes(arr))
+    }
+
+    pub fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The public key that belongs to this secret, for a key of `algorithm`.
+    pub fn public_key(&self, algorithm: KeyAlgorithm) -> [u8; 32] {
+        match algorithm {
+            KeyAlgorithm::Ed25519 => ed25519_dalek::SigningKey::from_bytes(&self.0)
+                .verifying_key()
+                .to_bytes(),
+            KeyAlgorithm::X25519 => {
+                let secret = x25519_dalek::StaticSecret::from(self.0);
+                x25519_dalek::PublicKey::from(&secret).to_bytes()
+            }
+        }
+    }
+}
+
+impl fmt::Debug for SecretKeyBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretKeyBytes([redacted])")
+    }
+}
+
+/// The 32-byte result of an X25519 agreement. Zeroized on drop, never printed.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct SharedSecret([u8; 32]);
+
+impl SharedSecret {
+    /// Wraps an agreement result, refusing the all-zero output of a non-contributory
+    /// (small-order) peer key, as vodozemac does.
+    pub fn new(bytes: [u8; 32]) -> Result<Self, TokenError> {
+        let secret = SharedSecret(bytes);
+        if secret.0.iter().fold(0u8, |acc, b| acc | b) == 0 {
+            return Err(TokenError::NonContributory);
+        }
+        Ok(secret)
+    }
+
+    pub fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SharedSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SharedSecret([redacted])")
+    }
+}
+
+/// Who and what a token is, for messages and `token list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSummary {
+    /// e.g. `SoftHSM project` or `Yubico`.
+    pub manufacturer: String,
+    pub model: String,
+    pub label: String,
+    pub serial: String,
+    /// The module path (PKCS#11) or reader name (PIV).
+    pub source: String,
+}
+
+impl fmt::Display for TokenSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "token \"{}\" (serial {}, {} {})",
+            self.label, self.serial, self.manufacturer, self.model
+        )
+    }
+}
+
+/// A store of Matrix keys on one token.
+///
+/// Implementations are thread-safe: operations on different keys (or the same key) may
+/// run concurrently; a backend that cannot run them in parallel serialises them.
+pub trait KeyStore: Send + Sync {
+    /// Which token this is.
+    fn summary(&self) -> &TokenSummary;
+
+    /// What the token can do.
+    fn capabilities(&self) -> &Capabilities;
+
+    /// Every mxhsm key on the token, or only `user_id`'s, oldest first within a role.
+    fn list_keys(&self, user_id: Option<&str>) -> Result<Vec<KeyInfo>, TokenError>;
+
+    /// Generates a key pair for (`user_id`, `role`) on the device. An existing key of the
+    /// same role is kept; the new one becomes the current one.
+    fn generate(
+        &self,
+        user_id: &str,
+        role: KeyRole,
+        options: &KeyOptions,
+    ) -> Result<KeyInfo, TokenError>;
+
+    /// Imports an existing private key for (`user_id`, `role`). `secret` is dropped (and so
+    /// zeroized) before this returns.
+    fn import(
+        &self,
+        user_id: &str,
+        role: KeyRole,
+        secret: SecretKeyBytes,
+        options: &KeyOptions,
+    ) -> Result<KeyInfo, TokenError>;
+
+    /// A pure Ed25519 (RFC 8032) signature over exactly `message`.
+    fn sign_ed25519(&self, key: &KeyInfo, message: &[u8]) -> Result<[u8; 64], TokenError>;
+
+    /// X25519 of the key with a peer's raw 32-byte public key. An all-zero result is an
+    /// error ([`TokenError::NonContributory`]).
+    fn x25519(&self, key: &KeyInfo, peer_public: &[u8; 32]) -> Result<SharedSecret, TokenError>;
+
+    /// Destroys the key (private and public objects).
+    fn delete(&self, key: &KeyInfo) -> Result<(), TokenError>;
+
+    /// The current (newest) key of `role` for `user_id`.
+    fn find_key(&self, user_id: &str, role: KeyRole) -> Result<KeyInfo, TokenError> {
+        self.list_keys(Some(user_id))?
+            .into_iter()
+            .filter(|k| k.role == role)
+            .max_by_key(|k| k.created_ms)
+            .ok_or_else(|| TokenError::KeyNotFound {
+                user_id: user_id.to_string(),
+                role,
+                token: self.summary().to_string(),
+            })
+    }
+}
+
+/// Checks that `user_id` looks like a Matrix user ID (`@localpart:server`), so that labels
+/// on the token stay meaningful.
+pub fn check_user_id(user_id: &str) -> Result<(), TokenError> {
+    let ok = user_id.starts_with('@')
+        && user_id.len() <= 255
+        && user_id[1..].split_once(':').is_some_and(|(local, server)| {
+            !local.is_empty() && !server.is_empty() && !user_id.chars().any(char::is_whitespace)
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(TokenError::InvalidInput(format!(
+            "{user_id:?} is not a Matrix user ID (expected @localpart:server.name)"
+        )))
+    }
+}
+
+/// Errors from the token layer. Each names the token or input it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("PKCS#11 module {path} does not exist")]
+    ModuleNotFound { path: String },
+    #[error("cannot load PKCS#11 module {path}: {reason}")]
+    ModuleLoad { path: String, reason: String },
+    #[error("invalid PKCS#11 URI {uri:?}: {reason}")]
+    InvalidUri { uri: String, reason: String },
+    #[error("no token matches {uri}; tokens present: {}", list_or_none(.available))]
+    NoMatchingToken { uri: String, available: Vec<String> },
+    #[error("{uri} matches {} tokens ({}); add serial= or token= to choose one", .matches.len(), .matches.join("; "))]
+    AmbiguousToken { uri: String, matches: Vec<String> },
+    #[error("wrong PIN for {token}{}", status_suffix(.status))]
+    WrongPin { token: String, status: PinStatus },
+    #[error(
+        "the user PIN of {token} is locked; unlock it with the SO PIN (e.g. pkcs11-tool --init-pin) or your HSM's tools"
+    )]
+    PinLocked { token: String },
+    #[error("no PIN for {token}: {reason}")]
+    NoPin { token: String, reason: String },
+    #[error("cannot read the PIN from {path}: {reason}")]
+    PinSource { path: String, reason: String },
+    #[error("{token} cannot do {what}")]
+    Unsupported { token: String, what: String },
+    #[error("no {role} key for {user_id} on {token}")]
+    KeyNotFound {
+        user_id: String,
+        role: KeyRole,
+        token: String,
+    },
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("{token} returned data mxhsm cannot use: {what}")]
+    BadTokenData { token: String, what: String },
+    #[error("the X25519 agreement gave an all-zero secret (the peer key is of small order)")]
+    NonContributory,
+    #[error("{token}: {operation} failed: {reason}")]
+    Device {
+        token: String,
+        operation: String,
+        reason: String,
+    },
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".to_string()
+    } else {
+        items.join("; ")
+    }
+}
+
+fn status_suffix(status: &PinStatus) -> String {
+    match status.describe() {
+        Some(s) => format!(" ({s})"),
+        None => String::new(),
+    }
+}

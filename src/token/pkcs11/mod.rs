@@ -1,0 +1,1008 @@
+//! The PKCS#11 backend (cryptoki): SoftHSM, Kryoptic, network HSMs, ykcs11 — any module.
+//!
+//! Keys are stored as a private-key object and a public-key object that share a
+//! `CKA_LABEL` and a `CKA_ID` (the scheme is in docs/architecture.md):
+//!
+//! * `CKA_LABEL` = `mxhsm:<role>:<user ID>`, e.g. `mxhsm:master:@alice:example.org`, so a
+//!   (user, role) lookup is one exact-match `C_FindObjects`;
+//! * `CKA_ID` = `"mx" ‖ 0x01 ‖ creation time in ms (u64 BE) ‖ 4 random bytes`, which makes
+//!   each generation of a role unique and orders them (the newest is current).
+//!
+//! Token quirks handled here, each documented in `../shared/reference/tokens.md`:
+//! SoftHSM's X25519 only as an EC_EDWARDS key with curve25519 parameters; three
+//! `CKA_EC_POINT` encodings; raw 32-byte ECDH peer keys (Kryoptic refuses DER).
+
+pub mod ec;
+pub mod uri;
+
+use std::collections::HashMap;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
+use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::{Slot, TokenInfo};
+use zeroize::Zeroize;
+
+use self::ec::Curve;
+pub use self::uri::Pkcs11Uri;
+use super::pin::{PinProvider, PinRequest, PinStatus, read_pin_file};
+use super::{
+    Capabilities, KeyAlgorithm, KeyInfo, KeyLocator, KeyOptions, KeyOrigin, KeyProtection, KeyRole,
+    KeyStore, SecretKeyBytes, SharedSecret, TokenError, TokenSummary, X25519Mechanism,
+    check_user_id,
+};
+
+/// Environment variable naming the default PKCS#11 module when a URI has none.
+pub const MODULE_ENV: &str = "MXHSM_PKCS11_MODULE";
+
+/// Directories searched for `module-name=` (RFC 7512 leaves the search to the consumer).
+const MODULE_DIRS: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/pkcs11",
+    "/usr/lib/aarch64-linux-gnu/pkcs11",
+    "/usr/lib/pkcs11",
+    "/usr/lib/softhsm",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib64/pkcs11",
+    "/usr/local/lib",
+];
+
+const LABEL_PREFIX: &str = "mxhsm:";
+const ID_MAGIC: &[u8; 3] = b"mx\x01";
+
+/// The label of every object of (`user_id`, `role`).
+pub fn key_label(user_id: &str, role: KeyRole) -> String {
+    format!("{LABEL_PREFIX}{}:{user_id}", role.as_str())
+}
+
+fn parse_label(label: &str) -> Option<(KeyRole, &str)> {
+    let rest = label.strip_prefix(LABEL_PREFIX)?;
+    let (role, user) = rest.split_once(':')?;
+    Some((role.parse().ok()?, user))
+}
+
+fn new_key_id() -> Result<Vec<u8>, TokenError> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut random = [0u8; 4];
+    getrandom::fill(&mut random)
+        .map_err(|e| TokenError::InvalidInput(format!("no randomness: {e}")))?;
+    let mut id = ID_MAGIC.to_vec();
+    id.extend_from_slice(&now.to_be_bytes());
+    id.extend_from_slice(&random);
+    Ok(id)
+}
+
+fn created_from_id(id: &[u8]) -> Option<u64> {
+    let rest = id.strip_prefix(ID_MAGIC.as_slice())?;
+    let ms: [u8; 8] = rest.get(..8)?.try_into().ok()?;
+    Some(u64::from_be_bytes(ms))
+}
+
+/// Every loaded module, initialised once and kept for the life of the process:
+/// `C_Initialize` may be called only once per module, and unloading SoftHSM without
+/// `C_Finalize` is not safe.
+fn modules() -> &'static Mutex<HashMap<PathBuf, Pkcs11>> {
+    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+    MODULES.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Loads and initialises the PKCS#11 module at `path` (once per process).
+pub fn load_module(path: &Path) -> Result<Pkcs11, TokenError> {
+    let shown = path.display().to_string();
+    let canonical = path
+        .canonicalize()
+        .map_err(|_| TokenError::ModuleNotFound {
+            path: shown.clone(),
+        })?;
+    let mut map = modules().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(ctx) = map.get(&canonical) {
+        return Ok(ctx.clone());
+    }
+    let ctx = Pkcs11::new(&canonical).map_err(|e| TokenError::ModuleLoad {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => {
+            return Err(TokenError::ModuleLoad {
+                path: shown,
+                reason: format!("C_Initialize: {e}"),
+            });
+        }
+    }
+    map.insert(canonical, ctx.clone());
+    Ok(ctx)
+}
+
+/// The module a URI names: `module-path`, `module-name` (searched in the usual
+/// directories), or the `MXHSM_PKCS11_MODULE` environment variable.
+pub fn resolve_module_path(uri: &Pkcs11Uri) -> Result<PathBuf, TokenError> {
+    if let Some(p) = &uri.module_path {
+        return Ok(p.clone());
+    }
+    if let Some(name) = &uri.module_name {
+        let file = if name.ends_with(".so") {
+            name.clone()
+        } else {
+            format!("{name}.so")
+        };
+        return MODULE_DIRS
+            .iter()
+            .map(|d| Path::new(d).join(&file))
+            .find(|p| p.exists())
+            .ok_or_else(|| TokenError::ModuleNotFound {
+                path: format!("{file} (module-name, searched {})", MODULE_DIRS.join(", ")),
+            });
+    }
+    if let Some(p) = std::env::var_os(MODULE_ENV) {
+        return Ok(PathBuf::from(p));
+    }
+    Err(TokenError::InvalidUri {
+        uri: uri.original.clone(),
+        reason: format!("no module: add ?module-path=/path/to/module.so or set {MODULE_ENV}"),
+    })
+}
+
+fn is_softhsm(manufacturer: &str) -> bool {
+    manufacturer.trim().starts_with("SoftHSM")
+}
+
+fn pin_status(info: &TokenInfo) -> PinStatus {
+    PinStatus {
+        count_low: info.user_pin_count_low(),
+        final_try: info.user_pin_final_try(),
+        locked: info.user_pin_locked(),
+        retries: None,
+    }
+}
+
+fn summary_of(info: &TokenInfo, module: &Path) -> TokenSummary {
+    TokenSummary {
+        manufacturer: info.manufacturer_id().trim().to_string(),
+        model: info.model().trim().to_string(),
+        label: info.label().trim().to_string(),
+        serial: info.serial_number().trim().to_string(),
+        source: module.display().to_string(),
+    }
+}
+
+/// Probes what a token can do from its mechanism list.
+fn probe(ctx: &Pkcs11, slot: Slot, info: &TokenInfo) -> Result<Capabilities, CkError> {
+    let mechs = ctx.get_mechanism_list(slot)?;
+    let has = |m: MechanismType| mechs.contains(&m);
+    let edwards_gen = has(MechanismType::ECC_EDWARDS_KEY_PAIR_GEN);
+    let derive = has(MechanismType::ECDH1_DERIVE);
+    let x25519 = if has(MechanismType::ECC_MONTGOMERY_KEY_PAIR_GEN) && derive {
+        Some(X25519Mechanism::Montgomery)
+    } else if is_softhsm(info.manufacturer_id()) && edwards_gen && derive {
+        Some(X25519Mechanism::SoftHsmEdwards)
+    } else {
+        None
+    };
+    Ok(Capabilities {
+        ed25519: edwards_gen && has(MechanismType::EDDSA),
+        x25519,
+        import: !info.write_protected(),
+    })
+}
+
+/// One token as `mxhsm token list` shows it.
+#[derive(Debug, Clone)]
+pub struct TokenEntry {
+    pub slot_id: u64,
+    pub slot_description: String,
+    pub summary: TokenSummary,
+    /// `None` for a slot whose token is not initialised (e.g. SoftHSM's spare slot).
+    pub capabilities: Option<Capabilities>,
+    pub pin_status: PinStatus,
+    pub uri: String,
+}
+
+/// Every slot with a token in the module at `path`.
+pub fn list_tokens(path: &Path) -> Result<Vec<TokenEntry>, TokenError> {
+    let ctx = load_module(path)?;
+    let dev = |op: &str| {
+        let op = op.to_string();
+        move |e: CkError| TokenError::Device {
+            token: path.display().to_string(),
+            operation: op.clone(),
+            reason: e.to_string(),
+        }
+    };
+    let mut out = Vec::new();
+    for slot in ctx.get_slots_with_token().map_err(dev("C_GetSlotList"))? {
+        let sinfo = ctx.get_slot_info(slot).map_err(dev("C_GetSlotInfo"))?;
+        let tinfo = ctx.get_token_info(slot).map_err(dev("C_GetTokenInfo"))?;
+        let summary = summary_of(&tinfo, path);
+        let capabilities = if tinfo.token_initialized() {
+            Some(probe(&ctx, slot, &tinfo).map_err(dev("C_GetMechanismList"))?)
+        } else {
+            None
+        };
+        out.push(TokenEntry {
+            slot_id: slot.id(),
+            slot_description: sinfo.slot_description().trim().to_string(),
+            uri: Pkcs11Uri::for_token(&summary.label, &summary.serial, &path.display().to_string()),
+            summary,
+            capabilities,
+            pin_status: pin_status(&tinfo),
+        });
+    }
+    Ok(out)
+}
+
+/// A logged-in PKCS#11 token holding mxhsm keys.
+pub struct Pkcs11Store {
+    ctx: Pkcs11,
+    slot: Slot,
+    summary: TokenSummary,
+    capabilities: Capabilities,
+    pin_status_before_login: PinStatus,
+    /// Open sessions, reused; the first one carries the login and is never closed (closing
+    /// an application's last session logs it out).
+    pool: Mutex<Vec<Session>>,
+    /// Private-key handles by `CKA_ID`, so repeated operations skip `C_FindObjects`.
+    handles: Mutex<HashMap<Vec<u8>, ObjectHandle>>,
+}
+
+impl std::fmt::Debug for Pkcs11Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11Store")
+            .field("summary", &self.summary)
+            .field("capabilities", &self.capabilities)
+            .finish_non_exhaustive()
+    }
+}
+
+struct PooledSession<'a> {
+    store: &'a Pkcs11Store,
+    session: Option<Session>,
+}
+
+impl Deref for PooledSession<'_> {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        // Only `None` after drop.
+        self.session.as_ref().expect("session present until drop")
+    }
+}
+
+impl Drop for PooledSession<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            self.store
+                .pool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(s);
+        }
+    }
+}
+
+impl Pkcs11Store {
+    /// Opens the one token `uri` selects and logs in.
+    ///
+    /// Tokens are filtered by the URI before anything is sent to them, so a PIN never
+    /// reaches the wrong token. The PIN comes from the URI's `pin-source`, else from
+    /// `pins`; it is sent once. A wrong PIN is an error that says what the token reports
+    /// about its retry counter.
+    pub fn open(uri: &Pkcs11Uri, pins: &dyn PinProvider) -> Result<Self, TokenError> {
+        let path = resolve_module_path(uri)?;
+        let ctx = load_module(&path)?;
+        let module = path.display().to_string();
+        let dev = |op: &'static str| {
+            let module = module.clone();
+            move |e: CkError| TokenError::Device {
+                token: module.clone(),
+                operation: op.to_string(),
+                reason: e.to_string(),
+            }
+        };
+        let mut candidates = Vec::new();
+        let mut available = Vec::new();
+        for slot in ctx.get_slots_with_token().map_err(dev("C_GetSlotList"))? {
+            let sinfo = ctx.get_slot_info(slot).map_err(dev("C_GetSlotInfo"))?;
+            let tinfo = ctx.get_token_info(slot).map_err(dev("C_GetTokenInfo"))?;
+            if !tinfo.token_initialized() {
+                continue;
+            }
+            let lib = ctx.get_library_info().map_err(dev("C_GetInfo"))?;
+            let props = uri::TokenProperties {
+                label: tinfo.label(),
+                manufacturer: tinfo.manufacturer_id(),
+                serial: tinfo.serial_number(),
+                model: tinfo.model(),
+                slot_id: slot.id(),
+                slot_description: sinfo.slot_description(),
+                slot_manufacturer: sinfo.manufacturer_id(),
+                library_manufacturer: lib.manufacturer_id(),
+                library_description: lib.library_description(),
+            };
+            let summary = summary_of(&tinfo, &path);
+            available.push(format!("\"{}\" serial {}", summary.label, summary.serial));
+            if uri.matches(&props) {
+                candidates.push((slot, tinfo, summary));
+            }
+        }
+        let (slot, tinfo, summary) = match candidates.len() {
+            1 => candidates.remove(0),
+            0 => {
+                return Err(TokenError::NoMatchingToken {
+                    uri: uri.original.clone(),
+                    available,
+                });
+            }
+            _ => {
+                return Err(TokenError::AmbiguousToken {
+                    uri: uri.original.clone(),
+                    matches: candidates
+                        .iter()
+                        .map(|(_, _, s)| format!("\"{}\" serial {}", s.label, s.serial))
+                        .collect(),
+                });
+            }
+        };
+        let token = summary.to_string();
+        let status = pin_status(&tinfo);
+        if status.locked {
+            return Err(TokenError::PinLocked { token });
+        }
+        let session = ctx.open_rw_session(slot).map_err(dev("C_OpenSession"))?;
+        if tinfo.login_required() {
+            let login = if tinfo.protected_authentication_path() {
+                // A PIN pad on the device: the PIN is entered there.
+                session.login(UserType::User, None)
+            } else {
+                let pin = match &uri.pin_source {
+                    Some(p) => read_pin_file(p)?,
+                    None => pins.pin(&PinRequest {
+                        token: token.clone(),
+                        status,
+                    })?,
+                };
+                session.login(UserType::User, Some(&pin))
+            };
+            match login {
+                Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+                Err(CkError::Pkcs11(RvError::PinIncorrect, _))
+                | Err(CkError::Pkcs11(RvError::PinInvalid, _))
+                | Err(CkError::Pkcs11(RvError::PinLenRange, _)) => {
+                    let after = ctx
+                        .get_token_info(slot)
+                        .map(|i| pin_status(&i))
+                        .unwrap_or_default();
+                    if after.locked {
+                        return Err(TokenError::PinLocked { token });
+                    }
+                    return Err(TokenError::WrongPin {
+                        token,
+                        status: after,
+                    });
+                }
+                Err(CkError::Pkcs11(RvError::PinLocked, _)) => {
+                    return Err(TokenError::PinLocked { token });
+                }
+                Err(e) => return Err(dev("C_Login")(e)),
+            }
+        }
+        let capabilities = probe(&ctx, slot, &tinfo).map_err(dev("C_GetMechanismList"))?;
+        Ok(Pkcs11Store {
+            ctx,
+            slot,
+            summary,
+            capabilities,
+            pin_status_before_login: status,
+            pool: Mutex::new(vec![session]),
+            handles: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// What the token said about its PIN retry counter before this login (a warning for
+    /// the user when someone has been trying PINs).
+    pub fn pin_status_before_login(&self) -> PinStatus {
+        self.pin_status_before_login
+    }
+
+    fn session(&self) -> Result<PooledSession<'_>, TokenError> {
+        let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let session = match pooled {
+            Some(s) => s,
+            None => self
+                .ctx
+                .open_rw_session(self.slot)
+                .map_err(self.dev("C_OpenSession"))?,
+        };
+        Ok(PooledSession {
+            store: self,
+            session: Some(session),
+        })
+    }
+
+    fn dev(&self, operation: &str) -> impl Fn(CkError) -> TokenError + '_ {
+        let operation = operation.to_string();
+        move |e| TokenError::Device {
+            token: self.summary.to_string(),
+            operation: operation.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn bad_data(&self, what: String) -> TokenError {
+        TokenError::BadTokenData {
+            token: self.summary.to_string(),
+            what,
+        }
+    }
+
+    fn unsupported(&self, what: &str) -> TokenError {
+        TokenError::Unsupported {
+            token: self.summary.to_string(),
+            what: what.to_string(),
+        }
+    }
+
+    /// Key type and `CKA_EC_PARAMS` for new keys of `algorithm` on this token.
+    fn key_params(&self, algorithm: KeyAlgorithm) -> Result<(KeyType, &'static [u8]), TokenError> {
+        match algorithm {
+            KeyAlgorithm::Ed25519 if self.capabilities.ed25519 => {
+                Ok((KeyType::EC_EDWARDS, ec::OID_ED25519))
+            }
+            KeyAlgorithm::Ed25519 => Err(self.unsupported(
+                "Ed25519 (the module lists no CKM_EC_EDWARDS_KEY_PAIR_GEN + CKM_EDDSA)",
+            )),
+            KeyAlgorithm::X25519 => match self.capabilities.x25519 {
+                Some(X25519Mechanism::Montgomery) => Ok((KeyType::EC_MONTGOMERY, ec::OID_X25519)),
+                Some(X25519Mechanism::SoftHsmEdwards) => Ok((KeyType::EC_EDWARDS, ec::OID_X25519)),
+                _ => Err(self.unsupported(
+                    "X25519 (the module lists no CKM_EC_MONTGOMERY_KEY_PAIR_GEN + CKM_ECDH1_DERIVE); the backup key needs it",
+                )),
+            },
+        }
+    }
+
+    fn private_handle(&self, session: &Session, key: &KeyInfo) -> Result<ObjectHandle, TokenError> {
+        let KeyLocator::Pkcs11 { id, label } = &key.locator else {
+            return Err(TokenError::InvalidInput(format!(
+                "the {} key of {} is not a PKCS#11 key",
+                key.role, key.user_id
+            )));
+        };
+        if let Some(h) = self
+            .handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+        {
+            return Ok(*h);
+        }
+        let found = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Id(id.clone()),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .map_err(self.dev("C_FindObjects"))?;
+        let handle = *found.first().ok_or_else(|| TokenError::KeyNotFound {
+            user_id: key.user_id.clone(),
+            role: key.role,
+            token: self.summary.to_string(),
+        })?;
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), handle);
+        Ok(handle)
+    }
+
+    /// Reads a key back from its private-key object and the public-key object paired with it.
+    fn key_info(
+        &self,
+        session: &Session,
+        private: ObjectHandle,
+    ) -> Result<Option<KeyInfo>, TokenError> {
+        let attrs = session
+            .get_attributes(
+                private,
+                &[
+                    AttributeType::Label,
+                    AttributeType::Id,
+                    AttributeType::KeyType,
+                    AttributeType::EcParams,
+                    AttributeType::Token,
+                    AttributeType::Private,
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::AlwaysSensitive,
+                    AttributeType::NeverExtractable,
+                    AttributeType::Local,
+                ],
+            )
+            .map_err(self.dev("C_GetAttributeValue"))?;
+        let mut label = None;
+        let mut id = None;
+        let mut key_type = None;
+        let mut curve = None;
+        let mut p = KeyProtection::default();
+        for a in attrs {
+            match a {
+                Attribute::Label(v) => label = String::from_utf8(v).ok(),
+                Attribute::Id(v) => id = Some(v),
+                Attribute::KeyType(t) => key_type = Some(t),
+                Attribute::EcParams(v) => curve = ec::curve_from_params(&v),
+                Attribute::Token(b) => p.token = Some(b),
+                Attribute::Private(b) => p.private = Some(b),
+                Attribute::Sensitive(b) => p.sensitive = Some(b),
+                Attribute::Extractable(b) => p.extractable = Some(b),
+                Attribute::AlwaysSensitive(b) => p.always_sensitive = Some(b),
+                Attribute::NeverExtractable(b) => p.never_extractable = Some(b),
+                Attribute::Local(b) => p.local = Some(b),
+                _ => {}
+            }
+        }
+        let Some(label) = label else { return Ok(None) };
+        let Some((role, user_id)) = parse_label(&label) else {
+            return Ok(None);
+        };
+        let id = id.unwrap_or_default();
+        let expected_curve = match role.algorithm() {
+            KeyAlgorithm::Ed25519 => Curve::Ed25519,
+            KeyAlgorithm::X25519 => Curve::X25519,
+        };
+        if curve != Some(expected_curve) {
+            return Err(self.bad_data(format!(
+                "the {role} key {label:?} is not on curve {expected_curve:?}"
+            )));
+        }
+        let x25519_mechanism = match (role.algorithm(), key_type) {
+            (KeyAlgorithm::X25519, Some(KeyType::EC_MONTGOMERY)) => {
+                Some(X25519Mechanism::Montgomery)
+            }
+            (KeyAlgorithm::X25519, Some(KeyType::EC_EDWARDS)) => {
+                Some(X25519Mechanism::SoftHsmEdwards)
+            }
+            _ => None,
+        };
+        let public = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PUBLIC_KEY),
+                Attribute::Id(id.clone()),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .map_err(self.dev("C_FindObjects"))?;
+        let point = match public.first() {
+            Some(h) => session
+                .get_attributes(*h, &[AttributeType::EcPoint])
+                .map_err(self.dev("C_GetAttributeValue"))?,
+            // Some tokens keep the point on the private object too.
+            None => session
+                .get_attributes(private, &[AttributeType::EcPoint])
+                .map_err(self.dev("C_GetAttributeValue"))?,
+        };
+        let public_key = point
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::EcPoint(v) => ec::decode_point(&v),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                self.bad_data(format!(
+                    "no readable public key (CKA_EC_POINT) for {label:?}"
+                ))
+            })?;
+        let origin = match p.local {
+            Some(true) => KeyOrigin::Generated,
+            Some(false) => KeyOrigin::Imported,
+            None => KeyOrigin::Unknown,
+        };
+        Ok(Some(KeyInfo {
+            user_id: user_id.to_string(),
+            role,
+            created_ms: created_from_id(&id),
+            public_key,
+            origin,
+            protection: p,
+            x25519_mechanism,
+            locator: KeyLocator::Pkcs11 { id, label },
+        }))
+    }
+
+    /// Checks that the token holds the private key of `expected` (after an import): a
+    /// signature that verifies, or an agreement that matches software.
+    fn prove(&self, key: &KeyInfo, expected_public: &[u8; 32]) -> Result<(), TokenError> {
+        if &key.public_key != expected_public {
+            return Err(
+                self.bad_data("the stored public key differs from the imported key's".into())
+            );
+        }
+        match key.algorithm() {
+            KeyAlgorithm::Ed25519 => {
+                let challenge = b"mxhsm import check";
+                let sig = self.sign_ed25519(key, challenge)?;
+                let vk =
+                    ed25519_dalek::VerifyingKey::from_bytes(expected_public).map_err(|_| {
+                        TokenError::InvalidInput("the imported Ed25519 key is invalid".into())
+                    })?;
+                vk.verify_strict(challenge, &ed25519_dalek::Signature::from_bytes(&sig))
+                    .map_err(|_| {
+                        self.bad_data("a signature by the imported key does not verify".into())
+                    })
+            }
+            KeyAlgorithm::X25519 => {
+                let mut seed = [0u8; 32];
+                getrandom::fill(&mut seed)
+                    .map_err(|e| TokenError::InvalidInput(format!("no randomness: {e}")))?;
+                let eph = x25519_dalek::StaticSecret::from(seed);
+                seed.zeroize();
+                let eph_pub = x25519_dalek::PublicKey::from(&eph);
+                let on_token = self.x25519(key, eph_pub.as_bytes())?;
+                let soft = eph.diffie_hellman(&x25519_dalek::PublicKey::from(*expected_public));
+                if on_token.expose() == soft.as_bytes() {
+                    Ok(())
+                } else {
+                    Err(self.bad_data("an agreement with the imported key does not match".into()))
+                }
+            }
+        }
+    }
+
+    /// Generates a key pair; `persistent` = token objects (false: session objects that
+    /// vanish with the session, for self-tests and benchmarks).
+    fn generate_objects(
+        &self,
+        session: &Session,
+        algorithm: KeyAlgorithm,
+        label: &str,
+        id: Vec<u8>,
+        persistent: bool,
+    ) -> Result<(ObjectHandle, ObjectHandle), TokenError> {
+        let (key_type, params) = self.key_params(algorithm)?;
+        let mechanism = match key_type {
+            KeyType::EC_MONTGOMERY => Mechanism::EccMontgomeryKeyPairGen,
+            _ => Mechanism::EccEdwardsKeyPairGen,
+        };
+        let label = label.as_bytes().to_vec();
+        let usage = match algorithm {
+            KeyAlgorithm::Ed25519 => Attribute::Sign(true),
+            KeyAlgorithm::X25519 => Attribute::Derive(true),
+        };
+        let mut public = vec![
+            Attribute::Token(persistent),
+            Attribute::Private(false),
+            Attribute::KeyType(key_type),
+            Attribute::EcParams(params.to_vec()),
+            Attribute::Label(label.clone()),
+            Attribute::Id(id.clone()),
+        ];
+        if algorithm == KeyAlgorithm::Ed25519 {
+            public.push(Attribute::Verify(true));
+        }
+        let private = [
+            Attribute::Token(persistent),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::KeyType(key_type),
+            Attribute::Label(label),
+            Attribute::Id(id),
+            usage,
+        ];
+        session
+            .generate_key_pair(&mechanism, &public, &private)
+            .map_err(self.dev("C_GenerateKeyPair"))
+    }
+
+    /// Generates a temporary key pair as session objects (`CKA_TOKEN` = false): it is gone
+    /// when mxhsm exits, or at once with [`KeyStore::delete`]. For self-tests and
+    /// benchmarks; nothing persistent is touched.
+    pub fn generate_session_key(&self, algorithm: KeyAlgorithm) -> Result<KeyInfo, TokenError> {
+        let session = self.session()?;
+        let (role, label) = match algorithm {
+            KeyAlgorithm::Ed25519 => (KeyRole::Master, "mxhsm-selftest:ed25519"),
+            KeyAlgorithm::X25519 => (KeyRole::Backup, "mxhsm-selftest:x25519"),
+        };
+        let id = new_key_id()?;
+        let (public, private) =
+            self.generate_objects(&session, algorithm, label, id.clone(), false)?;
+        let point = session
+            .get_attributes(public, &[AttributeType::EcPoint])
+            .map_err(self.dev("C_GetAttributeValue"))?;
+        let public_key = point
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::EcPoint(v) => ec::decode_point(&v),
+                _ => None,
+            })
+            .ok_or_else(|| self.bad_data("no readable CKA_EC_POINT on a new key".into()))?;
+        let key = KeyInfo {
+            user_id: "@mxhsm-selftest:localhost".into(),
+            role,
+            created_ms: created_from_id(&id),
+            public_key,
+            origin: KeyOrigin::Generated,
+            protection: KeyProtection::default(),
+            x25519_mechanism: self
+                .capabilities
+                .x25519
+                .filter(|_| algorithm == KeyAlgorithm::X25519),
+            locator: KeyLocator::Pkcs11 {
+                id: id.clone(),
+                label: label.to_string(),
+            },
+        };
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, private);
+        Ok(key)
+    }
+
+    fn destroy_pair(&self, session: &Session, id: &[u8], label: &str) -> Result<usize, TokenError> {
+        let found = session
+            .find_objects(&[
+                Attribute::Id(id.to_vec()),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .map_err(self.dev("C_FindObjects"))?;
+        for h in &found {
+            session
+                .destroy_object(*h)
+                .map_err(self.dev("C_DestroyObject"))?;
+        }
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        Ok(found.len())
+    }
+}
+
+impl KeyStore for Pkcs11Store {
+    fn summary(&self) -> &TokenSummary {
+        &self.summary
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
+    }
+
+    fn list_keys(&self, user_id: Option<&str>) -> Result<Vec<KeyInfo>, TokenError> {
+        let session = self.session()?;
+        let handles = match user_id {
+            Some(user) => {
+                check_user_id(user)?;
+                let mut all = Vec::new();
+                for role in KeyRole::ALL {
+                    all.extend(
+                        session
+                            .find_objects(&[
+                                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                                Attribute::Label(key_label(user, role).into_bytes()),
+                            ])
+                            .map_err(self.dev("C_FindObjects"))?,
+                    );
+                }
+                all
+            }
+            None => session
+                .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+                .map_err(self.dev("C_FindObjects"))?,
+        };
+        let mut keys = Vec::new();
+        for h in handles {
+            if let Some(k) = self.key_info(&session, h)? {
+                keys.push(k);
+            }
+        }
+        keys.sort_by(|a, b| {
+            (&a.user_id, a.role, a.created_ms).cmp(&(&b.user_id, b.role, b.created_ms))
+        });
+        Ok(keys)
+    }
+
+    fn generate(
+        &self,
+        user_id: &str,
+        role: KeyRole,
+        _options: &KeyOptions,
+    ) -> Result<KeyInfo, TokenError> {
+        check_user_id(user_id)?;
+        let session = self.session()?;
+        let label = key_label(user_id, role);
+        let (_, private) =
+            self.generate_objects(&session, role.algorithm(), &label, new_key_id()?, true)?;
+        self.key_info(&session, private)?
+            .ok_or_else(|| self.bad_data("the new key cannot be read back".into()))
+    }
+
+    fn import(
+        &self,
+        user_id: &str,
+        role: KeyRole,
+        secret: SecretKeyBytes,
+        _options: &KeyOptions,
+    ) -> Result<KeyInfo, TokenError> {
+        check_user_id(user_id)?;
+        let algorithm = role.algorithm();
+        let (key_type, params) = self.key_params(algorithm)?;
+        if !self.capabilities.import {
+            return Err(self.unsupported("key import (the token is write-protected)"));
+        }
+        let public_key = secret.public_key(algorithm);
+        let label = key_label(user_id, role);
+        let id = new_key_id()?;
+        let usage = match algorithm {
+            KeyAlgorithm::Ed25519 => Attribute::Sign(true),
+            KeyAlgorithm::X25519 => Attribute::Derive(true),
+        };
+        let mut private = vec![
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(key_type),
+            Attribute::EcParams(params.to_vec()),
+            Attribute::Value(secret.expose().to_vec()),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Label(label.clone().into_bytes()),
+            Attribute::Id(id.clone()),
+            usage,
+        ];
+        drop(secret);
+        let session = self.session()?;
+        let created = session.create_object(&private);
+        for a in private.iter_mut() {
+            if let Attribute::Value(v) = a {
+                v.zeroize();
+            }
+        }
+        let priv_handle = created.map_err(self.dev("C_CreateObject (private key)"))?;
+        let mut public = vec![
+            Attribute::Class(ObjectClass::PUBLIC_KEY),
+            Attribute::KeyType(key_type),
+            Attribute::EcParams(params.to_vec()),
+            Attribute::EcPoint(ec::encode_point(&public_key)),
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Label(label.clone().into_bytes()),
+            Attribute::Id(id.clone()),
+        ];
+        if algorithm == KeyAlgorithm::Ed25519 {
+            public.push(Attribute::Verify(true));
+        }
+        let checked = session
+            .create_object(&public)
+            .map_err(self.dev("C_CreateObject (public key)"))
+            .and_then(|_| {
+                self.key_info(&session, priv_handle)?
+                    .ok_or_else(|| self.bad_data("the imported key cannot be read back".into()))
+            });
+        drop(session);
+        let checked = checked.and_then(|key| self.prove(&key, &public_key).map(|_| key));
+        if checked.is_err() {
+            // Nothing half-imported stays behind.
+            if let Ok(session) = self.session() {
+                let _ = self.destroy_pair(&session, &id, &label);
+            }
+        }
+        checked
+    }
+
+    fn sign_ed25519(&self, key: &KeyInfo, message: &[u8]) -> Result<[u8; 64], TokenError> {
+        if key.algorithm() != KeyAlgorithm::Ed25519 {
+            return Err(TokenError::InvalidInput(format!(
+                "the {} key cannot sign",
+                key.role
+            )));
+        }
+        let session = self.session()?;
+        let handle = self.private_handle(&session, key)?;
+        let sig = session
+            .sign(
+                &Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+                handle,
+                message,
+            )
+            .map_err(self.dev("C_Sign (EdDSA)"))?;
+        sig.as_slice()
+            .try_into()
+            .map_err(|_| self.bad_data(format!("an Ed25519 signature of {} bytes", sig.len())))
+    }
+
+    fn x25519(&self, key: &KeyInfo, peer_public: &[u8; 32]) -> Result<SharedSecret, TokenError> {
+        if key.algorithm() != KeyAlgorithm::X25519 {
+            return Err(TokenError::InvalidInput(format!(
+                "the {} key cannot do X25519",
+                key.role
+            )));
+        }
+        let session = self.session()?;
+        let handle = self.private_handle(&session, key)?;
+        // Raw 32-byte peer key: Kryoptic refuses the DER form, ykcs11 needs exactly 32.
+        let mechanism = Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::null(), peer_public));
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+            Attribute::ValueLen(32.into()),
+        ];
+        let derived = session
+            .derive_key(&mechanism, handle, &template)
+            .map_err(self.dev("C_DeriveKey (ECDH)"))?;
+        // The secret is read once from a session object that is destroyed right after.
+        let read = session.get_attributes(derived, &[AttributeType::Value]);
+        let destroyed = session.destroy_object(derived);
+        let mut value = read
+            .map_err(self.dev("C_GetAttributeValue (derived secret)"))?
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::Value(v) => Some(v),
+                _ => None,
+            })
+            .ok_or_else(|| self.bad_data("the derived secret has no readable value".into()))?;
+        destroyed.map_err(self.dev("C_DestroyObject (derived secret)"))?;
+        let result = <[u8; 32]>::try_from(value.as_slice())
+            .map_err(|_| self.bad_data(format!("an X25519 secret of {} bytes", value.len())));
+        value.zeroize();
+        SharedSecret::new(result?)
+    }
+
+    fn delete(&self, key: &KeyInfo) -> Result<(), TokenError> {
+        let KeyLocator::Pkcs11 { id, label } = &key.locator else {
+            return Err(TokenError::InvalidInput("not a PKCS#11 key".into()));
+        };
+        let session = self.session()?;
+        if self.destroy_pair(&session, id, label)? == 0 {
+            return Err(TokenError::KeyNotFound {
+                user_id: key.user_id.clone(),
+                role: key.role,
+                token: self.summary.to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_round_trip() {
+        for role in KeyRole::ALL {
+            let l = key_label("@alice:example.org", role);
+            assert_eq!(parse_label(&l), Some((role, "@alice:example.org")));
+        }
+        assert_eq!(
+            key_label("@a:b", KeyRole::SelfSigning),
+            "mxhsm:self_signing:@a:b"
+        );
+        assert_eq!(parse_label("other:master:@a:b"), None);
+        assert_eq!(parse_label("mxhsm:bogus:@a:b"), None);
+    }
+
+    #[test]
+    fn ids_carry_creation_time() {
+        let id = new_key_id().unwrap();
+        assert_eq!(id.len(), 15);
+        let t = created_from_id(&id).unwrap();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!(now >= t && now - t < 60_000);
+        assert_eq!(created_from_id(b"foreign-id"), None);
+    }
+}
