@@ -191,29 +191,37 @@ fn read_secret(path: &PathBuf) -> Result<SecretKeyBytes> {
         *raw = std::fs::read(path)
             .with_context(|| format!("cannot read the private key from {}", path.display()))?;
     }
-    let text = std::str::from_utf8(&raw).ok().map(str::trim);
-    if let Some(text) = text.filter(|t| !t.is_empty()) {
-        let decoded = base64::engine::general_purpose::STANDARD_NO_PAD
-            .decode(text.trim_end_matches('='))
-            .map(Zeroizing::new);
-        if let Ok(bytes) = decoded {
-            return SecretKeyBytes::from_slice(&bytes).map_err(|_| {
-                anyhow::anyhow!(
-                    "{}: the base64 decodes to {} bytes; a private key is 32 bytes",
-                    path.display(),
-                    bytes.len()
-                )
-            });
-        }
+    // Base64 first (the secret-storage form); then 32 raw bytes.
+    let decoded = std::str::from_utf8(&raw)
+        .ok()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .and_then(|t| {
+            base64::engine::general_purpose::STANDARD_NO_PAD
+                .decode(t.trim_end_matches('='))
+                .ok()
+        })
+        .map(Zeroizing::new);
+    if let Some(bytes) = &decoded
+        && bytes.len() == 32
+    {
+        return Ok(SecretKeyBytes::from_slice(bytes)?);
     }
     if raw.len() == 32 {
         return Ok(SecretKeyBytes::from_slice(&raw)?);
     }
-    bail!(
-        "{}: not a private key (expected base64 of 32 bytes, or 32 raw bytes; got {} bytes that are neither)",
-        path.display(),
-        raw.len()
-    )
+    match decoded {
+        Some(bytes) => bail!(
+            "{}: the base64 decodes to {} bytes; a private key is 32 bytes",
+            path.display(),
+            bytes.len()
+        ),
+        None => bail!(
+            "{}: not a private key (expected base64 of 32 bytes, or 32 raw bytes; got {} bytes that are neither)",
+            path.display(),
+            raw.len()
+        ),
+    }
 }
 
 fn protection_summary(k: &KeyInfo) -> String {

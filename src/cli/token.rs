@@ -156,10 +156,10 @@ fn default_modules(global: &GlobalArgs) -> Vec<PathBuf> {
             out.push(p);
         }
     };
-    if let Ok(uri) = config::token_uri(global.token.as_deref()) {
-        if let Ok(p) = pkcs11::resolve_module_path(&uri) {
-            add(p);
-        }
+    if let Ok(uri) = config::token_uri(global.token.as_deref())
+        && let Ok(p) = pkcs11::resolve_module_path(&uri)
+    {
+        add(p);
     }
     if let Some(p) = std::env::var_os(pkcs11::MODULE_ENV) {
         add(PathBuf::from(p));

@@ -97,10 +97,8 @@ impl PinProvider for PinSources {
         if let Some(path) = &self.pin_file {
             return read_pin_file(path);
         }
-        if self.use_env {
-            if let Ok(pin) = std::env::var(PIN_ENV) {
-                return non_empty(SecretString::from(pin), &request.token, PIN_ENV);
-            }
+        if let Some(pin) = self.use_env.then(|| std::env::var(PIN_ENV).ok()).flatten() {
+            return non_empty(SecretString::from(pin), &request.token, PIN_ENV);
         }
         match &self.prompt {
             Some(prompt) => prompt(request),

@@ -1,1 +1,299 @@
-fn main() {}
+//! `cargo xtask test | demo | bench`: every set-up step mxhsm's tests and demo need, one
+//! command each, from a fresh Debian 12 machine.
+//!
+//! * system packages from apt (installed when run as root; otherwise the exact command is
+//!   printed and we stop);
+//! * the Kryoptic PKCS#11 module, built from crates.io (hsm-config/kryoptic) into a cache
+//!   outside the clone (`~/.cache/mxhsm-dev`, or `$MXHSM_CACHE_DIR`), keyed by version, then
+//!   copied to `target/hsm/`;
+//! * then fmt, clippy and the test suite with the test tokens' locations in the environment.
+
+mod tokens;
+
+use std::env;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+/// Debian packages the tests and the demo need.
+/// - softhsm2: the SoftHSM 2.6.1 test token (and softhsm2-util);
+/// - opensc, opensc-pkcs11: pkcs11-tool (initialises Kryoptic tokens) and pkcs11-spy (counts
+///   PKCS#11 calls in the wrong-PIN test);
+/// - libclang-dev: bindgen in kryoptic-lib's build; perl, make: the vendored OpenSSL build.
+const APT_PACKAGES: &[&str] = &[
+    "softhsm2",
+    "opensc",
+    "opensc-pkcs11",
+    "libclang-dev",
+    "pkg-config",
+    "perl",
+    "make",
+    "gcc",
+];
+
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub const SPY_MODULE: &str = "/usr/lib/x86_64-linux-gnu/pkcs11-spy.so";
+const KRYOPTIC_VERSION: &str = "1.5.4";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        Some("demo") => demo(),
+        Some("bench") => bench(&args[1..]),
+        Some("setup") => setup().map(|_| ()),
+        _ => Err("usage: cargo xtask <test [-- cargo test args] | demo | bench | setup>".into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+fn cache_dir() -> PathBuf {
+    if let Some(d) = env::var_os("MXHSM_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    let home = env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".cache").join("mxhsm-dev")
+}
+
+/// Runs a command, failing with its name if it does not succeed.
+pub fn run(cmd: &mut Command) -> Result {
+    eprintln!("+ {}", show(cmd));
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", show(cmd)))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{} failed ({status})", show(cmd)))
+    }
+}
+
+fn show(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+/// Installs the missing apt packages (as root), or says exactly what to run.
+fn ensure_packages(packages: &[&str]) -> Result {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let install = format!(
+        "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {}",
+        missing.join(" ")
+    );
+    if !is_root() {
+        return Err(format!(
+            "missing packages {}; run as root:\n  {install}",
+            missing.join(", ")
+        ));
+    }
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Builds the Kryoptic module (cached outside the clone) and copies it to target/hsm/.
+fn build_kryoptic() -> Result<PathBuf> {
+    let build_dir = cache_dir().join(format!("kryoptic-{KRYOPTIC_VERSION}"));
+    run(cargo()
+        .args(["build", "--release", "--locked", "--manifest-path"])
+        .arg(root().join("hsm-config/kryoptic/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&build_dir)
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS"))?;
+    let built = build_dir.join("release/libkryoptic_mxhsm.so");
+    let dest_dir = target_dir().join("hsm");
+    std::fs::create_dir_all(&dest_dir).map_err(|e| format!("{}: {e}", dest_dir.display()))?;
+    let dest = dest_dir.join("libkryoptic.so");
+    // Copy to a temporary name and rename, so a running test never sees half a module.
+    let tmp = dest_dir.join("libkryoptic.so.tmp");
+    std::fs::copy(&built, &tmp).map_err(|e| format!("copy {}: {e}", built.display()))?;
+    std::fs::rename(&tmp, &dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    Ok(dest)
+}
+
+/// Everything the tests need, installed and built. Returns the environment for them.
+fn setup() -> Result<Vec<(&'static str, PathBuf)>> {
+    ensure_packages(APT_PACKAGES)?;
+    let kryoptic = build_kryoptic()?;
+    for m in [SOFTHSM_MODULE, SPY_MODULE] {
+        if !Path::new(m).exists() {
+            return Err(format!("{m} is missing although its package is installed"));
+        }
+    }
+    Ok(vec![
+        ("MXHSM_TEST_SOFTHSM_MODULE", PathBuf::from(SOFTHSM_MODULE)),
+        ("MXHSM_TEST_KRYOPTIC_MODULE", kryoptic),
+        ("MXHSM_TEST_SPY_MODULE", PathBuf::from(SPY_MODULE)),
+    ])
+}
+
+fn test(extra: &[String]) -> Result {
+    let envs = setup()?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let extra = extra.iter().skip_while(|a| *a == "--");
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace"]);
+    let (cargo_args, test_args): (Vec<_>, Vec<_>) = {
+        let all: Vec<&String> = extra.collect();
+        match all.iter().position(|a| *a == "--") {
+            Some(i) => (all[..i].to_vec(), all[i + 1..].to_vec()),
+            None => (all, Vec::new()),
+        }
+    };
+    cmd.args(cargo_args);
+    if !test_args.is_empty() {
+        cmd.arg("--").args(test_args);
+    }
+    for (k, v) in &envs {
+        cmd.env(k, v);
+    }
+    run(&mut cmd)
+}
+
+fn build_mxhsm(release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--bin", "mxhsm"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    Ok(target_dir()
+        .join(if release { "release" } else { "debug" })
+        .join("mxhsm"))
+}
+
+fn mxhsm_cmd<I, S>(bin: &Path, token: &tokens::Token, args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut c = Command::new(bin);
+    c.args(args);
+    token.apply_env(&mut c);
+    c
+}
+
+/// The token part of the whole flow: a fresh SoftHSM token, the four keys of a user,
+/// listed, and the doctor's report.
+fn demo() -> Result {
+    ensure_packages(APT_PACKAGES)?;
+    let bin = build_mxhsm(false)?;
+    let dir = target_dir().join("demo");
+    let token = tokens::Token::softhsm(&dir, "mxhsm-demo")?;
+    eprintln!("\n== A fresh SoftHSM token in {} ==", dir.display());
+    run(&mut mxhsm_cmd(
+        &bin,
+        &token,
+        ["token", "list", "--module", SOFTHSM_MODULE],
+    ))?;
+    let user = "@demo:localhost";
+    eprintln!("\n== The four keys of {user}, generated on the token ==");
+    for role in ["master", "self_signing", "user_signing", "backup"] {
+        run(&mut mxhsm_cmd(
+            &bin,
+            &token,
+            ["keys", "generate", "--user", user, "--role", role],
+        ))?;
+    }
+    eprintln!("\n== keys list ==");
+    run(&mut mxhsm_cmd(&bin, &token, ["keys", "list"]))?;
+    eprintln!("\n== token doctor ==");
+    run(&mut mxhsm_cmd(&bin, &token, ["token", "doctor"]))?;
+    eprintln!(
+        "\nThe demo token stays in {} (PIN in {}).",
+        dir.display(),
+        token.pin_file.display()
+    );
+    Ok(())
+}
+
+/// Token vs software rates for Ed25519 and X25519 on SoftHSM and Kryoptic, in one run.
+fn bench(args: &[String]) -> Result {
+    let envs = setup()?;
+    let kryoptic = envs
+        .iter()
+        .find(|(k, _)| *k == "MXHSM_TEST_KRYOPTIC_MODULE")
+        .map(|(_, v)| v.clone())
+        .ok_or("no Kryoptic module")?;
+    let seconds = args
+        .iter()
+        .position(|a| a == "--seconds")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| "3".into());
+    let bin = build_mxhsm(true)?;
+    let dir = target_dir().join("bench");
+    let softhsm = tokens::Token::softhsm(&dir.join("softhsm"), "bench-softhsm")?;
+    let kry = tokens::Token::kryoptic(&dir.join("kryoptic"), "bench-kryoptic", &kryoptic)?;
+    for t in [&softhsm, &kry] {
+        run(&mut mxhsm_cmd(
+            &bin,
+            t,
+            ["token", "bench", "--seconds", &seconds],
+        ))?;
+    }
+    Ok(())
+}

@@ -13,6 +13,7 @@
 //! `CKA_EC_POINT` encodings; raw 32-byte ECDH peer keys (Kryoptic refuses DER).
 
 pub mod ec;
+mod process_lock;
 pub mod uri;
 
 use std::collections::HashMap;
@@ -55,6 +56,8 @@ const MODULE_DIRS: &[&str] = &[
 ];
 
 const LABEL_PREFIX: &str = "mxhsm:";
+/// How often the slot list is read before a token is declared absent (see `open`).
+const ENUMERATION_TRIES: u32 = 5;
 const ID_MAGIC: &[u8; 3] = b"mx\x01";
 
 /// The label of every object of (`user_id`, `role`).
@@ -154,6 +157,15 @@ pub fn resolve_module_path(uri: &Pkcs11Uri) -> Result<PathBuf, TokenError> {
     })
 }
 
+/// The SoftHSM process lock for `module`, if it is SoftHSM and exists.
+fn softhsm_lock(module: &Path) -> Result<Option<std::fs::File>, TokenError> {
+    if module.exists() && process_lock::is_softhsm_module(module) {
+        process_lock::lock_softhsm(module).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
 fn is_softhsm(manufacturer: &str) -> bool {
     manufacturer.trim().starts_with("SoftHSM")
 }
@@ -211,6 +223,7 @@ pub struct TokenEntry {
 
 /// Every slot with a token in the module at `path`.
 pub fn list_tokens(path: &Path) -> Result<Vec<TokenEntry>, TokenError> {
+    let _lock = softhsm_lock(path)?;
     let ctx = load_module(path)?;
     let dev = |op: &str| {
         let op = op.to_string();
@@ -249,6 +262,8 @@ pub struct Pkcs11Store {
     summary: TokenSummary,
     capabilities: Capabilities,
     pin_status_before_login: PinStatus,
+    /// Held while this store lives, for SoftHSM (see `process_lock`).
+    _process_lock: Option<std::fs::File>,
     /// Open sessions, reused; the first one carries the login and is never closed (closing
     /// an application's last session logs it out).
     pool: Mutex<Vec<Session>>,
@@ -299,6 +314,7 @@ impl Pkcs11Store {
     /// about its retry counter.
     pub fn open(uri: &Pkcs11Uri, pins: &dyn PinProvider) -> Result<Self, TokenError> {
         let path = resolve_module_path(uri)?;
+        let process_lock = softhsm_lock(&path)?;
         let ctx = load_module(&path)?;
         let module = path.display().to_string();
         let dev = |op: &'static str| {
@@ -309,32 +325,19 @@ impl Pkcs11Store {
                 reason: e.to_string(),
             }
         };
-        let mut candidates = Vec::new();
-        let mut available = Vec::new();
-        for slot in ctx.get_slots_with_token().map_err(dev("C_GetSlotList"))? {
-            let sinfo = ctx.get_slot_info(slot).map_err(dev("C_GetSlotInfo"))?;
-            let tinfo = ctx.get_token_info(slot).map_err(dev("C_GetTokenInfo"))?;
-            if !tinfo.token_initialized() {
-                continue;
+        // SoftHSM's file store can show another process's token as absent while that
+        // process rewrites it; looking again a moment later finds it. Only the slot list is
+        // read again: nothing has been sent to any token yet.
+        // It can also fail C_GetTokenInfo with CKR_GENERAL_ERROR in that moment.
+        let mut attempt = 0;
+        let (mut candidates, available) = loop {
+            attempt += 1;
+            match Self::matching_tokens(&ctx, uri, &path) {
+                Ok((c, a)) if !c.is_empty() || attempt >= ENUMERATION_TRIES => break (c, a),
+                Err(e) if attempt >= ENUMERATION_TRIES => return Err(e),
+                _ => std::thread::sleep(std::time::Duration::from_millis(50 * attempt as u64)),
             }
-            let lib = ctx.get_library_info().map_err(dev("C_GetInfo"))?;
-            let props = uri::TokenProperties {
-                label: tinfo.label(),
-                manufacturer: tinfo.manufacturer_id(),
-                serial: tinfo.serial_number(),
-                model: tinfo.model(),
-                slot_id: slot.id(),
-                slot_description: sinfo.slot_description(),
-                slot_manufacturer: sinfo.manufacturer_id(),
-                library_manufacturer: lib.manufacturer_id(),
-                library_description: lib.library_description(),
-            };
-            let summary = summary_of(&tinfo, &path);
-            available.push(format!("\"{}\" serial {}", summary.label, summary.serial));
-            if uri.matches(&props) {
-                candidates.push((slot, tinfo, summary));
-            }
-        }
+        };
         let (slot, tinfo, summary) = match candidates.len() {
             1 => candidates.remove(0),
             0 => {
@@ -403,9 +406,55 @@ impl Pkcs11Store {
             summary,
             capabilities,
             pin_status_before_login: status,
+            _process_lock: process_lock,
             pool: Mutex::new(vec![session]),
             handles: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The initialised tokens `uri` selects, and a description of every one present.
+    #[allow(clippy::type_complexity)]
+    fn matching_tokens(
+        ctx: &Pkcs11,
+        uri: &Pkcs11Uri,
+        path: &Path,
+    ) -> Result<(Vec<(Slot, TokenInfo, TokenSummary)>, Vec<String>), TokenError> {
+        let module = path.display().to_string();
+        let dev = |op: &'static str| {
+            let module = module.clone();
+            move |e: CkError| TokenError::Device {
+                token: module.clone(),
+                operation: op.to_string(),
+                reason: e.to_string(),
+            }
+        };
+        let mut candidates = Vec::new();
+        let mut available = Vec::new();
+        for slot in ctx.get_slots_with_token().map_err(dev("C_GetSlotList"))? {
+            let sinfo = ctx.get_slot_info(slot).map_err(dev("C_GetSlotInfo"))?;
+            let tinfo = ctx.get_token_info(slot).map_err(dev("C_GetTokenInfo"))?;
+            if !tinfo.token_initialized() {
+                continue;
+            }
+            let lib = ctx.get_library_info().map_err(dev("C_GetInfo"))?;
+            let props = uri::TokenProperties {
+                label: tinfo.label(),
+                manufacturer: tinfo.manufacturer_id(),
+                serial: tinfo.serial_number(),
+                model: tinfo.model(),
+                slot_id: slot.id(),
+                slot_description: sinfo.slot_description(),
+                slot_manufacturer: sinfo.manufacturer_id(),
+                library_manufacturer: lib.manufacturer_id(),
+                library_description: lib.library_description(),
+            };
+            let summary = summary_of(&tinfo, path);
+            available.push(format!("\"{}\" serial {}", summary.label, summary.serial));
+            if uri.matches(&props) {
+                candidates.push((slot, tinfo, summary));
+            }
+        }
+        Ok((candidates, available))
     }
 
     /// What the token said about its PIN retry counter before this login (a warning for

@@ -1,0 +1,69 @@
+//! One mxhsm process at a time on a SoftHSM token store.
+//!
+//! SoftHSM 2.6.1's file object store is not safe for concurrent processes: when it rewrites
+//! `token.object` (on every successful login) or an object file, it truncates the file,
+//! releases its lock and only then writes (seen with strace: `ftruncate(fd, 0)`,
+//! `fcntl(F_UNLCK)`, `write`). A second process reading in that moment sees an empty file
+//! and fails with `CKR_GENERAL_ERROR`, or does not see the token at all. So mxhsm
+//! processes using the same SoftHSM module and configuration take turns: each holds an
+//! advisory lock from before `C_Initialize` until it is done. Kryoptic (SQLite) and real
+//! HSMs need no such lock.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::super::TokenError;
+
+/// How long to wait for another mxhsm process to finish with the token.
+const WAIT: Duration = Duration::from_secs(600);
+
+/// Whether `module` is SoftHSM, judged by its file name (we must decide before loading it).
+pub fn is_softhsm_module(module: &Path) -> bool {
+    module
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("libsofthsm2"))
+}
+
+/// Takes the lock for (`module`, current SoftHSM configuration), waiting for other mxhsm
+/// processes. The lock is released when the returned file is dropped.
+pub fn lock_softhsm(module: &Path) -> Result<File, TokenError> {
+    let conf =
+        std::env::var_os("SOFTHSM2_CONF").unwrap_or_else(|| "/etc/softhsm/softhsm2.conf".into());
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    module.hash(&mut h);
+    Path::new(&conf)
+        .canonicalize()
+        .unwrap_or_else(|_| conf.clone().into())
+        .hash(&mut h);
+    let path = std::env::temp_dir().join(format!("mxhsm-softhsm-{:016x}.lock", h.finish()));
+    let err = |reason: String| TokenError::Device {
+        token: module.display().to_string(),
+        operation: format!("locking {}", path.display()),
+        reason,
+    };
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| err(e.to_string()))?;
+    let start = Instant::now();
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(TryLockError::WouldBlock) if start.elapsed() < WAIT => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(TryLockError::WouldBlock) => {
+                return Err(err(format!(
+                    "another mxhsm process has used this SoftHSM token store for over {} s",
+                    WAIT.as_secs()
+                )));
+            }
+            Err(TryLockError::Error(e)) => return Err(err(e.to_string())),
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! The `mxhsm` binary against real tokens: key commands, two processes on one token, PIN
+//! handling (counted with OpenSC's pkcs11-spy and with Kryoptic's retry counter), and the
+//! bad paths.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Kind, TestToken, USER_PIN, fails, ok, output, spy_module};
+use serde_json::Value;
+
+const ALICE: &str = "@alice:localhost";
+
+fn json(out: &str) -> Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"))
+}
+
+fn keys_flow(kind: Kind) {
+    let t = TestToken::new(kind);
+    for role in ["master", "self_signing", "user_signing", "backup"] {
+        let out = ok(t
+            .cli()
+            .args(["keys", "generate", "--user", ALICE, "--role", role]));
+        assert!(
+            out.starts_with(&format!("generated the {role} key of {ALICE}")),
+            "{out}"
+        );
+    }
+    let seed = t.dir.path().join("usk.b64");
+    std::fs::write(&seed, "dXNlcnVzZXJ1c2VydXNlcnVzZXJ1c2VydXNlcnVzZXI=\n").unwrap();
+    let out = ok(t
+        .cli()
+        .args([
+            "--json",
+            "keys",
+            "import",
+            "--user",
+            "@bob:localhost",
+            "--role",
+            "user_signing",
+            "--from",
+        ])
+        .arg(&seed));
+    assert_eq!(
+        json(&out)["public_key"],
+        "g5TC/zjQXyZYuDLZv7a41z5fFVrXpYPypG//AFQj8hY"
+    );
+    assert_eq!(json(&out)["origin"], "imported");
+
+    let list = json(&ok(t.cli().args(["keys", "list", "--json"])));
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 5);
+    for k in list {
+        assert_eq!(k["attributes"]["sensitive"], true);
+        assert_eq!(k["attributes"]["extractable"], false);
+        assert_eq!(k["attributes"]["private"], true);
+    }
+    let alice_only = json(&ok(t
+        .cli()
+        .args(["keys", "list", "--json", "--user", ALICE])));
+    assert_eq!(alice_only.as_array().unwrap().len(), 4);
+
+    let human = ok(t.cli().args(["keys", "list"]));
+    assert!(
+        human.contains("g5TC/zjQXyZYuDLZv7a41z5fFVrXpYPypG//AFQj8hY"),
+        "{human}"
+    );
+
+    let doctor = json(&ok(t.cli().args(["token", "doctor", "--json"])));
+    assert_eq!(doctor["ok"], true, "{doctor}");
+    assert_eq!(doctor["checks"].as_array().unwrap().len(), 3 + 5);
+
+    // Delete needs a confirmation; without a terminal it refuses and changes nothing.
+    let err = fails(
+        t.cli()
+            .args(["keys", "delete", "--user", ALICE, "--role", "backup"])
+            .stdin(std::process::Stdio::null()),
+    );
+    assert!(err.contains("pass --yes"), "{err}");
+    assert_eq!(
+        json(&ok(t.cli().args(["keys", "list", "--json"])))
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    ok(t.cli().args([
+        "keys", "delete", "--user", ALICE, "--role", "backup", "--yes",
+    ]));
+    let err = fails(t.cli().args([
+        "keys", "delete", "--user", ALICE, "--role", "backup", "--yes",
+    ]));
+    assert!(
+        err.contains("no backup key for @alice:localhost on token \"mxhsm-test\""),
+        "{err}"
+    );
+    assert_eq!(
+        json(&ok(t.cli().args(["keys", "list", "--json"])))
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+}
+
+fn import_refuses_bad_files(kind: Kind) {
+    let t = TestToken::new(kind);
+    let cases: [(&str, &[u8], &str); 4] = [
+        ("short.b64", b"c2VsZnNlbGZzZWxm\n", "decodes to 12 bytes"),
+        ("empty", b"", "got 0 bytes"),
+        ("junk", b"not base64 at all !!!", "not a private key"),
+        ("raw33", &[7u8; 33], "got 33 bytes"),
+    ];
+    for (name, contents, needle) in cases {
+        let path = t.dir.path().join(name);
+        std::fs::write(&path, contents).unwrap();
+        let err = fails(
+            t.cli()
+                .args([
+                    "keys", "import", "--user", ALICE, "--role", "master", "--from",
+                ])
+                .arg(&path),
+        );
+        assert!(err.contains(needle), "{name}: {err}");
+    }
+    let err = fails(t.cli().args([
+        "keys",
+        "import",
+        "--user",
+        ALICE,
+        "--role",
+        "master",
+        "--from",
+        "/nonexistent/seed",
+    ]));
+    assert!(
+        err.contains("cannot read the private key from /nonexistent/seed"),
+        "{err}"
+    );
+    assert_eq!(
+        json(&ok(t.cli().args(["keys", "list", "--json"])))
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    // 32 raw bytes are accepted.
+    let raw = t.dir.path().join("raw32");
+    std::fs::write(&raw, [0x42u8; 32]).unwrap();
+    ok(t.cli()
+        .args([
+            "keys", "import", "--user", ALICE, "--role", "master", "--from",
+        ])
+        .arg(&raw));
+}
+
+/// Two mxhsm processes on one token at the same time: both succeed.
+fn two_processes_at_once(kind: Kind) {
+    let t = TestToken::new(kind);
+    let spawn = |user: &str| {
+        let mut c = t.cli();
+        c.args(["token", "doctor"]);
+        let doctor = c.spawn().unwrap();
+        let mut g = t.cli();
+        g.args(["keys", "generate", "--user", user, "--role", "master"]);
+        (doctor, g.spawn().unwrap())
+    };
+    let (d1, g1) = spawn("@one:localhost");
+    let (d2, g2) = spawn("@two:localhost");
+    for child in [d1, g1, d2, g2] {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let list = json(&ok(t.cli().args(["keys", "list", "--json"])));
+    let users: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["user_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, ["@one:localhost", "@two:localhost"]);
+}
+
+per_token!(keys_flow, import_refuses_bad_files, two_processes_at_once);
+
+/// OpenSC's pkcs11-spy sits between mxhsm and SoftHSM and logs every call: a wrong PIN
+/// reaches C_Login exactly once, and the error names the token.
+#[test]
+fn wrong_pin_reaches_the_token_once() {
+    let t = TestToken::with_label(Kind::SoftHsm, "spied");
+    let log = t.dir.path().join("spy.log");
+    let spy_uri = format!("pkcs11:token=spied?module-path={}", spy_module().display());
+    let run = |pin: &str| {
+        let mut c = t.cli();
+        c.env("MXHSM_TOKEN", &spy_uri)
+            .env("MXHSM_PIN", pin)
+            .env("PKCS11SPY", &t.module)
+            .env("PKCS11SPY_OUTPUT", &log)
+            .args(["keys", "list"]);
+        c
+    };
+    let err = fails(&mut run("999999"));
+    assert!(err.contains("wrong PIN for token \"spied\""), "{err}");
+    let calls = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        calls.matches("C_Login").count(),
+        1,
+        "C_Login calls in:\n{calls}"
+    );
+    assert!(!err.contains("999999"), "the PIN is never echoed: {err}");
+
+    // A URI that matches no token: no C_Login at all.
+    std::fs::remove_file(&log).unwrap();
+    let mut c = run(USER_PIN);
+    c.env(
+        "MXHSM_TOKEN",
+        format!("pkcs11:token=other?module-path={}", spy_module().display()),
+    );
+    let err = fails(&mut c);
+    assert!(err.contains("no token matches pkcs11:token=other"), "{err}");
+    let calls = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(calls.matches("C_Login").count(), 0, "{calls}");
+}
+
+/// Kryoptic locks the PIN after 10 failures and reports the count in its flags. Each run of
+/// mxhsm with a wrong PIN must use up exactly one try: after 7 runs the token says the count
+/// is low, after 9 it is on its final try, and the right PIN then still works (with a
+/// warning), which it would not if any run had sent the PIN twice.
+#[test]
+fn each_wrong_pin_uses_exactly_one_try() {
+    let t = TestToken::with_label(Kind::Kryoptic, "counted");
+    let wrong = |n: usize| {
+        let err = fails(t.cli().env("MXHSM_PIN", "000000").args(["keys", "list"]));
+        assert!(
+            err.contains("wrong PIN for token \"counted\""),
+            "run {n}: {err}"
+        );
+        err
+    };
+    for n in 1..=6 {
+        let err = wrong(n);
+        assert!(
+            !err.contains("tries left") && !err.contains("one try left"),
+            "run {n}: {err}"
+        );
+    }
+    for n in 7..=8 {
+        let err = wrong(n);
+        assert!(
+            err.contains("the token reports few tries left"),
+            "run {n}: {err}"
+        );
+    }
+    let err = wrong(9);
+    assert!(
+        err.contains("one try left: the next wrong PIN locks it"),
+        "{err}"
+    );
+    let (success, _, stderr) = output(t.cli().args(["keys", "list"]));
+    assert!(success, "{stderr}");
+    assert!(
+        stderr.contains("warning: before this login the token reported: one try left"),
+        "{stderr}"
+    );
+    // The successful login reset the counter.
+    let (success, _, stderr) = output(t.cli().args(["keys", "list"]));
+    assert!(success && !stderr.contains("warning"), "{stderr}");
+}
+
+#[test]
+fn a_locked_pin_is_reported_without_trying() {
+    let t = TestToken::with_label(Kind::Kryoptic, "locked");
+    for _ in 0..10 {
+        fails(t.cli().env("MXHSM_PIN", "000000").args(["keys", "list"]));
+    }
+    let err = fails(t.cli().args(["keys", "list"]));
+    assert!(err.contains("the user PIN of token \"locked\""), "{err}");
+    assert!(err.contains("is locked"), "{err}");
+}
+
+#[test]
+fn pins_never_come_from_the_command_line() {
+    let t = TestToken::new(Kind::SoftHsm);
+    let err = fails(t.cli().args(["keys", "list", "--pin", "123456"]));
+    assert!(err.contains("unexpected argument '--pin'"), "{err}");
+    let err = fails(
+        t.cli()
+            .env("MXHSM_TOKEN", format!("{}&pin-value=123456", t.uri))
+            .args(["keys", "list"]),
+    );
+    assert!(err.contains("pin-value is refused"), "{err}");
+    assert!(!err.contains("123456"), "the PIN is not echoed: {err}");
+    // Without MXHSM_PIN, a PIN file or a terminal there is no PIN: a clear error.
+    let err = fails(
+        t.cli()
+            .env_remove("MXHSM_PIN")
+            .stdin(std::process::Stdio::null())
+            .args(["keys", "list"]),
+    );
+    assert!(err.contains("no PIN for token \"mxhsm-test\""), "{err}");
+    // A PIN file and pin-source= work.
+    let pin = t.dir.path().join("pin");
+    std::fs::write(&pin, format!("{USER_PIN}\n")).unwrap();
+    ok(t.cli()
+        .env_remove("MXHSM_PIN")
+        .arg("--pin-file")
+        .arg(&pin)
+        .args(["keys", "list"]));
+    ok(t.cli()
+        .env_remove("MXHSM_PIN")
+        .env(
+            "MXHSM_TOKEN",
+            format!("{}&pin-source=file:{}", t.uri, pin.display()),
+        )
+        .args(["keys", "list"]));
+    let err = fails(
+        t.cli()
+            .env_remove("MXHSM_PIN")
+            .arg("--pin-file")
+            .arg("/nonexistent/pin")
+            .args(["keys", "list"]),
+    );
+    assert!(
+        err.contains("cannot read the PIN from /nonexistent/pin"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_module_and_uri_errors() {
+    let bin = env!("CARGO_BIN_EXE_mxhsm");
+    let run = |uri: &str| {
+        let mut c = Command::new(bin);
+        c.env("MXHSM_TOKEN", uri)
+            .env("MXHSM_PIN", USER_PIN)
+            .env_remove("MXHSM_PKCS11_MODULE")
+            .args(["keys", "list"]);
+        c
+    };
+    let err = fails(&mut run(
+        "pkcs11:token=a?module-path=/nonexistent/module.so",
+    ));
+    assert!(
+        err.contains("PKCS#11 module /nonexistent/module.so does not exist"),
+        "{err}"
+    );
+    let err = fails(&mut run("pkcs11:token=a"));
+    assert!(err.contains("no module: add ?module-path="), "{err}");
+    let err = fails(&mut run("token=a"));
+    assert!(err.contains("must start with \"pkcs11:\""), "{err}");
+    let not_a_module = std::env::current_exe().unwrap();
+    let err = fails(&mut run(&format!(
+        "pkcs11:token=a?module-path={}",
+        not_a_module.display()
+    )));
+    assert!(err.contains("cannot load PKCS#11 module"), "{err}");
+    let err = fails(
+        Command::new(bin)
+            .env_remove("MXHSM_TOKEN")
+            .args(["keys", "list"]),
+    );
+    assert!(err.contains("no token given"), "{err}");
+}
+
+#[test]
+fn token_list_shows_capabilities() {
+    let soft = TestToken::with_label(Kind::SoftHsm, "listed-softhsm");
+    let kry = TestToken::with_label(Kind::Kryoptic, "listed-kryoptic");
+    let out = json(&ok(soft
+        .cli()
+        .env(kry.conf_env().0, kry.conf_env().1)
+        .args(["token", "list", "--json", "--module"])
+        .arg(&soft.module)
+        .arg("--module")
+        .arg(&kry.module)));
+    let modules = out.as_array().unwrap();
+    let token = |i: usize| -> Value {
+        modules[i]["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["initialized"] == true)
+            .cloned()
+            .unwrap()
+    };
+    let s = token(0);
+    assert_eq!(s["label"], "listed-softhsm");
+    assert_eq!(s["capabilities"]["ed25519"], true);
+    assert_eq!(s["capabilities"]["x25519"], "softhsm-edwards");
+    let k = token(1);
+    assert_eq!(k["label"], "listed-kryoptic");
+    assert_eq!(k["capabilities"]["x25519"], "montgomery");
+    // The URI it prints selects that token.
+    let uri = s["uri"].as_str().unwrap();
+    ok(soft.cli().env("MXHSM_TOKEN", uri).args(["keys", "list"]));
+}
+
+#[test]
+fn doctor_and_bench_without_x25519() {
+    let t = TestToken::new(Kind::KryopticNoX25519);
+    let out = ok(t.cli().args(["token", "doctor"]));
+    assert!(out.contains("not supported by this token"), "{out}");
+    let out = json(&ok(t.cli().args([
+        "token",
+        "bench",
+        "--seconds",
+        "0.2",
+        "--json",
+    ])));
+    let results = out["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0]["operation"], "ed25519 sign");
+    assert!(results[0]["ratio"].as_f64().unwrap() > 0.0);
+}

@@ -1,0 +1,256 @@
+//! Test tokens: a fresh SoftHSM or Kryoptic token per test, each in its own directory.
+//!
+//! SoftHSM and Kryoptic read their configuration (`SOFTHSM2_CONF`, `KRYOPTIC_CONF`) once, in
+//! `C_Initialize`, and a module can be initialised once per process. So each test token
+//! gets its own copy of the module file (the dynamic loader then gives it separate state)
+//! and its own configuration, set in the environment only while that copy initialises,
+//! under a lock. The modules come from `cargo xtask test` (MXHSM_TEST_*_MODULE).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+use cryptoki::session::UserType;
+use cryptoki::types::AuthPin;
+use mxhsm::token::pkcs11::{Pkcs11Store, Pkcs11Uri, load_module};
+use mxhsm::token::{PinProvider, PinRequest, TokenError};
+use secrecy::SecretString;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tempfile::TempDir;
+
+pub const USER_PIN: &str = "123456";
+pub const SO_PIN: &str = "87654321";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    SoftHsm,
+    Kryoptic,
+    /// Kryoptic configured without any X25519 mechanism, like an HSM that has only
+    /// Ed25519 (YubiHSM 2, NetHSM).
+    KryopticNoX25519,
+}
+
+pub struct TestToken {
+    pub kind: Kind,
+    pub dir: TempDir,
+    pub module: PathBuf,
+    pub label: String,
+    /// `pkcs11:token=…?module-path=…` (no PIN source).
+    pub uri: String,
+    conf_var: &'static str,
+    conf_value: PathBuf,
+}
+
+static INIT_LOCK: Mutex<()> = Mutex::new(());
+
+fn module_from_env(var: &str, default: Option<&str>) -> PathBuf {
+    let p = std::env::var_os(var)
+        .map(PathBuf::from)
+        .or_else(|| default.map(PathBuf::from))
+        .unwrap_or_else(|| panic!("{var} is not set: run the tests with `cargo xtask test`"));
+    assert!(
+        p.exists(),
+        "{} ({var}) does not exist: run the tests with `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
+pub fn spy_module() -> PathBuf {
+    module_from_env(
+        "MXHSM_TEST_SPY_MODULE",
+        Some("/usr/lib/x86_64-linux-gnu/pkcs11-spy.so"),
+    )
+}
+
+impl TestToken {
+    pub fn new(kind: Kind) -> TestToken {
+        Self::with_label(kind, "mxhsm-test")
+    }
+
+    pub fn with_label(kind: Kind, label: &str) -> TestToken {
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let dir = tempfile::Builder::new()
+            .prefix("token-")
+            .tempdir_in(base)
+            .expect("temp dir");
+        let (source, file) = match kind {
+            Kind::SoftHsm => (
+                module_from_env(
+                    "MXHSM_TEST_SOFTHSM_MODULE",
+                    Some("/usr/lib/softhsm/libsofthsm2.so"),
+                ),
+                "libsofthsm2.so",
+            ),
+            Kind::Kryoptic | Kind::KryopticNoX25519 => (
+                module_from_env("MXHSM_TEST_KRYOPTIC_MODULE", None),
+                "libkryoptic.so",
+            ),
+        };
+        let module = dir.path().join(file);
+        std::fs::copy(&source, &module).expect("copy module");
+        let (conf_var, conf_value) = match kind {
+            Kind::SoftHsm => {
+                let tokens = dir.path().join("tokens");
+                std::fs::create_dir(&tokens).unwrap();
+                let conf = dir.path().join("softhsm2.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                        tokens.display()
+                    ),
+                )
+                .unwrap();
+                ("SOFTHSM2_CONF", conf)
+            }
+            Kind::Kryoptic => ("KRYOPTIC_CONF", dir.path().join("token.sql")),
+            Kind::KryopticNoX25519 => {
+                let conf = dir.path().join("kryoptic.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "[[slots]]\nslot = 1\ndbtype = \"sqlite\"\ndbargs = \"{}\"\nmechanisms = [\"DENY\", \"CKM_EC_MONTGOMERY_KEY_PAIR_GEN\", \"CKM_ECDH1_DERIVE\"]\n",
+                        dir.path().join("token.sql").display()
+                    ),
+                )
+                .unwrap();
+                ("KRYOPTIC_CONF", conf)
+            }
+        };
+        let token = TestToken {
+            kind,
+            module: module.clone(),
+            label: label.to_string(),
+            uri: format!("pkcs11:token={label}?module-path={}", module.display()),
+            dir,
+            conf_var,
+            conf_value,
+        };
+        token.initialise();
+        token
+    }
+
+    /// Loads this token's module copy with its configuration and initialises the token.
+    fn initialise(&self) {
+        let _guard = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the variable is read by the module's C_Initialize below, under the lock
+        // that every test token takes; no other code of ours reads it.
+        unsafe { std::env::set_var(self.conf_var, &self.conf_value) };
+        let ctx = load_module(&self.module).expect("load module");
+        unsafe { std::env::remove_var(self.conf_var) };
+        let slot = ctx
+            .get_all_slots()
+            .unwrap()
+            .into_iter()
+            .find(|s| {
+                ctx.get_token_info(*s)
+                    .map(|t| !t.token_initialized())
+                    .unwrap_or(false)
+            })
+            .expect("a slot with an uninitialised token");
+        ctx.init_token(slot, &AuthPin::new(SO_PIN.into()), &self.label)
+            .expect("C_InitToken");
+        // SoftHSM moves the new token to another slot: find it by label.
+        let slot = ctx
+            .get_slots_with_initialized_token()
+            .unwrap()
+            .into_iter()
+            .find(|s| ctx.get_token_info(*s).unwrap().label() == self.label)
+            .expect("the new token");
+        let session = ctx.open_rw_session(slot).unwrap();
+        session
+            .login(UserType::So, Some(&AuthPin::new(SO_PIN.into())))
+            .unwrap();
+        session.init_pin(&AuthPin::new(USER_PIN.into())).unwrap();
+        session.logout().unwrap();
+    }
+
+    pub fn parsed_uri(&self) -> Pkcs11Uri {
+        Pkcs11Uri::parse(&self.uri).unwrap()
+    }
+
+    /// Opens the token in this process with the right PIN.
+    pub fn open(&self) -> Pkcs11Store {
+        Pkcs11Store::open(&self.parsed_uri(), &fixed_pin(USER_PIN)).expect("open token")
+    }
+
+    /// The mxhsm binary, set up to use this token with the right PIN.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_mxhsm"));
+        c.env(self.conf_var, &self.conf_value)
+            .env("MXHSM_TOKEN", &self.uri)
+            .env("MXHSM_PIN", USER_PIN)
+            .env_remove("MXHSM_PKCS11_MODULE");
+        c
+    }
+
+    pub fn conf_env(&self) -> (&'static str, &Path) {
+        (self.conf_var, &self.conf_value)
+    }
+}
+
+/// A PIN provider that always answers `pin` and counts how often it was asked.
+pub struct FixedPin {
+    pin: String,
+    pub asked: AtomicUsize,
+}
+
+impl PinProvider for FixedPin {
+    fn pin(&self, _request: &PinRequest) -> Result<SecretString, TokenError> {
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        Ok(SecretString::from(self.pin.clone()))
+    }
+}
+
+pub fn fixed_pin(pin: &str) -> FixedPin {
+    FixedPin {
+        pin: pin.to_string(),
+        asked: AtomicUsize::new(0),
+    }
+}
+
+/// Runs a command, returning (success, stdout, stderr).
+pub fn output(cmd: &mut Command) -> (bool, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().expect("run mxhsm");
+    (
+        status.success(),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+/// Runs a command that must succeed; returns stdout.
+pub fn ok(cmd: &mut Command) -> String {
+    let (success, out, err) = output(cmd);
+    assert!(
+        success,
+        "command failed: {cmd:?}\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    out
+}
+
+/// Runs a command that must fail; returns stderr.
+pub fn fails(cmd: &mut Command) -> String {
+    let (success, out, err) = output(cmd);
+    assert!(!success, "command succeeded: {cmd:?}\nstdout:\n{out}");
+    err
+}
+
+/// Generates one test per token kind from a function taking a `Kind`.
+#[macro_export]
+macro_rules! per_token {
+    ($($name:ident),* $(,)?) => {
+        mod softhsm {
+            $( #[test] fn $name() { super::$name($crate::common::Kind::SoftHsm) } )*
+        }
+        mod kryoptic {
+            $( #[test] fn $name() { super::$name($crate::common::Kind::Kryoptic) } )*
+        }
+    };
+}

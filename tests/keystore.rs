@@ -1,0 +1,408 @@
+//! Every KeyStore operation on SoftHSM and on Kryoptic, each result checked by an
+//! independent implementation (ed25519-dalek, x25519-dalek) or a published vector.
+
+mod common;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
+use common::{Kind, TestToken, fixed_pin};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use mxhsm::token::pkcs11::{Pkcs11Store, Pkcs11Uri};
+use mxhsm::token::{
+    KeyAlgorithm, KeyOptions, KeyOrigin, KeyRole, KeyStore, SecretKeyBytes, TokenError,
+    X25519Mechanism,
+};
+use x25519_dalek::{PublicKey as XPublic, StaticSecret};
+
+const ALICE: &str = "@alice:localhost";
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+fn b64(s: &str) -> Vec<u8> {
+    B64.decode(s.trim_end_matches('=')).unwrap()
+}
+
+fn random32() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).unwrap();
+    b
+}
+
+fn verify(public: &[u8; 32], msg: &[u8], sig: &[u8; 64]) {
+    VerifyingKey::from_bytes(public)
+        .unwrap()
+        .verify_strict(msg, &Signature::from_bytes(sig))
+        .unwrap_or_else(|_| panic!("signature over {} bytes does not verify", msg.len()));
+}
+
+fn generate_all_roles_sign_and_agree(kind: Kind) {
+    let t = TestToken::new(kind);
+    let store = t.open();
+    let mut keys = Vec::new();
+    for role in KeyRole::ALL {
+        keys.push(store.generate(ALICE, role, &KeyOptions::default()).unwrap());
+    }
+    let listed = store.list_keys(Some(ALICE)).unwrap();
+    assert_eq!(listed, keys, "list returns exactly the generated keys");
+    for k in &listed {
+        assert_eq!(k.user_id, ALICE);
+        assert_eq!(k.origin, KeyOrigin::Generated);
+        let p = k.protection;
+        assert_eq!(p.token, Some(true));
+        assert_eq!(p.private, Some(true));
+        assert_eq!(p.sensitive, Some(true));
+        assert_eq!(p.extractable, Some(false));
+        assert_eq!(p.never_extractable, Some(true));
+        assert_eq!(p.always_sensitive, Some(true));
+        assert_eq!(p.local, Some(true));
+        assert!(p.problems().is_empty());
+    }
+    for k in listed
+        .iter()
+        .filter(|k| k.algorithm() == KeyAlgorithm::Ed25519)
+    {
+        for len in [0usize, 1, 32, 255, 256, 1014, 1015, 4096, 65536] {
+            let msg: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let sig = store.sign_ed25519(k, &msg).unwrap();
+            verify(&k.public_key, &msg, &sig);
+        }
+        // A different message must not verify under the same signature.
+        let sig = store.sign_ed25519(k, b"one").unwrap();
+        assert!(
+            VerifyingKey::from_bytes(&k.public_key)
+                .unwrap()
+                .verify_strict(b"two", &Signature::from_bytes(&sig))
+                .is_err()
+        );
+    }
+    let backup = store.find_key(ALICE, KeyRole::Backup).unwrap();
+    let expected_mechanism = match kind {
+        Kind::SoftHsm => X25519Mechanism::SoftHsmEdwards,
+        _ => X25519Mechanism::Montgomery,
+    };
+    assert_eq!(backup.x25519_mechanism, Some(expected_mechanism));
+    for _ in 0..20 {
+        let peer = StaticSecret::from(random32());
+        let on_token = store
+            .x25519(&backup, XPublic::from(&peer).as_bytes())
+            .unwrap();
+        let soft = peer.diffie_hellman(&XPublic::from(backup.public_key));
+        assert_eq!(on_token.expose(), soft.as_bytes());
+    }
+    // Wrong-algorithm requests are refused before reaching the token.
+    assert!(matches!(
+        store.sign_ed25519(&backup, b"x"),
+        Err(TokenError::InvalidInput(_))
+    ));
+    assert!(matches!(
+        store.x25519(&listed[0], &[9u8; 32]),
+        Err(TokenError::InvalidInput(_))
+    ));
+}
+
+/// The js-sdk's Alice master key seed, imported, reproduces the published SSK signature
+/// byte for byte, and ed25519-dalek's signature with the same seed
+/// (reference/matrix-crypto.md §1-bis).
+fn imported_seed_signs_like_dalek_and_js_sdk(kind: Kind) {
+    let t = TestToken::new(kind);
+    let store = t.open();
+    let seed = b64("ZG95b3VzcGVha3doYWFhYWFhYWFhYWFhYWFhYWFhbGU");
+    let dalek = SigningKey::from_bytes(&seed.clone().try_into().unwrap());
+    let key = store
+        .import(
+            ALICE,
+            KeyRole::Master,
+            SecretKeyBytes::from_slice(&seed).unwrap(),
+            &KeyOptions::default(),
+        )
+        .unwrap();
+    assert_eq!(
+        key.public_key_base64(),
+        "J+5An10v1vzZpAXTYFokD1/PEVccFnLC61EfRXit0UY"
+    );
+    assert_eq!(key.origin, KeyOrigin::Imported);
+    assert_eq!(key.protection.sensitive, Some(true));
+    assert_eq!(key.protection.extractable, Some(false));
+    let ssk = br#"{"keys":{"ed25519:aU2+2CyXQTCuDcmWW0EL2bhJ6PdjFW2LbAsbHqf02AY":"aU2+2CyXQTCuDcmWW0EL2bhJ6PdjFW2LbAsbHqf02AY"},"usage":["self_signing"],"user_id":"@alice:localhost"}"#;
+    let sig = store.sign_ed25519(&key, ssk).unwrap();
+    assert_eq!(
+        B64.encode(sig),
+        "XfhYEhZmOs8BJdb3viatILBZ/bElsHXEW28V4tIaY5CxrBR0YOym3yZHWmRmypXessHZAKOhZn3yBMXzdajyCw"
+    );
+    for len in [0usize, 100, 65536] {
+        let msg = vec![0x5a; len];
+        assert_eq!(
+            store.sign_ed25519(&key, &msg).unwrap(),
+            dalek.sign(&msg).to_bytes(),
+            "{len}-byte message"
+        );
+    }
+}
+
+/// RFC 7748 §6.1: Alice's private key imported as the backup key, Bob's public key.
+fn imported_x25519_matches_rfc7748(kind: Kind) {
+    let t = TestToken::new(kind);
+    let store = t.open();
+    let alice = hex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a");
+    let key = store
+        .import(
+            ALICE,
+            KeyRole::Backup,
+            SecretKeyBytes::from_slice(&alice).unwrap(),
+            &KeyOptions::default(),
+        )
+        .unwrap();
+    assert_eq!(
+        key.public_key.to_vec(),
+        hex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
+    );
+    // The js-sdk test data's backup public key is this same key (matrix-crypto.md §2.3a).
+    assert_eq!(
+        key.public_key_base64(),
+        "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo"
+    );
+    let bob: [u8; 32] = hex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
+        .try_into()
+        .unwrap();
+    let shared = store.x25519(&key, &bob).unwrap();
+    assert_eq!(
+        shared.expose().to_vec(),
+        hex("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742")
+    );
+}
+
+/// Small-order peer keys give an all-zero secret, which is refused (vodozemac does the same).
+fn small_order_peer_is_refused(kind: Kind) {
+    let t = TestToken::new(kind);
+    let store = t.open();
+    let key = store
+        .generate(ALICE, KeyRole::Backup, &KeyOptions::default())
+        .unwrap();
+    let mut one = [0u8; 32];
+    one[0] = 1;
+    for peer in [[0u8; 32], one] {
+        assert!(store.x25519(&key, &peer).is_err(), "peer {peer:?}");
+    }
+    // The key still works afterwards.
+    let peer = StaticSecret::from(random32());
+    let s = store.x25519(&key, XPublic::from(&peer).as_bytes()).unwrap();
+    assert_eq!(
+        s.expose(),
+        peer.diffie_hellman(&XPublic::from(key.public_key))
+            .as_bytes()
+    );
+}
+
+fn generations_coexist_and_newest_is_current(kind: Kind) {
+    let t = TestToken::new(kind);
+    let store = t.open();
+    let old = store
+        .generate(ALICE, KeyRole::Master, &KeyOptions::default())
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let new = store
+        .generate(ALICE, KeyRole::Master, &KeyOptions::default())
+        .unwrap();
+    assert_ne!(old.public_key, new.public_key);
+    assert_eq!(
+        store.list_keys(Some(ALICE)).unwrap(),
+        vec![old.clone(), new.clone()]
+    );
+    assert_eq!(store.find_key(ALICE, KeyRole::Master).unwrap(), new);
+    // Both generations still sign.
+    for k in [&old, &new] {
+        let sig = store.sign_ed25519(k, b"gen").unwrap();
+        verify(&k.public_key, b"gen", &sig);
+    }
+    store.delete(&new).unwrap();
+    assert_eq!(store.find_key(ALICE, KeyRole::Master).unwrap(), old);
+    // The deleted key is gone for good: using it is a clear error.
+    assert!(matches!(
+        store.sign_ed25519(&new, b"x"),
+        Err(TokenError::KeyNotFound { .. })
+    ));
+}
+
+fn many_users_share_one_token(kind: Kind) {
+    let t = TestToken::new(kind);
+    let store = t.open();
+    let users: Vec<String> = (0..5).map(|i| format!("@user{i}:example.org")).collect();
+    for u in &users {
+        store
+            .generate(u, KeyRole::Master, &KeyOptions::default())
+            .unwrap();
+        store
+            .generate(u, KeyRole::SelfSigning, &KeyOptions::default())
+            .unwrap();
+    }
+    assert_eq!(store.list_keys(None).unwrap().len(), 10);
+    for u in &users {
+        let keys = store.list_keys(Some(u)).unwrap();
+        assert_eq!(keys.len(), 2);
+        assert!(keys.iter().all(|k| &k.user_id == u));
+        assert!(matches!(
+            store.find_key(u, KeyRole::Backup),
+            Err(TokenError::KeyNotFound { .. })
+        ));
+    }
+    // Threads signing with different users' keys at once, over a pool of sessions.
+    std::thread::scope(|s| {
+        for u in &users {
+            let store = &store;
+            s.spawn(move || {
+                let k = store.find_key(u, KeyRole::SelfSigning).unwrap();
+                for i in 0..20 {
+                    let msg = format!("{u} {i}");
+                    verify(
+                        &k.public_key,
+                        msg.as_bytes(),
+                        &store.sign_ed25519(&k, msg.as_bytes()).unwrap(),
+                    );
+                }
+            });
+        }
+    });
+}
+
+fn deleting_a_missing_key_changes_nothing(kind: Kind) {
+    let t = TestToken::new(kind);
+    let store = t.open();
+    let kept = store
+        .generate(ALICE, KeyRole::Master, &KeyOptions::default())
+        .unwrap();
+    let err = store.find_key(ALICE, KeyRole::UserSigning).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            TokenError::KeyNotFound {
+                role: KeyRole::UserSigning,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("no user_signing key for @alice:localhost on token \"mxhsm-test\""),
+        "{err}"
+    );
+    store.delete(&kept).unwrap();
+    let again = store.delete(&kept).unwrap_err();
+    assert!(matches!(again, TokenError::KeyNotFound { .. }), "{again:?}");
+    assert!(store.list_keys(None).unwrap().is_empty());
+}
+
+fn bad_user_ids_and_key_sizes_are_refused(kind: Kind) {
+    let t = TestToken::new(kind);
+    let store = t.open();
+    for bad in ["alice", "@alice", "@:x", "@a b:x", ""] {
+        let e = store
+            .generate(bad, KeyRole::Master, &KeyOptions::default())
+            .unwrap_err();
+        assert!(e.to_string().contains("is not a Matrix user ID"), "{e}");
+    }
+    let e = SecretKeyBytes::from_slice(&[1u8; 31]).unwrap_err();
+    assert!(e.to_string().contains("32 bytes, this one is 31"), "{e}");
+    assert!(store.list_keys(None).unwrap().is_empty());
+}
+
+fn wrong_pin_is_sent_once_and_names_the_token(kind: Kind) {
+    let t = TestToken::with_label(kind, "pin-test");
+    let pins = fixed_pin("000000");
+    let err = Pkcs11Store::open(&t.parsed_uri(), &pins).unwrap_err();
+    assert!(matches!(err, TokenError::WrongPin { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .starts_with("wrong PIN for token \"pin-test\""),
+        "{err}"
+    );
+    assert_eq!(pins.asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // The right PIN still works (nothing was locked by a retry loop).
+    t.open();
+}
+
+per_token!(
+    generate_all_roles_sign_and_agree,
+    imported_seed_signs_like_dalek_and_js_sdk,
+    imported_x25519_matches_rfc7748,
+    small_order_peer_is_refused,
+    generations_coexist_and_newest_is_current,
+    many_users_share_one_token,
+    deleting_a_missing_key_changes_nothing,
+    bad_user_ids_and_key_sizes_are_refused,
+    wrong_pin_is_sent_once_and_names_the_token,
+);
+
+#[test]
+fn token_without_x25519_says_so_and_keeps_ed25519() {
+    let t = TestToken::new(Kind::KryopticNoX25519);
+    let store = t.open();
+    assert!(store.capabilities().ed25519);
+    assert_eq!(store.capabilities().x25519, None);
+    let err = store
+        .generate(ALICE, KeyRole::Backup, &KeyOptions::default())
+        .unwrap_err();
+    assert!(matches!(err, TokenError::Unsupported { .. }), "{err:?}");
+    assert!(err.to_string().contains("cannot do X25519"), "{err}");
+    let err = store
+        .import(
+            ALICE,
+            KeyRole::Backup,
+            SecretKeyBytes::new(random32()),
+            &KeyOptions::default(),
+        )
+        .unwrap_err();
+    assert!(matches!(err, TokenError::Unsupported { .. }), "{err:?}");
+    assert!(
+        store.list_keys(None).unwrap().is_empty(),
+        "nothing was created"
+    );
+    let k = store
+        .generate(ALICE, KeyRole::Master, &KeyOptions::default())
+        .unwrap();
+    verify(
+        &k.public_key,
+        b"still signs",
+        &store.sign_ed25519(&k, b"still signs").unwrap(),
+    );
+}
+
+#[test]
+fn missing_module_and_unmatched_uri_are_clear_and_ask_no_pin() {
+    let pins = fixed_pin(common::USER_PIN);
+    let uri = Pkcs11Uri::parse("pkcs11:token=x?module-path=/nonexistent/libnothing.so").unwrap();
+    let err = Pkcs11Store::open(&uri, &pins).unwrap_err();
+    assert!(matches!(err, TokenError::ModuleNotFound { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("/nonexistent/libnothing.so does not exist")
+    );
+
+    let t = TestToken::with_label(Kind::SoftHsm, "present");
+    let uri = Pkcs11Uri::parse(&format!(
+        "pkcs11:token=absent?module-path={}",
+        t.module.display()
+    ))
+    .unwrap();
+    let err = Pkcs11Store::open(&uri, &pins).unwrap_err();
+    assert!(matches!(err, TokenError::NoMatchingToken { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("no token matches pkcs11:token=absent"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("\"present\""),
+        "lists the tokens present: {msg}"
+    );
+    assert_eq!(
+        pins.asked.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no PIN is asked for when no token matches"
+    );
+}
