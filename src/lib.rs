@@ -9,8 +9,11 @@
 //! * `cli` (in the binary) — commands, output, prompts;
 //! * [`config`] — where the token is, how the PIN is found;
 //! * [`token`] — the hardware boundary: the only code that knows PKCS#11 or PIV,
-//!   seen from above through [`token::KeyStore`].
+//!   seen from above through [`token::KeyStore`];
+//! * [`matrix`] — pure Matrix formats: canonical JSON, signed objects, cross-signing trust.
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod homeserver;
+pub mod matrix;
 pub mod token;

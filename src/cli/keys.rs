@@ -181,7 +181,7 @@ pub fn confirm(question: &str) -> Result<()> {
 }
 
 /// Reads a private key from a file or stdin: base64 (padded or not) or 32 raw bytes.
-fn read_secret(path: &PathBuf) -> Result<SecretKeyBytes> {
+pub fn read_secret(path: &PathBuf) -> Result<SecretKeyBytes> {
     let mut raw = Zeroizing::new(Vec::new());
     if path.as_os_str() == "-" {
         std::io::stdin()

@@ -1,5 +1,7 @@
 //! The command line: one file per command group; output (a table, or `--json`), prompts.
 
+mod account;
+mod identity;
 mod keys;
 mod output;
 mod token;
@@ -49,12 +51,26 @@ pub enum Command {
     /// Generate, import, list and delete keys on the token.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Log in to a homeserver as a new mxhsm device.
+    Login(account::LoginArgs),
+    /// Log out and delete mxhsm's device.
+    Logout,
+    /// Your cross-signing identity: create it on the token, publish it, check it.
+    #[command(subcommand)]
+    Identity(identity::IdentityCommand),
+    /// Sign your devices or other users with the keys on the token.
+    #[command(subcommand)]
+    Sign(identity::SignCommand),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Token(cmd) => token::run(&cli.global, cmd),
         Command::Keys(cmd) => keys::run(&cli.global, cmd),
+        Command::Login(args) => account::login(&cli.global, args),
+        Command::Logout => account::logout(&cli.global),
+        Command::Identity(cmd) => identity::run_identity(&cli.global, cmd),
+        Command::Sign(cmd) => identity::run_sign(&cli.global, cmd),
     }
 }
 
@@ -78,6 +94,28 @@ fn pin_sources(global: &GlobalArgs) -> PinSources {
         }));
     }
     pins
+}
+
+/// Environment variable with the account password, for scripts.
+pub const PASSWORD_ENV: &str = "MXHSM_PASSWORD";
+
+/// An account password: from `file`, else $MXHSM_PASSWORD, else a prompt on the terminal.
+fn password(file: Option<&std::path::Path>, prompt: &str) -> Result<SecretString> {
+    if let Some(f) = file {
+        return mxhsm::token::pin::read_pin_file(f)
+            .map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("PIN", "password")));
+    }
+    if let Ok(p) = std::env::var(PASSWORD_ENV) {
+        return Ok(SecretString::from(p));
+    }
+    if std::io::stdin().is_terminal() {
+        return Ok(SecretString::from(rpassword::prompt_password(format!(
+            "{prompt}: "
+        ))?));
+    }
+    anyhow::bail!(
+        "a password is needed: pass --password-file, set {PASSWORD_ENV}, or run in a terminal"
+    )
 }
 
 /// Opens and logs in to the token named by --token / $MXHSM_TOKEN.

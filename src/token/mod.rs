@@ -447,6 +447,23 @@ pub trait KeyStore: Send + Sync {
     }
 }
 
+/// A key on a token as a Matrix signer.
+pub struct TokenSigner<'a> {
+    pub store: &'a dyn KeyStore,
+    pub key: KeyInfo,
+}
+
+impl crate::matrix::signed_json::Ed25519Signer for TokenSigner<'_> {
+    fn public_key(&self) -> crate::matrix::signed_json::Ed25519PublicKey {
+        crate::matrix::signed_json::Ed25519PublicKey(self.key.public_key)
+    }
+    fn sign(&self, message: &[u8]) -> Result<[u8; 64], crate::matrix::signed_json::SignError> {
+        self.store
+            .sign_ed25519(&self.key, message)
+            .map_err(|e| crate::matrix::signed_json::SignError(e.to_string()))
+    }
+}
+
 /// Checks that `user_id` looks like a Matrix user ID (`@localpart:server`), so that labels
 /// on the token stay meaningful.
 pub fn check_user_id(user_id: &str) -> Result<(), TokenError> {

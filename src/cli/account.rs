@@ -1,0 +1,116 @@
+//! `mxhsm login` and `mxhsm logout`: mxhsm's own Matrix device.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use mxhsm::homeserver::session::session_path;
+use mxhsm::homeserver::{Client, Session};
+use mxhsm::matrix::device;
+use secrecy::SecretString;
+use serde_json::json;
+use vodozemac::olm::Account;
+
+use super::{GlobalArgs, output, password};
+
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The homeserver's client API URL, e.g. https://matrix.example.org.
+    #[arg(long)]
+    pub homeserver: String,
+    /// The user ID or localpart to log in as.
+    #[arg(long)]
+    pub user: String,
+    /// Read the password from this file (its first line). Otherwise $MXHSM_PASSWORD or a
+    /// prompt; never from the command line.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Log in with an existing access token read from this file instead of a password.
+    #[arg(long, value_name = "FILE", conflicts_with = "password_file")]
+    pub access_token_file: Option<PathBuf>,
+    /// Device ID to use (default: chosen by the server).
+    #[arg(long)]
+    pub device_id: Option<String>,
+}
+
+pub fn login(global: &GlobalArgs, args: LoginArgs) -> Result<ExitCode> {
+    let path = session_path();
+    let mut session = match &args.access_token_file {
+        Some(file) => {
+            let token = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the access token from {}", file.display()))?;
+            let token = SecretString::from(token.trim().to_string());
+            let client = Client::new(&args.homeserver, Some(token.clone()))?;
+            let (user_id, device_id) = client.whoami()?;
+            Session {
+                homeserver: client.homeserver().to_string(),
+                user_id,
+                device_id: device_id
+                    .context("the server does not say which device this access token belongs to")?,
+                access_token: token,
+                olm_account: None,
+            }
+        }
+        None => {
+            let pw = password(
+                args.password_file.as_deref(),
+                &format!("Password for {}", args.user),
+            )?;
+            Client::login_password(
+                &args.homeserver,
+                &args.user,
+                &pw,
+                args.device_id.as_deref(),
+                "mxhsm",
+            )?
+        }
+    };
+    // A real device: an Olm account whose keys the server (and other clients) can see.
+    let account = Account::new();
+    let keys = device::device_keys(&account, &session.user_id, &session.device_id)?;
+    let client = Client::for_session(&session)?;
+    client
+        .upload_device_keys(&keys)
+        .context("the device keys of mxhsm's session were not uploaded")?;
+    let pickle = serde_json::to_string(&account.pickle())?;
+    session.olm_account = Some(SecretString::from(pickle));
+    session.save(&path)?;
+    if global.json {
+        output::json(&json!({
+            "user_id": session.user_id,
+            "device_id": session.device_id,
+            "homeserver": session.homeserver,
+            "session_file": path.display().to_string(),
+        }));
+    } else {
+        println!(
+            "logged in as {} on {} (device {}); session saved in {}",
+            session.user_id,
+            session.homeserver,
+            session.device_id,
+            path.display()
+        );
+        println!(
+            "once your identity is on the token, `mxhsm identity publish` (or `mxhsm sign device {}`) cross-signs this device",
+            session.device_id
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn logout(global: &GlobalArgs) -> Result<ExitCode> {
+    let path = session_path();
+    let session = Session::load(&path)?;
+    Client::for_session(&session)?.logout()?;
+    std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+    if global.json {
+        output::json(&json!({"logged_out": session.user_id, "device_id": session.device_id}));
+    } else {
+        println!(
+            "logged out {} and deleted device {}",
+            session.user_id, session.device_id
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,7 @@
+//! Pure Matrix formats and crypto. No I/O and no token types: keys are seen only through
+//! [`signed_json::Ed25519Signer`] (and, for key backup, an X25519 agreement trait), which
+//! token keys and in-memory software keys both implement.
+
+pub mod cross_signing;
+pub mod device;
+pub mod signed_json;
