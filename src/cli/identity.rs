@@ -404,6 +404,7 @@ pub fn run_sign(global: &GlobalArgs, cmd: SignCommand) -> Result<ExitCode> {
             if !yes {
                 confirm(
                     "Is this the fingerprint your device shows? Sign it with your self-signing key?",
+                    "pass --yes",
                 )?;
             }
             let ssk = TokenSigner {
@@ -450,7 +451,7 @@ pub fn run_sign(global: &GlobalArgs, cmd: SignCommand) -> Result<ExitCode> {
                 );
             }
             if !yes {
-                confirm("Sign all of them with your self-signing key?")?;
+                confirm("Sign all of them with your self-signing key?", "pass --yes")?;
             }
             let ids: Vec<String> = unsigned.iter().map(|d| d.device_id.clone()).collect();
             let ssk = TokenSigner {
@@ -492,9 +493,12 @@ pub fn run_sign(global: &GlobalArgs, cmd: SignCommand) -> Result<ExitCode> {
                         );
                     }
                 }
-                None => confirm(&format!(
-                    "Did {user_id} confirm this fingerprint to you (in person or over a trusted channel)? Sign it with your user-signing key?"
-                ))?,
+                None => confirm(
+                    &format!(
+                        "Did {user_id} confirm this fingerprint to you (in person or over a trusted channel)? Sign it with your user-signing key?"
+                    ),
+                    "pass the fingerprint you verified with --fingerprint",
+                )?,
             }
             let usk = TokenSigner {
                 store,

@@ -126,13 +126,16 @@ pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
                 None => store.find_key(&target.user, target.role)?,
             };
             if !yes {
-                confirm(&format!(
-                    "Destroy the {} key {} of {} on {}? This cannot be undone.",
-                    key.role,
-                    key.public_key_base64(),
-                    key.user_id,
-                    store.summary()
-                ))?;
+                confirm(
+                    &format!(
+                        "Destroy the {} key {} of {} on {}? This cannot be undone.",
+                        key.role,
+                        key.public_key_base64(),
+                        key.user_id,
+                        store.summary()
+                    ),
+                    "pass --yes",
+                )?;
             }
             store.delete(&key)?;
             if global.json {
@@ -164,10 +167,11 @@ fn report_new_key(global: &GlobalArgs, verb: &str, key: &KeyInfo) {
     }
 }
 
-/// Asks a yes/no question on the terminal; refuses when there is none.
-pub fn confirm(question: &str) -> Result<()> {
+/// Asks a yes/no question on the terminal; refuses when there is none, saying which flag
+/// (`hint`) answers it for scripts.
+pub fn confirm(question: &str, hint: &str) -> Result<()> {
     if !std::io::stdin().is_terminal() {
-        bail!("{question}\nrefusing without a terminal to confirm; pass --yes");
+        bail!("{question}\nrefusing without a terminal to confirm; {hint}");
     }
     eprint!("{question} [y/N] ");
     std::io::stderr().flush().ok();

@@ -7,6 +7,8 @@
 //! under a lock. The modules come from `cargo xtask test` (MXHSM_TEST_*_MODULE).
 #![allow(dead_code)]
 
+pub mod synapse;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;

@@ -8,6 +8,7 @@
 //!   copied to `target/hsm/`;
 //! * then fmt, clippy and the test suite with the test tokens' locations in the environment.
 
+mod synapse;
 mod tokens;
 
 use std::env;
@@ -31,6 +32,8 @@ const APT_PACKAGES: &[&str] = &[
     "perl",
     "make",
     "gcc",
+    "python3",
+    "python3-venv",
 ];
 
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -175,7 +178,9 @@ fn setup() -> Result<Vec<(&'static str, PathBuf)>> {
             return Err(format!("{m} is missing although its package is installed"));
         }
     }
+    let python = synapse::ensure_venv(&cache_dir())?;
     Ok(vec![
+        ("MXHSM_TEST_SYNAPSE_PYTHON", python),
         ("MXHSM_TEST_SOFTHSM_MODULE", PathBuf::from(SOFTHSM_MODULE)),
         ("MXHSM_TEST_KRYOPTIC_MODULE", kryoptic),
         ("MXHSM_TEST_SPY_MODULE", PathBuf::from(SPY_MODULE)),

@@ -1,0 +1,278 @@
+//! A real Synapse for end-to-end tests: one per test binary, on 127.0.0.1 with SQLite
+//! (reference/synapse.md), from the venv `cargo xtask test` installs
+//! (MXHSM_TEST_SYNAPSE_PYTHON). A watchdog stops it by its PID when the test process ends.
+//!
+//! Also a small rewriting proxy: a "malicious homeserver" that serves what the real Synapse
+//! serves, with changes, for the tests of forged data Synapse itself would refuse to store.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub struct Synapse {
+    pub url: String,
+    pub data: PathBuf,
+}
+
+static SYNAPSE: OnceLock<Synapse> = OnceLock::new();
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+/// A raw Client-Server API call: (status, JSON body).
+pub fn http(
+    url: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let full = format!("{url}/_matrix/client/v3{path}");
+    let a = agent();
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let resp = match method {
+        "GET" => {
+            let mut r = a.get(&full);
+            if let Some(h) = &auth {
+                r = r.header("Authorization", h);
+            }
+            r.call()
+        }
+        _ => {
+            let mut r = if method == "PUT" {
+                a.put(&full)
+            } else {
+                a.post(&full)
+            };
+            if let Some(h) = &auth {
+                r = r.header("Authorization", h);
+            }
+            r.send_json(body.unwrap_or(json!({})))
+        }
+    };
+    let mut resp = resp.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+pub struct TestUser {
+    pub user_id: String,
+    pub localpart: String,
+    pub password: String,
+}
+
+impl Synapse {
+    pub fn get() -> &'static Synapse {
+        SYNAPSE.get_or_init(Synapse::start)
+    }
+
+    fn start() -> Synapse {
+        let python = std::env::var_os("MXHSM_TEST_SYNAPSE_PYTHON")
+            .map(PathBuf::from)
+            .expect("MXHSM_TEST_SYNAPSE_PYTHON is not set: run the tests with `cargo xtask test`");
+        let port = free_port();
+        let data = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("synapse-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let configure =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("hsm-config/synapse/configure.py");
+        let ok = Command::new(&python)
+            .arg(&configure)
+            .arg(&data)
+            .arg(port.to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "configuring Synapse failed");
+        // The watchdog: runs Synapse, and stops it by its PID when this test process is gone.
+        let script = format!(
+            "{py} -m synapse.app.homeserver -c {conf} >{data}/stdout.log 2>&1 & S=$!; echo $S >{data}/synapse.pid; \
+             while kill -0 {me} 2>/dev/null && kill -0 $S 2>/dev/null; do sleep 0.3; done; kill $S 2>/dev/null; wait $S",
+            py = python.display(),
+            conf = data.join("homeserver.yaml").display(),
+            data = data.display(),
+            me = std::process::id(),
+        );
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let start = Instant::now();
+        loop {
+            let up = TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && agent()
+                    .get(format!("{url}/_matrix/client/versions"))
+                    .call()
+                    .is_ok_and(|r| r.status().as_u16() == 200);
+            if up {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "Synapse did not start: see {}",
+                data.join("homeserver.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Synapse { url, data }
+    }
+
+    /// Registers a fresh user (`prefix` + a counter + this process's PID).
+    pub fn register(&self, prefix: &str) -> TestUser {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let localpart = format!("{prefix}{n}p{}", std::process::id());
+        let password = format!("pw-{localpart}");
+        let (status, v) = http(
+            &self.url,
+            "POST",
+            "/register",
+            None,
+            Some(
+                json!({"username": localpart, "password": password, "auth": {"type": "m.login.dummy"}}),
+            ),
+        );
+        assert_eq!(status, 200, "register: {v}");
+        TestUser {
+            user_id: v["user_id"].as_str().unwrap().to_string(),
+            localpart,
+            password,
+        }
+    }
+
+    /// Logs in with a password as another client would: (access token, device ID).
+    pub fn login(&self, user: &TestUser, device_id: &str) -> String {
+        let (status, v) = http(
+            &self.url,
+            "POST",
+            "/login",
+            None,
+            Some(
+                json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user.localpart},
+                        "password": user.password, "device_id": device_id, "initial_device_display_name": device_id}),
+            ),
+        );
+        assert_eq!(status, 200, "login: {v}");
+        v["access_token"].as_str().unwrap().to_string()
+    }
+}
+
+/// What the proxy may change: the request path, and the answer's status and body.
+pub type Rewrite = dyn Fn(&str, &mut u16, &mut Value) + Send + Sync;
+
+/// Answers a request itself instead of forwarding it, when it returns `Some`.
+pub type Intercept = dyn Fn(&str) -> Option<(u16, Value)> + Send + Sync;
+
+/// A proxy in front of Synapse that rewrites answers.
+pub struct Proxy {
+    pub url: String,
+}
+
+impl Proxy {
+    pub fn start(target: &str, rewrite: Arc<Rewrite>) -> Proxy {
+        Self::start_intercepting(target, rewrite, Arc::new(|_| None))
+    }
+
+    pub fn start_intercepting(
+        target: &str,
+        rewrite: Arc<Rewrite>,
+        intercept: Arc<Intercept>,
+    ) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let target = target.to_string();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let target = target.clone();
+                let rewrite = rewrite.clone();
+                let intercept = intercept.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(stream, &target, &*rewrite, &*intercept);
+                });
+            }
+        });
+        Proxy { url }
+    }
+}
+
+fn serve(
+    stream: TcpStream,
+    target: &str,
+    rewrite: &Rewrite,
+    intercept: &Intercept,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or("GET").to_string();
+        let path = parts.next().unwrap_or("/").to_string();
+        let mut auth = None;
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            reader.read_line(&mut h)?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let (k, v) = h.split_once(':').unwrap_or((h, ""));
+            match k.to_ascii_lowercase().as_str() {
+                "authorization" => auth = Some(v.trim().to_string()),
+                "content-length" => len = v.trim().parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        let mut body = vec![0u8; len];
+        reader.read_exact(&mut body)?;
+        let api = path
+            .strip_prefix("/_matrix/client/v3")
+            .unwrap_or(&path)
+            .to_string();
+        let token = auth.as_deref().and_then(|a| a.strip_prefix("Bearer "));
+        let body = serde_json::from_slice(&body).ok();
+        let (status, value) = match intercept(&api) {
+            Some(answer) => answer,
+            None => {
+                let (mut status, mut value) = http(target, &method, &api, token, body);
+                rewrite(&api, &mut status, &mut value);
+                (status, value)
+            }
+        };
+        let out = value.to_string();
+        write!(
+            writer,
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{out}",
+            out.len()
+        )?;
+        writer.flush()?;
+    }
+}

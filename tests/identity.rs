@@ -1,0 +1,635 @@
+//! The cross-signing identity on the token, end to end against a real Synapse.
+//!
+//! Synapse checks SSK/USK uploads and signature uploads itself, so a command that succeeds
+//! means Synapse accepted every signature. Other clients are played by the tests with
+//! independent code (ed25519-dalek, vodozemac, raw HTTP).
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
+use common::synapse::{Proxy, Synapse, TestUser, http};
+use common::{Kind, TestToken, fails, ok, output};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde_json::{Value, json};
+
+/// Canonical JSON the way the spec's reference does it (sorted keys, no spaces): our test
+/// clients sign with this, independently of mxhsm's signed_json.
+fn canonical(v: &Value) -> String {
+    let mut v = v.clone();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("signatures");
+        m.remove("unsigned");
+    }
+    serde_json::to_string(&v).unwrap()
+}
+
+fn sign_with(v: &mut Value, user: &str, key_id: &str, key: &SigningKey) {
+    let sig = B64.encode(key.sign(canonical(v).as_bytes()).to_bytes());
+    v["signatures"][user][key_id] = json!(sig);
+}
+
+fn verifies(v: &Value, user: &str, key_b64: &str) -> bool {
+    let key: [u8; 32] = B64.decode(key_b64).unwrap().try_into().unwrap();
+    let Some(sig) = v["signatures"][user][format!("ed25519:{key_b64}")].as_str() else {
+        return false;
+    };
+    let sig: [u8; 64] = B64.decode(sig).unwrap().try_into().unwrap();
+    VerifyingKey::from_bytes(&key)
+        .unwrap()
+        .verify_strict(canonical(v).as_bytes(), &Signature::from_bytes(&sig))
+        .is_ok()
+}
+
+fn random_key() -> SigningKey {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).unwrap();
+    SigningKey::from_bytes(&seed)
+}
+
+/// A user of mxhsm: a token, a Synapse account, a session directory.
+struct Alice {
+    token: TestToken,
+    user: TestUser,
+    synapse: &'static Synapse,
+}
+
+impl Alice {
+    fn new(kind: Kind) -> Alice {
+        let synapse = Synapse::get();
+        Alice {
+            token: TestToken::new(kind),
+            user: synapse.register("alice"),
+            synapse,
+        }
+    }
+
+    fn cli(&self) -> Command {
+        let mut c = self.token.cli();
+        c.env("XDG_DATA_HOME", self.token.dir.path().join("data"))
+            .env("MXHSM_PASSWORD", &self.user.password)
+            .stdin(std::process::Stdio::null());
+        c
+    }
+
+    fn login(&self) -> String {
+        let out = ok(self.cli().args([
+            "--json",
+            "login",
+            "--homeserver",
+            &self.synapse.url,
+            "--user",
+            &self.user.localpart,
+        ]));
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["device_id"].as_str().unwrap().to_string()
+    }
+
+    fn session_path(&self) -> std::path::PathBuf {
+        self.token.dir.path().join("data/mxhsm/session.json")
+    }
+
+    fn status(&self, extra: &[&str]) -> Value {
+        let out = ok(self
+            .cli()
+            .args(["identity", "status", "--json"])
+            .args(extra));
+        serde_json::from_str(&out).unwrap()
+    }
+
+    fn query(&self, token: &str, user: &str) -> Value {
+        let (s, v) = http(
+            &self.synapse.url,
+            "POST",
+            "/keys/query",
+            Some(token),
+            Some(json!({"device_keys": {user: []}})),
+        );
+        assert_eq!(s, 200);
+        v
+    }
+}
+
+fn device_trust(status: &Value, device: &str) -> (String, String) {
+    let d = status["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device_id"] == device)
+        .unwrap_or_else(|| panic!("no device {device} in {status}"));
+    (
+        d["trust"].as_str().unwrap().into(),
+        d["reason"].as_str().unwrap().into(),
+    )
+}
+
+fn user_trust(status: &Value, user: &str) -> (String, String) {
+    let u = status["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["user_id"] == user)
+        .unwrap_or_else(|| panic!("no user {user} in {status}"));
+    (
+        u["trust"].as_str().unwrap().into(),
+        u["reason"].as_str().unwrap().into(),
+    )
+}
+
+/// Another client of the same user: a device with its own Ed25519 key, uploaded over HTTP.
+fn phone(synapse: &Synapse, user: &TestUser, id: &str) -> (String, SigningKey) {
+    let token = synapse.login(user, id);
+    let key = random_key();
+    let mut keys = json!({
+        "user_id": user.user_id, "device_id": id,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": {format!("ed25519:{id}"): B64.encode(key.verifying_key().to_bytes()),
+                 format!("curve25519:{id}"): B64.encode(random_key().verifying_key().to_bytes())},
+    });
+    sign_with(&mut keys, &user.user_id, &format!("ed25519:{id}"), &key);
+    let (s, v) = http(
+        &synapse.url,
+        "POST",
+        "/keys/upload",
+        Some(&token),
+        Some(json!({"device_keys": keys})),
+    );
+    assert_eq!(s, 200, "{v}");
+    (token, key)
+}
+
+/// Bob publishes a cross-signing identity with software keys, as another client would.
+fn software_identity(synapse: &Synapse, user: &TestUser, token: &str) -> SigningKey {
+    let (msk, ssk, usk) = (random_key(), random_key(), random_key());
+    let b = |k: &SigningKey| B64.encode(k.verifying_key().to_bytes());
+    let obj = |usage: &str, k: &SigningKey| json!({"user_id": user.user_id, "usage": [usage], "keys": {format!("ed25519:{}", b(k)): b(k)}});
+    let master = obj("master", &msk);
+    let mut s = obj("self_signing", &ssk);
+    let mut u = obj("user_signing", &usk);
+    sign_with(&mut s, &user.user_id, &format!("ed25519:{}", b(&msk)), &msk);
+    sign_with(&mut u, &user.user_id, &format!("ed25519:{}", b(&msk)), &msk);
+    let (st, v) = http(
+        &synapse.url,
+        "POST",
+        "/keys/device_signing/upload",
+        Some(token),
+        Some(json!({"master_key": master, "self_signing_key": s, "user_signing_key": u})),
+    );
+    assert_eq!(st, 200, "{v}");
+    msk
+}
+
+fn publish_sign_device_and_user(kind: Kind) {
+    let alice = Alice::new(kind);
+    let own_device = alice.login();
+    let out = ok(alice.cli().args(["identity", "create"]));
+    assert!(
+        out.contains(&format!(
+            "published the cross-signing identity of {}",
+            alice.user.user_id
+        )),
+        "{out}"
+    );
+    let status = alice.status(&[]);
+    assert_eq!(status["identity_ok"], true, "{status}");
+    assert_eq!(device_trust(&status, &own_device).0, "verified");
+
+    // The server serves our token's keys, and our device is signed by the SSK
+    // (checked here with ed25519-dalek, independently of mxhsm).
+    let keys: Value = serde_json::from_str(&ok(alice.cli().args([
+        "keys",
+        "list",
+        "--json",
+        "--user",
+        &alice.user.user_id,
+    ])))
+    .unwrap();
+    let pk = |role: &str| {
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["role"] == role)
+            .unwrap()["public_key"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (phone_token, _) = phone(alice.synapse, &alice.user, "PHONE");
+    let q = alice.query(&phone_token, &alice.user.user_id);
+    let me = &alice.user.user_id;
+    assert_eq!(
+        q["master_keys"][me]["keys"][format!("ed25519:{}", pk("master"))],
+        pk("master")
+    );
+    assert!(verifies(&q["self_signing_keys"][me], me, &pk("master")));
+    assert!(verifies(&q["user_signing_keys"][me], me, &pk("master")));
+    assert!(verifies(
+        &q["device_keys"][me][&own_device],
+        me,
+        &pk("self_signing")
+    ));
+
+    // A second device (the phone) is unsigned until we sign it.
+    assert_eq!(device_trust(&alice.status(&[]), "PHONE").0, "unsigned");
+    let out = ok(alice.cli().args(["sign", "device", "PHONE", "--yes"]));
+    assert!(out.contains("signed device PHONE"), "{out}");
+    assert_eq!(device_trust(&alice.status(&[]), "PHONE").0, "verified");
+    let q = alice.query(&phone_token, me);
+    assert!(verifies(
+        &q["device_keys"][me]["PHONE"],
+        me,
+        &pk("self_signing")
+    ));
+
+    // Bob, with an identity made by another client.
+    let bob = alice.synapse.register("bob");
+    let bob_token = alice.synapse.login(&bob, "BOBPHONE");
+    let bob_msk = software_identity(alice.synapse, &bob, &bob_token);
+    let bob_fp = B64.encode(bob_msk.verifying_key().to_bytes());
+    let status = alice.status(&["--user", &bob.user_id]);
+    assert_eq!(user_trust(&status, &bob.user_id).0, "unsigned");
+    // A wrong fingerprint: refused, nothing signed.
+    let err = fails(alice.cli().args([
+        "sign",
+        "user",
+        &bob.user_id,
+        "--fingerprint",
+        &B64.encode([1u8; 32]),
+    ]));
+    assert!(
+        err.contains("not the fingerprint you gave: nothing signed"),
+        "{err}"
+    );
+    // Without a fingerprint and without a terminal to confirm: refused.
+    let err = fails(alice.cli().args(["sign", "user", &bob.user_id]));
+    assert!(err.contains("refusing without a terminal to confirm; pass the fingerprint you verified with --fingerprint"), "{err}");
+    assert_eq!(
+        user_trust(&alice.status(&["--user", &bob.user_id]), &bob.user_id).0,
+        "unsigned"
+    );
+    // The right fingerprint, typed with spaces as it is read aloud.
+    let spaced: String = bob_fp
+        .as_bytes()
+        .chunks(4)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect::<Vec<_>>()
+        .join(" ");
+    ok(alice
+        .cli()
+        .args(["sign", "user", &bob.user_id, "--fingerprint", &spaced]));
+    assert_eq!(
+        user_trust(&alice.status(&["--user", &bob.user_id]), &bob.user_id).0,
+        "verified"
+    );
+    let q = alice.query(&phone_token, &bob.user_id);
+    assert!(verifies(
+        &q["master_keys"][&bob.user_id],
+        me,
+        &pk("user_signing")
+    ));
+}
+
+per_token!(publish_sign_device_and_user);
+
+#[test]
+fn signing_all_unsigned_devices_in_one_go() {
+    let alice = Alice::new(Kind::Kryoptic);
+    alice.login();
+    ok(alice.cli().args(["identity", "create"]));
+    for id in ["DEV1", "DEV2", "DEV3"] {
+        phone(alice.synapse, &alice.user, id);
+    }
+    let err = fails(alice.cli().args(["sign", "devices", "--all-unsigned"]));
+    assert!(
+        err.contains("3 unsigned device(s)") && err.contains("pass --yes"),
+        "{err}"
+    );
+    let out = ok(alice
+        .cli()
+        .args(["sign", "devices", "--all-unsigned", "--yes"]));
+    assert!(
+        out.contains("signed 3 device(s): DEV1, DEV2, DEV3"),
+        "{out}"
+    );
+    let status = alice.status(&[]);
+    for id in ["DEV1", "DEV2", "DEV3"] {
+        assert_eq!(device_trust(&status, id).0, "verified");
+    }
+    let out = ok(alice
+        .cli()
+        .args(["sign", "devices", "--all-unsigned", "--yes"]));
+    assert!(out.contains("no unsigned devices"), "{out}");
+}
+
+#[test]
+fn republishing_asks_for_the_password_and_a_wrong_one_changes_nothing() {
+    let alice = Alice::new(Kind::Kryoptic);
+    alice.login();
+    ok(alice.cli().args(["identity", "create"]));
+    let before = alice.status(&[])["master_key"].clone();
+    // Publishing the same keys again needs no password.
+    ok(alice
+        .cli()
+        .env_remove("MXHSM_PASSWORD")
+        .args(["identity", "publish"]));
+    // New keys (a new generation on the token) replace the published ones only with UIA.
+    for role in ["master", "self_signing", "user_signing"] {
+        ok(alice.cli().args([
+            "keys",
+            "generate",
+            "--user",
+            &alice.user.user_id,
+            "--role",
+            role,
+        ]));
+    }
+    let err = fails(
+        alice
+            .cli()
+            .env("MXHSM_PASSWORD", "wrong")
+            .args(["identity", "publish"]),
+    );
+    assert!(
+        err.contains(&format!(
+            "wrong password for {}: nothing was changed",
+            alice.user.user_id
+        )),
+        "{err}"
+    );
+    let status = alice.status(&[]);
+    assert_eq!(status["identity_ok"], false);
+    assert!(
+        status["identity_problems"][0]
+            .as_str()
+            .unwrap()
+            .contains(&format!(
+                "the server serves the master key {}",
+                before.as_str().unwrap()
+            )),
+        "{status}"
+    );
+    let err = fails(
+        alice
+            .cli()
+            .env_remove("MXHSM_PASSWORD")
+            .args(["identity", "publish"]),
+    );
+    assert!(err.contains("a password is needed"), "{err}");
+    ok(alice.cli().args(["identity", "publish"]));
+    let status = alice.status(&[]);
+    assert_eq!(status["identity_ok"], true, "{status}");
+    assert_ne!(status["master_key"], before);
+}
+
+/// Synapse stores master-key signatures without checking them: a junk "signature by
+/// Alice's user-signing key" on Bob's master key is served back, and must not count.
+#[test]
+fn forged_master_key_signatures_stored_by_synapse_are_not_trusted() {
+    let alice = Alice::new(Kind::SoftHsm);
+    alice.login();
+    ok(alice.cli().args(["identity", "create"]));
+    let keys: Value =
+        serde_json::from_str(&ok(alice.cli().args(["keys", "list", "--json"]))).unwrap();
+    let usk = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["role"] == "user_signing")
+        .unwrap()["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bob = alice.synapse.register("bob");
+    let token = alice.synapse.login(&bob, "BOBDEV");
+    let msk = random_key();
+    let b = B64.encode(msk.verifying_key().to_bytes());
+    let mut master =
+        json!({"user_id": bob.user_id, "usage": ["master"], "keys": {format!("ed25519:{b}"): b}});
+    master["signatures"][&alice.user.user_id][format!("ed25519:{usk}")] =
+        json!(B64.encode([9u8; 64]));
+    let (s, v) = http(
+        &alice.synapse.url,
+        "POST",
+        "/keys/device_signing/upload",
+        Some(&token),
+        Some(json!({"master_key": master})),
+    );
+    assert_eq!(s, 200, "Synapse accepts it: {v}");
+    let status = alice.status(&["--user", &bob.user_id]);
+    let (trust, why) = user_trust(&status, &bob.user_id);
+    assert_eq!(trust, "chain-broken", "{status}");
+    assert!(why.contains("does not verify"), "{why}");
+}
+
+/// A server (a proxy in front of Synapse) that serves a forged SSK, a forged device
+/// signature, or a device whose keys changed after it was signed.
+#[test]
+fn forged_keys_served_by_the_server_are_untrusted_with_reasons() {
+    let alice = Alice::new(Kind::SoftHsm);
+    alice.login();
+    ok(alice.cli().args(["identity", "create"]));
+    let (_, _) = phone(alice.synapse, &alice.user, "PHONE");
+    let (_, _) = phone(alice.synapse, &alice.user, "TABLET");
+    ok(alice
+        .cli()
+        .args(["sign", "devices", "--all-unsigned", "--yes"]));
+    let me = alice.user.user_id.clone();
+
+    let with_proxy = |rewrite: Arc<common::synapse::Rewrite>| {
+        let proxy = Proxy::start(&alice.synapse.url, rewrite);
+        let session: Value =
+            serde_json::from_str(&std::fs::read_to_string(alice.session_path()).unwrap()).unwrap();
+        let mut s2 = session.clone();
+        s2["homeserver"] = json!(proxy.url);
+        std::fs::write(alice.session_path(), s2.to_string()).unwrap();
+        let status = alice.status(&[]);
+        std::fs::write(alice.session_path(), session.to_string()).unwrap();
+        status
+    };
+
+    // 1. A forged SSK: a key the server made, with a made-up "master signature".
+    let me1 = me.clone();
+    let status = with_proxy(Arc::new(move |path, _, v| {
+        if path.starts_with("/keys/query") {
+            let evil = random_key();
+            let b = B64.encode(evil.verifying_key().to_bytes());
+            let old = v["self_signing_keys"][&me1].clone();
+            let master_id = old["signatures"][&me1]
+                .as_object()
+                .unwrap()
+                .keys()
+                .next()
+                .unwrap()
+                .clone();
+            let mut forged = json!({"user_id": me1, "usage": ["self_signing"], "keys": {format!("ed25519:{b}"): b}});
+            sign_with(&mut forged, &me1, &master_id, &evil);
+            v["self_signing_keys"][&me1] = forged;
+        }
+    }));
+    assert_eq!(status["identity_ok"], false);
+    assert!(
+        status["identity_problems"]
+            .to_string()
+            .contains("not validly signed by the master key"),
+        "{status}"
+    );
+    for d in ["PHONE", "TABLET"] {
+        assert_eq!(device_trust(&status, d).0, "chain-broken", "{status}");
+    }
+
+    // 2. A forged device signature, and 3. a device whose keys changed after signing.
+    let me2 = me.clone();
+    let status = with_proxy(Arc::new(move |path, _, v| {
+        if path.starts_with("/keys/query") {
+            let phone = &mut v["device_keys"][&me2]["PHONE"];
+            let ssk_id = phone["signatures"][&me2]
+                .as_object()
+                .unwrap()
+                .keys()
+                .find(|k| *k != "ed25519:PHONE")
+                .unwrap()
+                .clone();
+            phone["signatures"][&me2][&ssk_id] = json!(B64.encode([5u8; 64]));
+            let tablet = &mut v["device_keys"][&me2]["TABLET"];
+            let new_key = random_key();
+            tablet["keys"]["ed25519:TABLET"] =
+                json!(B64.encode(new_key.verifying_key().to_bytes()));
+            sign_with(tablet, &me2, "ed25519:TABLET", &new_key);
+        }
+    }));
+    assert_eq!(status["identity_ok"], true);
+    let (t, why) = device_trust(&status, "PHONE");
+    assert_eq!(t, "chain-broken");
+    assert!(why.contains("does not match"), "{why}");
+    let (t, why) = device_trust(&status, "TABLET");
+    assert_eq!(t, "chain-broken");
+    assert!(why.contains("keys changed"), "{why}");
+    // Without the proxy, all is well again.
+    let status = alice.status(&[]);
+    assert_eq!(device_trust(&status, "PHONE").0, "verified");
+    assert_eq!(device_trust(&status, "TABLET").0, "verified");
+}
+
+/// The server is down after the keys were generated: re-running finishes the job with the
+/// same keys, none lost, none duplicated.
+#[test]
+fn an_interrupted_publish_can_be_rerun() {
+    let alice = Alice::new(Kind::SoftHsm);
+    alice.login();
+    let session = std::fs::read_to_string(alice.session_path()).unwrap();
+    let mut down: Value = serde_json::from_str(&session).unwrap();
+    down["homeserver"] = json!(format!("http://127.0.0.1:{}", common::synapse::free_port()));
+    std::fs::write(alice.session_path(), down.to_string()).unwrap();
+    let err = fails(alice.cli().args(["identity", "create"]));
+    assert!(err.contains("cannot reach the homeserver"), "{err}");
+    let keys = |a: &Alice| -> Vec<String> {
+        let v: Value = serde_json::from_str(&ok(a.cli().args(["keys", "list", "--json"]))).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["public_key"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let generated = keys(&alice);
+    assert_eq!(generated.len(), 3, "the three keys stay on the token");
+    std::fs::write(alice.session_path(), &session).unwrap();
+    let (success, out, err) = output(alice.cli().args(["identity", "create"]));
+    assert!(success, "{err}");
+    assert!(err.contains("already holds the master key"), "{err}");
+    assert!(out.contains("published"), "{out}");
+    assert_eq!(keys(&alice), generated, "no key lost, none duplicated");
+    let status = alice.status(&[]);
+    assert_eq!(status["identity_ok"], true);
+    assert_eq!(status["master_key"].as_str().unwrap(), generated[0]);
+}
+
+/// 503s and 429s are retried; an OAuth-delegating server gets a clear error with its URL.
+#[test]
+fn retries_and_oauth_delegation() {
+    let alice = Alice::new(Kind::Kryoptic);
+    alice.login();
+    let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let f = failures.clone();
+    let proxy = Proxy::start_intercepting(
+        &alice.synapse.url,
+        Arc::new(move |path, status, v| {
+            if path.starts_with("/keys/query")
+                && f.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2
+            {
+                *status = if f.load(std::sync::atomic::Ordering::SeqCst) == 1 {
+                    503
+                } else {
+                    429
+                };
+                *v = json!({"errcode": "M_LIMIT_EXCEEDED", "retry_after_ms": 50});
+            }
+        }),
+        // An OAuth-delegating server (MAS) answers the upload itself.
+        Arc::new(|path| {
+            path.starts_with("/keys/device_signing/upload").then(|| {
+                (401, json!({"session": "s", "flows": [{"stages": ["m.oauth"]}, {"stages": ["org.matrix.cross_signing_reset"]}],
+                        "params": {"m.oauth": {"url": "https://account.example.org/?action=org.matrix.cross_signing_reset"}}}))
+            })
+        }),
+    );
+    let session = std::fs::read_to_string(alice.session_path()).unwrap();
+    let mut via: Value = serde_json::from_str(&session).unwrap();
+    via["homeserver"] = json!(proxy.url);
+    std::fs::write(alice.session_path(), via.to_string()).unwrap();
+    let err = fails(alice.cli().args(["identity", "create"]));
+    assert!(err.contains("approve resetting your cross-signing keys at https://account.example.org/?action=org.matrix.cross_signing_reset"), "{err}");
+    let status: Value =
+        serde_json::from_str(&ok(alice.cli().args(["identity", "status", "--json"]))).unwrap();
+    assert_eq!(
+        status["identity_ok"], false,
+        "nothing was published: {status}"
+    );
+    assert!(
+        failures.load(std::sync::atomic::Ordering::SeqCst) >= 3,
+        "the 503 and the 429 were retried"
+    );
+}
+
+#[test]
+fn logout_deletes_the_device_and_bad_logins_are_clear() {
+    let alice = Alice::new(Kind::Kryoptic);
+    let err = fails(alice.cli().env("MXHSM_PASSWORD", "nope").args([
+        "login",
+        "--homeserver",
+        &alice.synapse.url,
+        "--user",
+        &alice.user.localpart,
+    ]));
+    assert!(err.contains("wrong password for"), "{err}");
+    assert!(!alice.session_path().exists());
+    let err =
+        fails(
+            alice
+                .cli()
+                .args(["login", "--homeserver", "matrix.example.org", "--user", "x"]),
+        );
+    assert!(err.contains("is not a homeserver URL"), "{err}");
+    let device = alice.login();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(alice.session_path())
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let other = alice.synapse.login(&alice.user, "OTHER");
+    let devices = |t: &str| {
+        alice.query(t, &alice.user.user_id)["device_keys"][&alice.user.user_id]
+            .as_object()
+            .map(|m| m.keys().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    assert!(devices(&other).contains(&device));
+    ok(alice.cli().args(["logout"]));
+    assert!(!alice.session_path().exists());
+    assert!(!devices(&other).contains(&device), "the device is gone");
+    let err = fails(alice.cli().args(["identity", "status"]));
+    assert!(err.contains("not logged in"), "{err}");
+}
