@@ -406,3 +406,90 @@ fn missing_module_and_unmatched_uri_are_clear_and_ask_no_pin() {
         "no PIN is asked for when no token matches"
     );
 }
+
+/// The js-sdk's Alice seeds imported on the token: mxhsm's signed JSON reproduces the
+/// published signatures byte for byte (reference/matrix-crypto.md §1-bis).
+fn published_cross_signing_signatures_from_the_token(kind: Kind) {
+    use mxhsm::matrix::cross_signing::{Usage, identity_objects, key_object};
+    use mxhsm::matrix::signed_json::{Ed25519PublicKey, sign_json, signature};
+    use mxhsm::token::TokenSigner;
+    let t = TestToken::new(kind);
+    let store = t.open();
+    let import = |role, seed: &[u8]| {
+        store
+            .import(
+                ALICE,
+                role,
+                SecretKeyBytes::from_slice(seed).unwrap(),
+                &KeyOptions::default(),
+            )
+            .unwrap()
+    };
+    let msk = TokenSigner {
+        store: &store,
+        key: import(KeyRole::Master, b"doyouspeakwhaaaaaaaaaaaaaaaaaale"),
+    };
+    let ssk = TokenSigner {
+        store: &store,
+        key: import(KeyRole::SelfSigning, b"selfselfselfselfselfselfselfself"),
+    };
+    let usk = import(KeyRole::UserSigning, b"useruseruseruseruseruseruseruser");
+    assert_eq!(
+        usk.public_key_base64(),
+        "g5TC/zjQXyZYuDLZv7a41z5fFVrXpYPypG//AFQj8hY"
+    );
+    let [master, ssk_obj, usk_obj] = identity_objects(
+        ALICE,
+        &msk,
+        &Ed25519PublicKey(ssk.key.public_key),
+        &Ed25519PublicKey(usk.public_key),
+    )
+    .unwrap();
+    let msk_id = "ed25519:J+5An10v1vzZpAXTYFokD1/PEVccFnLC61EfRXit0UY";
+    assert_eq!(
+        signature(&ssk_obj, ALICE, msk_id),
+        Some(
+            "XfhYEhZmOs8BJdb3viatILBZ/bElsHXEW28V4tIaY5CxrBR0YOym3yZHWmRmypXessHZAKOhZn3yBMXzdajyCw"
+        )
+    );
+    assert_eq!(
+        signature(&usk_obj, ALICE, msk_id),
+        Some(
+            "6AkD1XM2H0/ebgP9oBdMKNeft7uxsrb0XN1CsjjHgeZCvCTMmv3BHlLiT/Hzy4fe8H+S1tr484dcXN/PIdnfDA"
+        )
+    );
+    // The master key's self-signature and the SSK's signature over the test device (both
+    // self-computed in the reference from the spec).
+    let mut m = master.clone();
+    sign_json(&mut m, ALICE, msk_id, &msk).unwrap();
+    assert_eq!(
+        signature(&m, ALICE, msk_id),
+        Some(
+            "CZc7CJ27F7N6m+f9++jEsJsQMHBGtgKQx4WVQjgPP4gZxzpBJf0mGtU1EoGKLublmCUM19FMm1jDLFNBwP2SCw"
+        )
+    );
+    let mut device: serde_json::Value = serde_json::from_str(r#"{"algorithms":["m.olm.v1.curve25519-aes-sha2","m.megolm.v1.aes-sha2"],"device_id":"test_device","keys":{"curve25519:test_device":"F4uCNNlcbRvc7CfBz95ZGWBvY1ALniG1J8+6rhVoKS0","ed25519:test_device":"YI/7vbGVLpGdYtuceQR8MSsKB/QjgfMXM1xqnn+0NWU"},"user_id":"@alice:localhost"}"#).unwrap();
+    let ssk_id = "ed25519:aU2+2CyXQTCuDcmWW0EL2bhJ6PdjFW2LbAsbHqf02AY";
+    sign_json(&mut device, ALICE, ssk_id, &ssk).unwrap();
+    assert_eq!(
+        signature(&device, ALICE, ssk_id),
+        Some(
+            "2RaoPmX3d4gKgmqIJSR827r1A+k5G2XE4i7LLX0Jcdo2SJ/+5K3W/7khIkHGSdZbnSnH7OMKCWXjEBxFcbpGCw"
+        )
+    );
+    assert_eq!(
+        key_object(ALICE, Usage::Master, &Ed25519PublicKey(msk.key.public_key)),
+        master
+    );
+}
+
+mod published_vectors {
+    #[test]
+    fn softhsm() {
+        super::published_cross_signing_signatures_from_the_token(super::Kind::SoftHsm)
+    }
+    #[test]
+    fn kryoptic() {
+        super::published_cross_signing_signatures_from_the_token(super::Kind::Kryoptic)
+    }
+}

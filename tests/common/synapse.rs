@@ -18,6 +18,8 @@ use serde_json::{Value, json};
 pub struct Synapse {
     pub url: String,
     pub data: PathBuf,
+    /// Not waited for: it outlives us by design, to stop Synapse after we exit.
+    _watchdog: std::sync::Mutex<std::process::Child>,
 }
 
 static SYNAPSE: OnceLock<Synapse> = OnceLock::new();
@@ -113,7 +115,7 @@ impl Synapse {
             data = data.display(),
             me = std::process::id(),
         );
-        Command::new("sh")
+        let watchdog = Command::new("sh")
             .arg("-c")
             .arg(script)
             .stdin(Stdio::null())
@@ -139,7 +141,11 @@ impl Synapse {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        Synapse { url, data }
+        Synapse {
+            url,
+            data,
+            _watchdog: std::sync::Mutex::new(watchdog),
+        }
     }
 
     /// Registers a fresh user (`prefix` + a counter + this process's PID).

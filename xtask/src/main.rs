@@ -8,6 +8,7 @@
 //!   copied to `target/hsm/`;
 //! * then fmt, clippy and the test suite with the test tokens' locations in the environment.
 
+mod demo;
 mod synapse;
 mod tokens;
 
@@ -241,37 +242,82 @@ where
     c
 }
 
-/// The token part of the whole flow: a fresh SoftHSM token, the four keys of a user,
-/// listed, and the doctor's report.
+/// The whole flow: a local Synapse and a fresh SoftHSM token; Alice's identity created on
+/// the token and published; a second device of hers (a vodozemac account playing a phone)
+/// cross-signed; Bob (whose keys live on the same token, as in an organisation's HSM)
+/// verified by Alice; `identity status` printed.
 fn demo() -> Result {
     ensure_packages(APT_PACKAGES)?;
+    let python = synapse::ensure_venv(&cache_dir())?;
     let bin = build_mxhsm(false)?;
     let dir = target_dir().join("demo");
-    let token = tokens::Token::softhsm(&dir, "mxhsm-demo")?;
-    eprintln!("\n== A fresh SoftHSM token in {} ==", dir.display());
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| e.to_string())?;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    eprintln!("\n== Synapse {} on 127.0.0.1:{port} ==", synapse::VERSION);
+    let server = synapse::Server::start(&python, &dir.join("synapse"), port)?;
+    let token = tokens::Token::softhsm(&dir.join("token"), "mxhsm-demo")?;
+    let hs = &server.url;
+    let alice = demo::register(hs, "alice")?;
+    let bob = demo::register(hs, "bob")?;
+    let as_user = |user: &demo::User, args: &[&str]| {
+        let mut c = mxhsm_cmd(&bin, &token, args);
+        c.env(
+            "XDG_DATA_HOME",
+            dir.join(format!("{}-data", user.localpart)),
+        )
+        .env("MXHSM_PASSWORD", &user.password);
+        c
+    };
+
+    eprintln!("\n== The token ==");
     run(&mut mxhsm_cmd(
         &bin,
         &token,
         ["token", "list", "--module", SOFTHSM_MODULE],
     ))?;
-    let user = "@demo:localhost";
-    eprintln!("\n== The four keys of {user}, generated on the token ==");
-    for role in ["master", "self_signing", "user_signing", "backup"] {
-        run(&mut mxhsm_cmd(
-            &bin,
-            &token,
-            ["keys", "generate", "--user", user, "--role", role],
+    for user in [&alice, &bob] {
+        eprintln!(
+            "\n== {}: log in (a real device), create the identity on the token, publish ==",
+            user.user_id
+        );
+        run(&mut as_user(
+            user,
+            &["login", "--homeserver", hs, "--user", &user.localpart],
         ))?;
+        run(&mut as_user(user, &["identity", "create"]))?;
     }
-    eprintln!("\n== keys list ==");
+    eprintln!("\n== Alice's phone (a vodozemac Olm account) logs in and uploads its keys ==");
+    demo::phone(hs, &alice, "PHONE")?;
+    run(&mut as_user(&alice, &["identity", "status"]))?;
+    eprintln!("\n== Alice cross-signs her phone with the self-signing key on the token ==");
+    run(&mut as_user(&alice, &["sign", "device", "PHONE", "--yes"]))?;
+    eprintln!(
+        "\n== Alice verifies Bob: his master-key fingerprint, signed with her user-signing key =="
+    );
+    let bob_master = demo::master_key(hs, &alice, &bob.user_id)?;
+    run(&mut as_user(
+        &alice,
+        &["sign", "user", &bob.user_id, "--fingerprint", &bob_master],
+    ))?;
+    eprintln!("\n== identity status ==");
+    run(&mut as_user(
+        &alice,
+        &["identity", "status", "--user", &bob.user_id],
+    ))?;
+    eprintln!("\n== The keys on the token, and the doctor's audit ==");
     run(&mut mxhsm_cmd(&bin, &token, ["keys", "list"]))?;
-    eprintln!("\n== token doctor ==");
     run(&mut mxhsm_cmd(&bin, &token, ["token", "doctor"]))?;
     eprintln!(
-        "\nThe demo token stays in {} (PIN in {}).",
-        dir.display(),
+        "\nDone. The token stays in {} (PIN in {}); Synapse stops now.",
+        dir.join("token").display(),
         token.pin_file.display()
     );
+    drop(server);
     Ok(())
 }
 

@@ -157,12 +157,12 @@ pub fn resolve_module_path(uri: &Pkcs11Uri) -> Result<PathBuf, TokenError> {
     })
 }
 
-/// The SoftHSM process lock for `module`, if it is SoftHSM and exists.
-fn softhsm_lock(module: &Path) -> Result<Option<std::fs::File>, TokenError> {
-    if module.exists() && process_lock::is_softhsm_module(module) {
-        process_lock::lock_softhsm(module).map(Some)
-    } else {
-        Ok(None)
+/// The process lock for `module`, if it is a file-backed software token (see
+/// `process_lock`).
+fn soft_token_lock(module: &Path) -> Result<Option<std::fs::File>, TokenError> {
+    match process_lock::soft_token_config_var(module) {
+        Some(var) if module.exists() => process_lock::lock_soft_token(module, var).map(Some),
+        _ => Ok(None),
     }
 }
 
@@ -223,7 +223,7 @@ pub struct TokenEntry {
 
 /// Every slot with a token in the module at `path`.
 pub fn list_tokens(path: &Path) -> Result<Vec<TokenEntry>, TokenError> {
-    let _lock = softhsm_lock(path)?;
+    let _lock = soft_token_lock(path)?;
     let ctx = load_module(path)?;
     let dev = |op: &str| {
         let op = op.to_string();
@@ -262,7 +262,7 @@ pub struct Pkcs11Store {
     summary: TokenSummary,
     capabilities: Capabilities,
     pin_status_before_login: PinStatus,
-    /// Held while this store lives, for SoftHSM (see `process_lock`).
+    /// Held while this store lives, for software tokens (see `process_lock`).
     _process_lock: Option<std::fs::File>,
     /// Open sessions, reused; the first one carries the login and is never closed (closing
     /// an application's last session logs it out).
@@ -314,7 +314,7 @@ impl Pkcs11Store {
     /// about its retry counter.
     pub fn open(uri: &Pkcs11Uri, pins: &dyn PinProvider) -> Result<Self, TokenError> {
         let path = resolve_module_path(uri)?;
-        let process_lock = softhsm_lock(&path)?;
+        let process_lock = soft_token_lock(&path)?;
         let ctx = load_module(&path)?;
         let module = path.display().to_string();
         let dev = |op: &'static str| {

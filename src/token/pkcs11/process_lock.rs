@@ -1,4 +1,4 @@
-//! One mxhsm process at a time on a SoftHSM token store.
+//! One mxhsm process at a time on a software token's file store (SoftHSM, Kryoptic).
 //!
 //! SoftHSM 2.6.1's file object store is not safe for concurrent processes: when it rewrites
 //! `token.object` (on every successful login) or an object file, it truncates the file,
@@ -6,8 +6,13 @@
 //! `fcntl(F_UNLCK)`, `write`). A second process reading in that moment sees an empty file
 //! and fails with `CKR_GENERAL_ERROR`, or does not see the token at all. So mxhsm
 //! processes using the same SoftHSM module and configuration take turns: each holds an
-//! advisory lock from before `C_Initialize` until it is done. Kryoptic (SQLite) and real
-//! HSMs need no such lock.
+//! advisory lock from before `C_Initialize` until it is done.
+//!
+//! Kryoptic 1.5 keeps its token in SQLite, opened without a busy timeout: a second process
+//! writing at the same moment (a login updates the PIN counter; key generation adds
+//! objects) gets a storage error, which Kryoptic reports as `CKR_DEVICE_MEMORY` (seen in
+//! our two-process test). It takes the same lock. Real HSMs serialise inside the device
+//! and need none.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::hash::{Hash, Hasher};
@@ -19,26 +24,30 @@ use super::super::TokenError;
 /// How long to wait for another mxhsm process to finish with the token.
 const WAIT: Duration = Duration::from_secs(600);
 
-/// Whether `module` is SoftHSM, judged by its file name (we must decide before loading it).
-pub fn is_softhsm_module(module: &Path) -> bool {
-    module
-        .file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with("libsofthsm2"))
+/// The environment variable naming the store of a file-backed software token, if `module`
+/// is one (judged by its file name: we must decide before loading it).
+pub fn soft_token_config_var(module: &Path) -> Option<&'static str> {
+    let name = module.file_name()?.to_str()?;
+    if name.starts_with("libsofthsm2") {
+        Some("SOFTHSM2_CONF")
+    } else if name.starts_with("libkryoptic") {
+        Some("KRYOPTIC_CONF")
+    } else {
+        None
+    }
 }
 
-/// Takes the lock for (`module`, current SoftHSM configuration), waiting for other mxhsm
+/// Takes the lock for (`module`, its current configuration), waiting for other mxhsm
 /// processes. The lock is released when the returned file is dropped.
-pub fn lock_softhsm(module: &Path) -> Result<File, TokenError> {
-    let conf =
-        std::env::var_os("SOFTHSM2_CONF").unwrap_or_else(|| "/etc/softhsm/softhsm2.conf".into());
+pub fn lock_soft_token(module: &Path, config_var: &str) -> Result<File, TokenError> {
+    let conf = std::env::var_os(config_var).unwrap_or_default();
     let mut h = std::collections::hash_map::DefaultHasher::new();
     module.hash(&mut h);
     Path::new(&conf)
         .canonicalize()
         .unwrap_or_else(|_| conf.clone().into())
         .hash(&mut h);
-    let path = std::env::temp_dir().join(format!("mxhsm-softhsm-{:016x}.lock", h.finish()));
+    let path = std::env::temp_dir().join(format!("mxhsm-token-{:016x}.lock", h.finish()));
     let err = |reason: String| TokenError::Device {
         token: module.display().to_string(),
         operation: format!("locking {}", path.display()),
@@ -59,7 +68,7 @@ pub fn lock_softhsm(module: &Path) -> Result<File, TokenError> {
             }
             Err(TryLockError::WouldBlock) => {
                 return Err(err(format!(
-                    "another mxhsm process has used this SoftHSM token store for over {} s",
+                    "another mxhsm process has used this software token for over {} s",
                     WAIT.as_secs()
                 )));
             }

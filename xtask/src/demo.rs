@@ -1,0 +1,111 @@
+//! The other clients of the demo, over plain HTTP: registration, and a phone played by a
+//! vodozemac Olm account.
+
+use serde_json::{Value, json};
+
+use crate::Result;
+
+pub struct User {
+    pub user_id: String,
+    pub localpart: String,
+    pub password: String,
+}
+
+fn call(hs: &str, path: &str, token: Option<&str>, body: Value) -> Result<Value> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut req = agent.post(format!("{hs}/_matrix/client/v3{path}"));
+    if let Some(t) = token {
+        req = req.header("Authorization", format!("Bearer {t}"));
+    }
+    let mut resp = req.send_json(body).map_err(|e| format!("{path}: {e}"))?;
+    let status = resp.status();
+    let v: Value = resp
+        .body_mut()
+        .read_json()
+        .map_err(|e| format!("{path}: {e}"))?;
+    if status != 200 {
+        return Err(format!("{path}: {status} {v}"));
+    }
+    Ok(v)
+}
+
+pub fn register(hs: &str, localpart: &str) -> Result<User> {
+    let password = format!("{localpart}-demo-password");
+    let v = call(
+        hs,
+        "/register",
+        None,
+        json!({"username": localpart, "password": password, "auth": {"type": "m.login.dummy"}}),
+    )?;
+    let user_id = v["user_id"].as_str().ok_or("no user_id")?.to_string();
+    eprintln!("registered {user_id}");
+    Ok(User {
+        user_id,
+        localpart: localpart.into(),
+        password,
+    })
+}
+
+/// Logs in as `user` with device `device_id` and uploads an Olm account's device keys.
+pub fn phone(hs: &str, user: &User, device_id: &str) -> Result {
+    let v = call(
+        hs,
+        "/login",
+        None,
+        json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user.localpart},
+               "password": user.password, "device_id": device_id, "initial_device_display_name": "Alice's phone"}),
+    )?;
+    let token = v["access_token"].as_str().ok_or("no access token")?;
+    let account = vodozemac::olm::Account::new();
+    let mut keys = json!({
+        "user_id": user.user_id, "device_id": device_id,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": {
+            format!("curve25519:{device_id}"): account.curve25519_key().to_base64(),
+            format!("ed25519:{device_id}"): account.ed25519_key().to_base64(),
+        },
+    });
+    // serde_json's Value sorts keys and writes no spaces: canonical JSON for this object.
+    let canonical = serde_json::to_string(&keys).map_err(|e| e.to_string())?;
+    keys["signatures"] = json!({ &user.user_id: { format!("ed25519:{device_id}"): account.sign(canonical.as_bytes()).to_base64() } });
+    call(
+        hs,
+        "/keys/upload",
+        Some(token),
+        json!({"device_keys": keys}),
+    )?;
+    eprintln!(
+        "{device_id} uploaded its keys; Ed25519 fingerprint {}",
+        account.ed25519_key().to_base64()
+    );
+    Ok(())
+}
+
+/// The master key `of` publishes, as `viewer` sees it (what Bob would read out to Alice).
+pub fn master_key(hs: &str, viewer: &User, of: &str) -> Result<String> {
+    let v = call(
+        hs,
+        "/login",
+        None,
+        json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": viewer.localpart}, "password": viewer.password}),
+    )?;
+    let token = v["access_token"].as_str().ok_or("no access token")?;
+    let q = call(
+        hs,
+        "/keys/query",
+        Some(token),
+        json!({"device_keys": {of: []}}),
+    )?;
+    let keys = q["master_keys"][of]["keys"]
+        .as_object()
+        .ok_or("no master key")?;
+    let key = keys
+        .values()
+        .next()
+        .and_then(Value::as_str)
+        .ok_or("no master key")?;
+    Ok(key.to_string())
+}
