@@ -2,6 +2,8 @@
 //! [`signed_json::Ed25519Signer`] (and, for key backup, an X25519 agreement trait), which
 //! token keys and in-memory software keys both implement.
 
+pub mod backup;
 pub mod cross_signing;
 pub mod device;
+pub mod key_export;
 pub mod signed_json;
