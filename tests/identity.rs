@@ -6,13 +6,12 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
-use common::synapse::{Proxy, Synapse, TestUser, http};
-use common::{Kind, TestToken, fails, ok, output};
+use common::synapse::{MxhsmUser as Alice, Proxy, Synapse, TestUser, http};
+use common::{Kind, fails, ok, output};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde_json::{Value, json};
 
@@ -48,69 +47,6 @@ fn random_key() -> SigningKey {
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).unwrap();
     SigningKey::from_bytes(&seed)
-}
-
-/// A user of mxhsm: a token, a Synapse account, a session directory.
-struct Alice {
-    token: TestToken,
-    user: TestUser,
-    synapse: &'static Synapse,
-}
-
-impl Alice {
-    fn new(kind: Kind) -> Alice {
-        let synapse = Synapse::get();
-        Alice {
-            token: TestToken::new(kind),
-            user: synapse.register("alice"),
-            synapse,
-        }
-    }
-
-    fn cli(&self) -> Command {
-        let mut c = self.token.cli();
-        c.env("XDG_DATA_HOME", self.token.dir.path().join("data"))
-            .env("MXHSM_PASSWORD", &self.user.password)
-            .stdin(std::process::Stdio::null());
-        c
-    }
-
-    fn login(&self) -> String {
-        let out = ok(self.cli().args([
-            "--json",
-            "login",
-            "--homeserver",
-            &self.synapse.url,
-            "--user",
-            &self.user.localpart,
-        ]));
-        let v: Value = serde_json::from_str(&out).unwrap();
-        v["device_id"].as_str().unwrap().to_string()
-    }
-
-    fn session_path(&self) -> std::path::PathBuf {
-        self.token.dir.path().join("data/mxhsm/session.json")
-    }
-
-    fn status(&self, extra: &[&str]) -> Value {
-        let out = ok(self
-            .cli()
-            .args(["identity", "status", "--json"])
-            .args(extra));
-        serde_json::from_str(&out).unwrap()
-    }
-
-    fn query(&self, token: &str, user: &str) -> Value {
-        let (s, v) = http(
-            &self.synapse.url,
-            "POST",
-            "/keys/query",
-            Some(token),
-            Some(json!({"device_keys": {user: []}})),
-        );
-        assert_eq!(s, 200);
-        v
-    }
 }
 
 fn device_trust(status: &Value, device: &str) -> (String, String) {

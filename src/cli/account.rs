@@ -114,3 +114,15 @@ pub fn logout(global: &GlobalArgs) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// The Olm account of the saved session (mxhsm's device key).
+pub fn olm_account(session: &Session) -> Result<Account> {
+    use secrecy::ExposeSecret;
+    let pickle = session
+        .olm_account
+        .as_ref()
+        .context("the session has no Olm device; log in again with `mxhsm login`")?;
+    let pickle: vodozemac::olm::AccountPickle = serde_json::from_str(pickle.expose_secret())
+        .context("the session's Olm account cannot be read")?;
+    Ok(Account::from_pickle(pickle))
+}

@@ -1,6 +1,7 @@
 //! The command line: one file per command group; output (a table, or `--json`), prompts.
 
 mod account;
+mod backup;
 mod identity;
 mod keys;
 mod output;
@@ -61,6 +62,9 @@ pub enum Command {
     /// Sign your devices or other users with the keys on the token.
     #[command(subcommand)]
     Sign(identity::SignCommand),
+    /// Server-side key backup with the backup key on the token.
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -71,6 +75,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Logout => account::logout(&cli.global),
         Command::Identity(cmd) => identity::run_identity(&cli.global, cmd),
         Command::Sign(cmd) => identity::run_sign(&cli.global, cmd),
+        Command::Backup(cmd) => backup::run(&cli.global, cmd),
     }
 }
 

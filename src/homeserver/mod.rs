@@ -404,6 +404,57 @@ impl Client {
     }
 }
 
+/// Key backup (`/room_keys`).
+impl Client {
+    /// `POST /room_keys/version`: a new backup version; returns its version string.
+    pub fn create_backup_version(
+        &self,
+        algorithm: &str,
+        auth_data: &Value,
+    ) -> Result<String, HomeserverError> {
+        let v = self.call(
+            "POST",
+            "/room_keys/version",
+            Some(&json!({"algorithm": algorithm, "auth_data": auth_data})),
+        )?;
+        v.get("version")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| HomeserverError::BadResponse {
+                endpoint: "POST /room_keys/version".into(),
+                reason: "no version".into(),
+            })
+    }
+
+    /// `GET /room_keys/version`: the current backup version, or `None` if there is none.
+    pub fn backup_version(&self) -> Result<Option<Value>, HomeserverError> {
+        let (status, value) = self.send("GET", "/room_keys/version", None)?;
+        if status == 404 && value.get("errcode").and_then(Value::as_str) == Some("M_NOT_FOUND") {
+            return Ok(None);
+        }
+        check("GET", "/room_keys/version", status, value).map(Some)
+    }
+
+    /// `GET /room_keys/keys?version=V`: every backed-up session,
+    /// `{"rooms": {room: {"sessions": {session: KeyBackupData}}}}`.
+    pub fn backup_keys(&self, version: &str) -> Result<Value, HomeserverError> {
+        self.call(
+            "GET",
+            &format!("/room_keys/keys?version={}", path_segment(version)),
+            None,
+        )
+    }
+
+    /// `PUT /room_keys/keys?version=V` with `{"rooms": …}`.
+    pub fn put_backup_keys(&self, version: &str, rooms: &Value) -> Result<Value, HomeserverError> {
+        self.call(
+            "PUT",
+            &format!("/room_keys/keys?version={}", path_segment(version)),
+            Some(&json!({ "rooms": rooms })),
+        )
+    }
+}
+
 /// A signature the server refused in `/keys/signatures/upload`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignatureFailure {

@@ -188,7 +188,10 @@ pub fn decrypt(
 }
 
 /// Encrypts `plaintext` to the backup public key (software ephemeral key, vodozemac).
-pub fn encrypt(backup_public: &[u8; 32], plaintext: &[u8]) -> Result<EncryptedSessionData, BackupError> {
+pub fn encrypt(
+    backup_public: &[u8; 32],
+    plaintext: &[u8],
+) -> Result<EncryptedSessionData, BackupError> {
     let public = vodozemac::Curve25519PublicKey::from_bytes(*backup_public);
     let message = vodozemac::pk_encryption::PkEncryption::from_key(public)
         .encrypt(plaintext)
@@ -238,8 +241,9 @@ pub fn room_key(room_id: &str, session_id: &str, plaintext: &[u8]) -> Result<Roo
         return Err(BackupError::Plaintext(format!("algorithm {algorithm}")));
     }
     let session_key = Zeroizing::new(s("session_key")?);
-    let exported = vodozemac::megolm::ExportedSessionKey::from_base64(session_key.trim_end_matches('='))
-        .map_err(|e| BackupError::Plaintext(format!("session_key: {e}")))?;
+    let exported =
+        vodozemac::megolm::ExportedSessionKey::from_base64(session_key.trim_end_matches('='))
+            .map_err(|e| BackupError::Plaintext(format!("session_key: {e}")))?;
     let session = vodozemac::megolm::InboundGroupSession::import(
         &exported,
         vodozemac::megolm::SessionConfig::version_1(),
@@ -262,9 +266,13 @@ pub fn room_key(room_id: &str, session_id: &str, plaintext: &[u8]) -> Result<Roo
     });
     // The field's name drifted: m.shared_history (rust-sdk, js test data), shared_history
     // (spec v1.19, mautrix), org.matrix.msc3061.shared_history.
-    let shared = ["m.shared_history", "shared_history", "org.matrix.msc3061.shared_history"]
-        .iter()
-        .find_map(|k| v.get(*k).and_then(Value::as_bool));
+    let shared = [
+        "m.shared_history",
+        "shared_history",
+        "org.matrix.msc3061.shared_history",
+    ]
+    .iter()
+    .find_map(|k| v.get(*k).and_then(Value::as_bool));
     if let Some(b) = shared {
         out["m.shared_history"] = json!(b);
     }
@@ -280,7 +288,10 @@ pub fn backup_plaintext(key: &Value) -> Result<Vec<u8>, BackupError> {
         "sender_claimed_keys": key.get("sender_claimed_keys").cloned().unwrap_or_else(|| json!({})),
         "forwarding_curve25519_key_chain": key.get("forwarding_curve25519_key_chain").cloned().unwrap_or_else(|| json!([])),
     });
-    if let Some(b) = key.get("m.shared_history").or_else(|| key.get("shared_history")) {
+    if let Some(b) = key
+        .get("m.shared_history")
+        .or_else(|| key.get("shared_history"))
+    {
         v["m.shared_history"] = b.clone();
     }
     serde_json::to_vec(&v).map_err(|e| BackupError::Plaintext(e.to_string()))
@@ -329,7 +340,10 @@ mod tests {
     }
 
     fn data(ephemeral: &str, ciphertext: &str, mac: &str) -> EncryptedSessionData {
-        EncryptedSessionData::from_json(&json!({"ephemeral": ephemeral, "ciphertext": ciphertext, "mac": mac})).unwrap()
+        EncryptedSessionData::from_json(
+            &json!({"ephemeral": ephemeral, "ciphertext": ciphertext, "mac": mac}),
+        )
+        .unwrap()
     }
 
     /// Vector (a), matrix-js-sdk test data (reference/matrix-crypto.md §2.3).
@@ -338,31 +352,64 @@ mod tests {
     #[test]
     fn js_sdk_vector() {
         let k = key("dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=");
-        assert_eq!(encode_base64(&k.public_key()), "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo");
-        let d = data("q+P1WdRtEiPIEtNuuGrRcueZxUbLnSKdsuTAkxewXgU", JS_CIPHERTEXT, "OibmACbORhI");
+        assert_eq!(
+            encode_base64(&k.public_key()),
+            "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo"
+        );
+        let d = data(
+            "q+P1WdRtEiPIEtNuuGrRcueZxUbLnSKdsuTAkxewXgU",
+            JS_CIPHERTEXT,
+            "OibmACbORhI",
+        );
         let plain = decrypt(&k, &d).unwrap();
         let v: Value = serde_json::from_slice(&plain).unwrap();
-        assert_eq!(v["session_id"], "ipdI6Zs/7DzFTEhiA2iGaMDfHkIYCleqXT6L+5e1/co");
-        let rk = room_key("!room:id", "ipdI6Zs/7DzFTEhiA2iGaMDfHkIYCleqXT6L+5e1/co", &plain).unwrap();
+        assert_eq!(
+            v["session_id"],
+            "ipdI6Zs/7DzFTEhiA2iGaMDfHkIYCleqXT6L+5e1/co"
+        );
+        let rk = room_key(
+            "!room:id",
+            "ipdI6Zs/7DzFTEhiA2iGaMDfHkIYCleqXT6L+5e1/co",
+            &plain,
+        )
+        .unwrap();
         assert_eq!(rk.0["m.shared_history"], true);
-        assert_eq!(rk.0["sender_key"], "WimPd2udAU/1S/+YBpPbmr9L+0H5H+BnAVHSwDxlPGc");
+        assert_eq!(
+            rk.0["sender_key"],
+            "WimPd2udAU/1S/+YBpPbmr9L+0H5H+BnAVHSwDxlPGc"
+        );
         // The session key checked against the wrong session: refused.
         assert!(matches!(
-            room_key("!room:id", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", &plain),
+            room_key(
+                "!room:id",
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+                &plain
+            ),
             Err(BackupError::SessionIdMismatch { .. })
         ));
         // The MAC over the ciphertext (what the spec meant) is not what anyone writes.
-        let d2 = data("q+P1WdRtEiPIEtNuuGrRcueZxUbLnSKdsuTAkxewXgU", JS_CIPHERTEXT, "I/VWGB9XWyM");
+        let d2 = data(
+            "q+P1WdRtEiPIEtNuuGrRcueZxUbLnSKdsuTAkxewXgU",
+            JS_CIPHERTEXT,
+            "I/VWGB9XWyM",
+        );
         assert_eq!(decrypt(&k, &d2), Err(BackupError::Mac));
     }
 
     #[test]
     fn tampering_is_detected() {
         let k = key("dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo");
-        let good = data("q+P1WdRtEiPIEtNuuGrRcueZxUbLnSKdsuTAkxewXgU", JS_CIPHERTEXT, "OibmACbORhI");
+        let good = data(
+            "q+P1WdRtEiPIEtNuuGrRcueZxUbLnSKdsuTAkxewXgU",
+            JS_CIPHERTEXT,
+            "OibmACbORhI",
+        );
         let mut bad_eph = good.clone();
         bad_eph.ephemeral[3] ^= 1;
-        assert!(matches!(decrypt(&k, &bad_eph), Err(BackupError::Mac | BackupError::EphemeralKey)));
+        assert!(matches!(
+            decrypt(&k, &bad_eph),
+            Err(BackupError::Mac | BackupError::EphemeralKey)
+        ));
         let mut bad_mac = good.clone();
         bad_mac.mac[0] ^= 1;
         assert_eq!(decrypt(&k, &bad_mac), Err(BackupError::Mac));
@@ -375,33 +422,60 @@ mod tests {
         let mut bad_block = good.clone();
         bad_block.ciphertext[20] ^= 0x55;
         let plain = decrypt(&k, &bad_block).unwrap();
-        assert!(room_key("!room:id", "ipdI6Zs/7DzFTEhiA2iGaMDfHkIYCleqXT6L+5e1/co", &plain).is_err());
+        assert!(
+            room_key(
+                "!room:id",
+                "ipdI6Zs/7DzFTEhiA2iGaMDfHkIYCleqXT6L+5e1/co",
+                &plain
+            )
+            .is_err()
+        );
     }
 
     /// Vectors (b) (matrix-rust-sdk) and (c) (mautrix-go).
     #[test]
     fn rust_sdk_and_mautrix_vectors() {
         let k = key("Ha9cklU/9NqFo9WKdVfGzmqUL/9wlkdxfEitbSIPVXw");
-        assert_eq!(encode_base64(&k.public_key()), "6Q6b15s4YM2jCs38pHiN8wiRkiuCcvpsM9S3/qm31Co");
+        assert_eq!(
+            encode_base64(&k.public_key()),
+            "6Q6b15s4YM2jCs38pHiN8wiRkiuCcvpsM9S3/qm31Co"
+        );
         let d = data(
             "HlLi76oV6wxHz3PCqE/bxJi6yF1HnYz5Dq3T+d/KpRw",
             "MuM8E3Yc6TSAvhVGb77rQ++jE6p9dRepx63/3YPD2wACKAppkZHeFrnTH6wJ/HSyrmzo7HfwqVl6tKNpfooSTHqUf6x1LHz+h4B/Id5ITO1WYt16AaI40LOnZqTkJZCfSPuE2oxalwEHnCS3biWybutcnrBFPR3LMtaeHvvkb+k3ny9l5ZpsU9G7vCm3XoeYkWfLekWXvDhbqWrylXD0+CNUuaQJ/S527TzLd4XKctqVjjO/cCH7q+9utt9WJAfK8LGaWT/mZ3AeWjf5kiqOpKKf5Cn4n5SSil5p/pvGYmjnURvZSEeQIzHgvunIBEPtzK/MYEPOXe/P5achNGlCx+5N19Ftyp9TFaTFlTWCTi0mpD7ePfCNISrwpozAz9HZc0OhA8+1aSc7rhYFIeAYXFU326NuFIFHI5pvpSxjzPQlOA+mavIKmiRAtjlLw11IVKTxgrdT4N8lXeMr4ndCSmvIkAzFMo1uZA4fzjiAdQJE4/2WeXFNNpvdfoYmX8Zl9CAYjpSO5HvpwkAbk4/iLEH3hDfCVUwDfMh05PdGLnxeRpiEFWSMSsJNp+OWAA+5JsF41BoRGrxoXXT+VKqlUDONd+O296Psu8Q+d8/S618",
             "GtMrurhDTwo",
         );
         let v: Value = serde_json::from_slice(&decrypt(&k, &d).unwrap()).unwrap();
-        assert_eq!(v["sender_key"], "wREG/hBdSspoqM9xPCEXd/4YwjpBFXlsobRkyDTo/Q8");
-        assert_eq!(v["sender_claimed_keys"]["ed25519"], "MnNLGwn4j9ArCvtgU6o1jG8TgJaEXQpDTxz7QU0h7GM");
+        assert_eq!(
+            v["sender_key"],
+            "wREG/hBdSspoqM9xPCEXd/4YwjpBFXlsobRkyDTo/Q8"
+        );
+        assert_eq!(
+            v["sender_claimed_keys"]["ed25519"],
+            "MnNLGwn4j9ArCvtgU6o1jG8TgJaEXQpDTxz7QU0h7GM"
+        );
 
         let k = key("ReSMMZeRtDSdrwXzu2OvN0B73KUXkYPt3kaYfFIkw10");
-        assert_eq!(encode_base64(&k.public_key()), "QeTvLLbpkE4iel5+VxNYWmgi1JVvaUSjX+fS02T0LWk");
+        assert_eq!(
+            encode_base64(&k.public_key()),
+            "QeTvLLbpkE4iel5+VxNYWmgi1JVvaUSjX+fS02T0LWk"
+        );
         let d = data(
             "o43y/Mck1DExWdHr0+qbPJbjzO97+RH1mw6phLhYQj0",
             "hDCjEbyi2uMXt3RBWe9mRdeqhcoraPR84/cq5ll16LIIIICJ8ZLmiWG5IwmGqDFmd3Jw20cNo49b38LH3oBJUl5DG44VdjoI4nlgAzaMSLwMZ7JFGt0Enu1Csfgpvgt1qksTP6QB7YDwITD33iL7ucco1iOl7ABGzhyjCi2iZ3A6Xmx3RsAmHhmU5gJWE6/lIoI6/lh7dZFSfp4RTGfxQ8ToCCIsrgdx1weViv4I4ArXfcrdnaprPzP4cH77Ej1Wg1/bUHtB4C8nOiX+cYnOG29NbTHbtQF14zJpA+2XM2JngiLkss+NQj96PQzgPNhAMEFOLLy5ckY1WvS4sMMeCVzAyt5dwEGDcyxLTC4oJ/RrvLcHCHW0aOygPSlNoMRyDgC0f92+mPQGAmFv4GhfDFXfaauBxBdRAPjXj7Onn2B4UdfwQXGLT3RAihba8i9usOX5hLxqQqvtA3SUuV8hPrzHhpPEeRvx+PgZsXwV+gM7Aw3Mza6hwmILdngJh7NNQTINsCRqff9Ck3Kh7aSOoHsHvz7Ot+T514ObDwWYYCBMmS/6EG4XjSya6R98ggRWGrO9l21YYUvzBTv7OLtMck0Za3151Zqi/5LRKP95QIU",
             "Mnt8eXwFfjw",
         );
         let v: Value = serde_json::from_slice(&decrypt(&k, &d).unwrap()).unwrap();
-        assert_eq!(v["sender_key"], "JUUfV6vErSATm3rIOU9DML+IX1SlYxnAAS824xhbhC4");
-        assert!(v["session_key"].as_str().unwrap().starts_with("AQAAAABc1O9JP2/HXS22"));
+        assert_eq!(
+            v["sender_key"],
+            "JUUfV6vErSATm3rIOU9DML+IX1SlYxnAAS824xhbhC4"
+        );
+        assert!(
+            v["session_key"]
+                .as_str()
+                .unwrap()
+                .starts_with("AQAAAABc1O9JP2/HXS22")
+        );
     }
 
     /// Randomized round trips: our encryption, vodozemac `PkDecryption` as the oracle, and
@@ -410,7 +484,9 @@ mod tests {
     fn round_trips_against_vodozemac() {
         for i in 0..20 {
             let pk = vodozemac::pk_encryption::PkDecryption::new();
-            let secret = SoftwareX25519(x25519_dalek::StaticSecret::from(*pk.secret_key().to_bytes()));
+            let secret = SoftwareX25519(x25519_dalek::StaticSecret::from(
+                *pk.secret_key().to_bytes(),
+            ));
             let public = pk.public_key().to_bytes();
             let plaintext = vec![b'x'; i * 13];
             let enc = encrypt(&public, &plaintext).unwrap();
@@ -421,8 +497,14 @@ mod tests {
             )
             .unwrap();
             assert_eq!(pk.decrypt(&msg).unwrap(), plaintext);
-            let msg = vodozemac::pk_encryption::PkEncryption::from_key(pk.public_key()).encrypt(&plaintext).unwrap();
-            let d = EncryptedSessionData { ephemeral: msg.ephemeral_key.to_bytes(), ciphertext: msg.ciphertext, mac: msg.mac };
+            let msg = vodozemac::pk_encryption::PkEncryption::from_key(pk.public_key())
+                .encrypt(&plaintext)
+                .unwrap();
+            let d = EncryptedSessionData {
+                ephemeral: msg.ephemeral_key.to_bytes(),
+                ciphertext: msg.ciphertext,
+                mac: msg.mac,
+            };
             assert_eq!(*decrypt(&secret, &d).unwrap(), plaintext);
         }
     }
@@ -438,7 +520,10 @@ mod tests {
             "O1xvEZk1edFNgle/4RC33PMV6tjtemDw3TDeWbf8YS+SHW8mxaC2XBc5wA8iG+1xh6/N++P5YqjdQNX2BVNjAw"
         );
         let mpk = Ed25519Signer::public_key(&msk);
-        assert_eq!(verify_auth_data("@alice:localhost", &auth, &mpk).unwrap(), public);
+        assert_eq!(
+            verify_auth_data("@alice:localhost", &auth, &mpk).unwrap(),
+            public
+        );
         let mut forged = auth.clone();
         forged["public_key"] = json!(encode_base64(&[9u8; 32]));
         assert!(verify_auth_data("@alice:localhost", &forged, &mpk).is_err());

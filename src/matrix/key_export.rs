@@ -101,7 +101,8 @@ pub fn decrypt(armoured: &str, passphrase: &str) -> Result<Zeroizing<String>, Ke
     }
     let mut plain = Zeroizing::new(signed[37..].to_vec());
     ctr(&k[..32], &iv, &mut plain);
-    let text = String::from_utf8(std::mem::take(&mut *plain)).map_err(|_| KeyExportError::NotJson)?;
+    let text =
+        String::from_utf8(std::mem::take(&mut *plain)).map_err(|_| KeyExportError::NotJson)?;
     Ok(Zeroizing::new(text))
 }
 
@@ -115,7 +116,13 @@ pub fn encrypt(json: &str, passphrase: &str, rounds: u32) -> Result<String, KeyE
     encrypt_with(json, passphrase, rounds, &salt, &iv)
 }
 
-fn encrypt_with(json: &str, passphrase: &str, rounds: u32, salt: &[u8; 16], iv: &[u8; 16]) -> Result<String, KeyExportError> {
+fn encrypt_with(
+    json: &str,
+    passphrase: &str,
+    rounds: u32,
+    salt: &[u8; 16],
+    iv: &[u8; 16],
+) -> Result<String, KeyExportError> {
     if rounds == 0 {
         return Err(KeyExportError::Rounds);
     }
@@ -151,10 +158,26 @@ mod tests {
     #[test]
     fn element_web_vectors() {
         let cases = [
-            ("plain", "password".to_string(), "-----BEGIN MEGOLM SESSION DATA-----\nAXNhbHRzYWx0c2FsdHNhbHSIiIiIiIiIiIiIiIiIiIiIAAAACmIRUW2OjZ3L2l6j9h0lHlV3M2dx\ncissyYBxjsfsAndErh065A8=\n-----END MEGOLM SESSION DATA-----"),
-            ("Hello, World", "betterpassword".to_string(), "-----BEGIN MEGOLM SESSION DATA-----\nAW1vcmVzYWx0bW9yZXNhbHT//////////wAAAAAAAAAAAAAD6KyBpe1Niv5M5NPm4ZATsJo5nghk\nKYu63a0YQ5DRhUWEKk7CcMkrKnAUiZny\n-----END MEGOLM SESSION DATA-----"),
-            ("alphanumericallyalphanumericallyalphanumericallyalphanumerically", "SWORDFISH".to_string(), "-----BEGIN MEGOLM SESSION DATA-----\nAXllc3NhbHR5Z29vZG5lc3P//////////wAAAAAAAAAAAAAD6OIW+Je7gwvjd4kYrb+49gKCfExw\nMgJBMD4mrhLkmgAngwR1pHjbWXaoGybtiAYr0moQ93GrBQsCzPbvl82rZhaXO3iH5uHo/RCEpOqp\nPgg29363BGR+/Ripq/VCLKGNbw==\n-----END MEGOLM SESSION DATA-----"),
-            ("alphanumericallyalphanumericallyalphanumericallyalphanumerically", "password".repeat(32), "-----BEGIN MEGOLM SESSION DATA-----\nAf//////////////////////////////////////////AAAD6IAZJy7IQ7Y0idqSw/bmpngEEVVh\ngsH+8ptgqxw6ZVWQnohr8JsuwH9SwGtiebZuBu5smPCO+RFVWH2cQYslZijXv/BEH/txvhUrrtCd\nbWnSXS9oymiqwUIGs08sXI33ZA==\n-----END MEGOLM SESSION DATA-----"),
+            (
+                "plain",
+                "password".to_string(),
+                "-----BEGIN MEGOLM SESSION DATA-----\nAXNhbHRzYWx0c2FsdHNhbHSIiIiIiIiIiIiIiIiIiIiIAAAACmIRUW2OjZ3L2l6j9h0lHlV3M2dx\ncissyYBxjsfsAndErh065A8=\n-----END MEGOLM SESSION DATA-----",
+            ),
+            (
+                "Hello, World",
+                "betterpassword".to_string(),
+                "-----BEGIN MEGOLM SESSION DATA-----\nAW1vcmVzYWx0bW9yZXNhbHT//////////wAAAAAAAAAAAAAD6KyBpe1Niv5M5NPm4ZATsJo5nghk\nKYu63a0YQ5DRhUWEKk7CcMkrKnAUiZny\n-----END MEGOLM SESSION DATA-----",
+            ),
+            (
+                "alphanumericallyalphanumericallyalphanumericallyalphanumerically",
+                "SWORDFISH".to_string(),
+                "-----BEGIN MEGOLM SESSION DATA-----\nAXllc3NhbHR5Z29vZG5lc3P//////////wAAAAAAAAAAAAAD6OIW+Je7gwvjd4kYrb+49gKCfExw\nMgJBMD4mrhLkmgAngwR1pHjbWXaoGybtiAYr0moQ93GrBQsCzPbvl82rZhaXO3iH5uHo/RCEpOqp\nPgg29363BGR+/Ripq/VCLKGNbw==\n-----END MEGOLM SESSION DATA-----",
+            ),
+            (
+                "alphanumericallyalphanumericallyalphanumericallyalphanumerically",
+                "password".repeat(32),
+                "-----BEGIN MEGOLM SESSION DATA-----\nAf//////////////////////////////////////////AAAD6IAZJy7IQ7Y0idqSw/bmpngEEVVh\ngsH+8ptgqxw6ZVWQnohr8JsuwH9SwGtiebZuBu5smPCO+RFVWH2cQYslZijXv/BEH/txvhUrrtCd\nbWnSXS9oymiqwUIGs08sXI33ZA==\n-----END MEGOLM SESSION DATA-----",
+            ),
         ];
         for (plain, pass, file) in &cases {
             assert_eq!(decrypt(file, pass).unwrap().as_str(), *plain);
@@ -180,17 +203,32 @@ MdXxzD+f0mtg5gzehrrEEARwI2bCvPpHxlt/Na9oW/GBpkjwR1LSKgg4CtpRyWngPjdEKpZ
 GYW19pdjg0qdXNk/eqZsQTsNWVo6A
 -----END MEGOLM SESSION DATA-----";
         let json = decrypt(file, "1234").unwrap();
-        assert_eq!(json.as_str(), r#"[{"algorithm":"m.megolm.v1.aes-sha2","room_id":"!test:localhost","sender_key":"cKQkLU8izjY3tpLVPiR4PDeeCEKtaDiAGiQH+UbZm2w","session_id":"8sdNGgmLft8osylLK9ij3IotBLyQQufe/KngiW4Dpq0","session_key":"AQAAAABBKNS1bA5X+Py5c6YP+RKtjHAtNznKzonSmyciDY9/6IEAcuOpsNc/LC46lOMMnZerWc7LoT8VjY6IzBETBEe0DzYu4F2UZHmNAaGNgHyiEXtruJ2Y9EhaQm10VrgOhhN4NN6UEYVrI4PFSM88BoDiP8bElfD2qnNa4zIfP2KlxvLHTRoJi37fKLMpSyvYo9yKLQS8kELn3vyp4IluA6at","sender_claimed_keys":{"ed25519":"wJ7DzYIlwFghczuxFG7F4ugAK3IFjpSaC74MzLFC6ig"},"forwarding_curve25519_key_chain":[]}]"#);
+        assert_eq!(
+            json.as_str(),
+            r#"[{"algorithm":"m.megolm.v1.aes-sha2","room_id":"!test:localhost","sender_key":"cKQkLU8izjY3tpLVPiR4PDeeCEKtaDiAGiQH+UbZm2w","session_id":"8sdNGgmLft8osylLK9ij3IotBLyQQufe/KngiW4Dpq0","session_key":"AQAAAABBKNS1bA5X+Py5c6YP+RKtjHAtNznKzonSmyciDY9/6IEAcuOpsNc/LC46lOMMnZerWc7LoT8VjY6IzBETBEe0DzYu4F2UZHmNAaGNgHyiEXtruJ2Y9EhaQm10VrgOhhN4NN6UEYVrI4PFSM88BoDiP8bElfD2qnNa4zIfP2KlxvLHTRoJi37fKLMpSyvYo9yKLQS8kELn3vyp4IluA6at","sender_claimed_keys":{"ed25519":"wJ7DzYIlwFghczuxFG7F4ugAK3IFjpSaC74MzLFC6ig"},"forwarding_curve25519_key_chain":[]}]"#
+        );
     }
 
     #[test]
     fn writes_what_the_vectors_say() {
         // Re-encrypting element-web vector 1 with its salt and IV gives the same file.
         let file = encrypt_with("plain", "password", 10, b"saltsaltsaltsalt", &[0x88; 16]).unwrap();
-        assert_eq!(file, "-----BEGIN MEGOLM SESSION DATA-----\nAXNhbHRzYWx0c2FsdHNhbHSIiIiIiIiIiIiIiIiIiIiIAAAACmIRUW2OjZ3L2l6j9h0lHlV3M2dxcissyYBxjsfsAndErh065A8=\n-----END MEGOLM SESSION DATA-----\n");
+        assert_eq!(
+            file,
+            "-----BEGIN MEGOLM SESSION DATA-----\nAXNhbHRzYWx0c2FsdHNhbHSIiIiIiIiIiIiIiIiIiIiIAAAACmIRUW2OjZ3L2l6j9h0lHlV3M2dxcissyYBxjsfsAndErh065A8=\n-----END MEGOLM SESSION DATA-----\n"
+        );
         // Vector 4, IV all 0xff: the 64-bit counter wraps within the low half.
-        let file = encrypt_with("alphanumericallyalphanumericallyalphanumericallyalphanumerically", &"password".repeat(32), 1000, &[0xff; 16], &[0xff; 16]).unwrap();
-        assert!(file.contains("Af//////////////////////////////////////////AAAD6IAZJy7IQ7Y0idqSw/bmpngEEVVh"));
+        let file = encrypt_with(
+            "alphanumericallyalphanumericallyalphanumericallyalphanumerically",
+            &"password".repeat(32),
+            1000,
+            &[0xff; 16],
+            &[0xff; 16],
+        )
+        .unwrap();
+        assert!(file.contains(
+            "Af//////////////////////////////////////////AAAD6IAZJy7IQ7Y0idqSw/bmpngEEVVh"
+        ));
     }
 
     #[test]
@@ -200,15 +238,27 @@ GYW19pdjg0qdXNk/eqZsQTsNWVo6A
         assert_eq!(decrypt(&file, "pässword").unwrap().as_str(), json);
         assert!(file.lines().all(|l| l.len() <= LINE + 40));
         assert_eq!(decrypt("hello", "x"), Err(KeyExportError::Armour("BEGIN")));
-        assert_eq!(decrypt(&format!("{HEADER}\nAAAA"), "x"), Err(KeyExportError::Armour("END")));
-        assert_eq!(decrypt(&format!("{HEADER}\n!!!\n{FOOTER}"), "x"), Err(KeyExportError::Base64));
-        assert_eq!(decrypt(&format!("{HEADER}\nAQID\n{FOOTER}"), "x"), Err(KeyExportError::TooShort(3)));
+        assert_eq!(
+            decrypt(&format!("{HEADER}\nAAAA"), "x"),
+            Err(KeyExportError::Armour("END"))
+        );
+        assert_eq!(
+            decrypt(&format!("{HEADER}\n!!!\n{FOOTER}"), "x"),
+            Err(KeyExportError::Base64)
+        );
+        assert_eq!(
+            decrypt(&format!("{HEADER}\nAQID\n{FOOTER}"), "x"),
+            Err(KeyExportError::TooShort(3))
+        );
         let mut tampered: Vec<char> = file.chars().collect();
         let i = HEADER.len() + 60;
         tampered[i] = if tampered[i] == 'A' { 'B' } else { 'A' };
         let tampered: String = tampered.into_iter().collect();
         assert_eq!(decrypt(&tampered, "pässword"), Err(KeyExportError::Mac));
         let v2 = STANDARD.encode([2u8; 80]);
-        assert_eq!(decrypt(&format!("{HEADER}\n{v2}\n{FOOTER}"), "x"), Err(KeyExportError::Version(2)));
+        assert_eq!(
+            decrypt(&format!("{HEADER}\n{v2}\n{FOOTER}"), "x"),
+            Err(KeyExportError::Version(2))
+        );
     }
 }

@@ -464,6 +464,27 @@ impl crate::matrix::signed_json::Ed25519Signer for TokenSigner<'_> {
     }
 }
 
+/// A backup key on a token as an X25519 agreement for key-backup decryption.
+pub struct TokenAgreement<'a> {
+    pub store: &'a dyn KeyStore,
+    pub key: KeyInfo,
+}
+
+impl crate::matrix::backup::X25519Agreement for TokenAgreement<'_> {
+    fn public_key(&self) -> [u8; 32] {
+        self.key.public_key
+    }
+    fn agree(
+        &self,
+        peer: &[u8; 32],
+    ) -> Result<zeroize::Zeroizing<[u8; 32]>, crate::matrix::backup::AgreementError> {
+        self.store
+            .x25519(&self.key, peer)
+            .map(|s| zeroize::Zeroizing::new(*s.expose()))
+            .map_err(|e| crate::matrix::backup::AgreementError(e.to_string()))
+    }
+}
+
 /// Checks that `user_id` looks like a Matrix user ID (`@localpart:server`), so that labels
 /// on the token stay meaningful.
 pub fn check_user_id(user_id: &str) -> Result<(), TokenError> {

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use super::{Kind, TestToken, ok};
+
 pub struct Synapse {
     pub url: String,
     pub data: PathBuf,
@@ -280,5 +282,68 @@ fn serve(
             out.len()
         )?;
         writer.flush()?;
+    }
+}
+
+/// A user of mxhsm: a token, a Synapse account, a session directory.
+pub struct MxhsmUser {
+    pub token: TestToken,
+    pub user: TestUser,
+    pub synapse: &'static Synapse,
+}
+
+impl MxhsmUser {
+    pub fn new(kind: Kind) -> MxhsmUser {
+        let synapse = Synapse::get();
+        MxhsmUser {
+            token: TestToken::new(kind),
+            user: synapse.register("alice"),
+            synapse,
+        }
+    }
+
+    pub fn cli(&self) -> Command {
+        let mut c = self.token.cli();
+        c.env("XDG_DATA_HOME", self.token.dir.path().join("data"))
+            .env("MXHSM_PASSWORD", &self.user.password)
+            .stdin(std::process::Stdio::null());
+        c
+    }
+
+    pub fn login(&self) -> String {
+        let out = ok(self.cli().args([
+            "--json",
+            "login",
+            "--homeserver",
+            &self.synapse.url,
+            "--user",
+            &self.user.localpart,
+        ]));
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["device_id"].as_str().unwrap().to_string()
+    }
+
+    pub fn session_path(&self) -> std::path::PathBuf {
+        self.token.dir.path().join("data/mxhsm/session.json")
+    }
+
+    pub fn status(&self, extra: &[&str]) -> Value {
+        let out = ok(self
+            .cli()
+            .args(["identity", "status", "--json"])
+            .args(extra));
+        serde_json::from_str(&out).unwrap()
+    }
+
+    pub fn query(&self, token: &str, user: &str) -> Value {
+        let (s, v) = http(
+            &self.synapse.url,
+            "POST",
+            "/keys/query",
+            Some(token),
+            Some(json!({"device_keys": {user: []}})),
+        );
+        assert_eq!(s, 200);
+        v
     }
 }

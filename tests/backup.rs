@@ -1,0 +1,302 @@
+//! Key backup with the backup key on the token, end to end against a real Synapse.
+//! Sessions are made with vodozemac `GroupSession` and backed up by the test itself with
+//! vodozemac `PkEncryption` (another client's code path), then restored through the token.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
+use common::synapse::{MxhsmUser, Proxy, http};
+use common::{Kind, fails, ok};
+use serde_json::{Value, json};
+use vodozemac::megolm::{GroupSession, InboundGroupSession, SessionConfig};
+
+/// A user with a published identity and a backup version whose key is on the token.
+fn with_backup(kind: Kind) -> (MxhsmUser, String, String) {
+    let u = MxhsmUser::new(kind);
+    u.login();
+    ok(u.cli().args(["identity", "create"]));
+    let out: Value =
+        serde_json::from_str(&ok(u.cli().args(["--json", "backup", "create"]))).unwrap();
+    (
+        u,
+        out["version"].as_str().unwrap().to_string(),
+        out["public_key"].as_str().unwrap().to_string(),
+    )
+}
+
+/// `n` megolm sessions in `rooms` rooms: (room, session id) → exported session key.
+fn sessions(n: usize, rooms: usize) -> BTreeMap<(String, String), String> {
+    (0..n)
+        .map(|i| {
+            let outbound = GroupSession::new(SessionConfig::version_1());
+            let mut inbound =
+                InboundGroupSession::new(&outbound.session_key(), SessionConfig::version_1());
+            let key = inbound.export_at(0).unwrap().to_base64();
+            (
+                (
+                    format!("!room{}:localhost", i % rooms),
+                    outbound.session_id(),
+                ),
+                key,
+            )
+        })
+        .collect()
+}
+
+fn session_data(public: &str, key: &str) -> Value {
+    let plaintext = json!({
+        "algorithm": "m.megolm.v1.aes-sha2",
+        "sender_key": "WimPd2udAU/1S/+YBpPbmr9L+0H5H+BnAVHSwDxlPGc",
+        "session_key": key,
+        "sender_claimed_keys": {"ed25519": "Bhbpt6hqMZlSH4sJV7xiEEEiPVeTWz4Vkujl1EMdIPI"},
+        "forwarding_curve25519_key_chain": [],
+    });
+    let pk = vodozemac::Curve25519PublicKey::from_base64(public).unwrap();
+    let m = vodozemac::pk_encryption::PkEncryption::from_key(pk)
+        .encrypt(plaintext.to_string().as_bytes())
+        .unwrap();
+    json!({"ephemeral": m.ephemeral_key.to_base64(), "ciphertext": B64.encode(&m.ciphertext), "mac": B64.encode(&m.mac)})
+}
+
+fn put(u: &MxhsmUser, version: &str, entries: &[(&str, &str, Value)]) {
+    let token: Value =
+        serde_json::from_str(&std::fs::read_to_string(u.session_path()).unwrap()).unwrap();
+    let token = token["access_token"].as_str().unwrap();
+    for chunk in entries.chunks(250) {
+        let mut rooms = json!({});
+        for (room, sid, data) in chunk {
+            rooms[*room]["sessions"][*sid] = json!({"first_message_index": 0, "forwarded_count": 0, "is_verified": false, "session_data": data});
+        }
+        let (s, v) = http(
+            &u.synapse.url,
+            "PUT",
+            &format!("/room_keys/keys?version={version}"),
+            Some(token),
+            Some(json!({"rooms": rooms})),
+        );
+        assert_eq!(s, 200, "{v}");
+    }
+}
+
+fn restored(path: &std::path::Path) -> BTreeMap<(String, String), String> {
+    let v: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v.iter()
+        .map(|k| {
+            (
+                (
+                    k["room_id"].as_str().unwrap().into(),
+                    k["session_id"].as_str().unwrap().into(),
+                ),
+                k["session_key"].as_str().unwrap().into(),
+            )
+        })
+        .collect()
+}
+
+fn restore_1000_sessions_and_tampered_ones(kind: Kind) {
+    let (u, version, public) = with_backup(kind);
+    let status: Value =
+        serde_json::from_str(&ok(u.cli().args(["backup", "status", "--json"]))).unwrap();
+    assert_eq!(status["master_signature_valid"], true, "{status}");
+    assert_eq!(status["public_key_is_token_key"], true);
+    let made = sessions(1000, 10);
+    let entries: Vec<(&str, &str, Value)> = made
+        .iter()
+        .map(|((r, s), k)| (r.as_str(), s.as_str(), session_data(&public, k)))
+        .collect();
+    put(&u, &version, &entries);
+    // Three tampered sessions: ciphertext, MAC, ephemeral key.
+    let bad = sessions(3, 1);
+    let mut tampered = Vec::new();
+    for (i, ((_, sid), key)) in bad.iter().enumerate() {
+        let mut d = session_data(&public, key);
+        let field = ["ciphertext", "mac", "ephemeral"][i];
+        let mut bytes = B64.decode(d[field].as_str().unwrap()).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        d[field] = json!(B64.encode(&bytes));
+        tampered.push(("!tampered:localhost", sid.as_str(), d));
+    }
+    put(&u, &version, &tampered);
+
+    let out = u.token.dir.path().join("keys.json");
+    let report: Value = serde_json::from_str(&ok(u
+        .cli()
+        .args([
+            "--json", "backup", "restore", "--format", "json", "--jobs", "2", "--out",
+        ])
+        .arg(&out)))
+    .unwrap();
+    assert_eq!(report["restored"], 1000, "{report}");
+    assert_eq!(report["failed"], 3, "{report}");
+    let errors: Vec<&str> = report["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["error"].as_str().unwrap())
+        .collect();
+    assert!(
+        errors.iter().all(|e| e.contains("MAC")
+            || e.contains("padding")
+            || e.contains("ephemeral")
+            || e.contains("session")),
+        "{errors:?}"
+    );
+    assert_eq!(
+        restored(&out),
+        made,
+        "every session key restored exactly, no tampered one written"
+    );
+
+    // The export file Element imports, with the passphrase from the environment.
+    let export = u.token.dir.path().join("keys.txt");
+    ok(u.cli()
+        .env("MXHSM_EXPORT_PASSPHRASE", "correct horse")
+        .args(["backup", "restore", "--rounds", "1000", "--out"])
+        .arg(&export));
+    let text = std::fs::read_to_string(&export).unwrap();
+    let json = mxhsm::matrix::key_export::decrypt(&text, "correct horse").unwrap();
+    let plain = u.token.dir.path().join("from-export.json");
+    std::fs::write(&plain, json.as_bytes()).unwrap();
+    assert_eq!(restored(&plain), made);
+    // No overwriting.
+    let err = fails(
+        u.cli()
+            .args(["backup", "restore", "--format", "json", "--out"])
+            .arg(&out),
+    );
+    assert!(err.contains("exists; mxhsm does not overwrite"), "{err}");
+}
+
+per_token!(restore_1000_sessions_and_tampered_ones);
+
+#[test]
+fn upload_requires_auth_data_signed_by_our_master_key() {
+    let (u, _, _) = with_backup(Kind::Kryoptic);
+    let made = sessions(20, 2);
+    let file = u.token.dir.path().join("export.json");
+    let array: Vec<Value> = made
+        .iter()
+        .map(|((r, s), k)| json!({"algorithm": "m.megolm.v1.aes-sha2", "room_id": r, "session_id": s, "session_key": k,
+                                  "sender_key": "WimPd2udAU/1S/+YBpPbmr9L+0H5H+BnAVHSwDxlPGc", "sender_claimed_keys": {}, "forwarding_curve25519_key_chain": []}))
+        .collect();
+    std::fs::write(&file, serde_json::to_string(&array).unwrap()).unwrap();
+    let out = ok(u
+        .cli()
+        .args(["backup", "upload", "--format", "json"])
+        .arg(&file));
+    assert!(out.contains("uploaded 20 sessions"), "{out}");
+    let back = u.token.dir.path().join("back.json");
+    ok(u.cli()
+        .args(["backup", "restore", "--format", "json", "--out"])
+        .arg(&back));
+    assert_eq!(restored(&back), made);
+
+    // The server swaps in another backup key: a new version whose auth_data carries a
+    // forged master signature, then one with none.
+    let session: Value =
+        serde_json::from_str(&std::fs::read_to_string(u.session_path()).unwrap()).unwrap();
+    let token = session["access_token"].as_str().unwrap();
+    let keys: Value = serde_json::from_str(&ok(u.cli().args(["keys", "list", "--json"]))).unwrap();
+    let msk = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["role"] == "master")
+        .unwrap()["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let evil = vodozemac::pk_encryption::PkDecryption::new()
+        .public_key()
+        .to_base64();
+    for auth in [
+        json!({"public_key": evil, "signatures": {&u.user.user_id: {format!("ed25519:{msk}"): B64.encode([7u8; 64])}}}),
+        json!({"public_key": evil}),
+    ] {
+        let (s, v) = http(
+            &u.synapse.url,
+            "POST",
+            "/room_keys/version",
+            Some(token),
+            Some(json!({"algorithm": "m.megolm_backup.v1.curve25519-aes-sha2", "auth_data": auth})),
+        );
+        assert_eq!(s, 200, "{v}");
+        let err = fails(
+            u.cli()
+                .args(["backup", "upload", "--format", "json"])
+                .arg(&file),
+        );
+        assert!(
+            err.contains("refusing to upload: the auth_data of backup version"),
+            "{err}"
+        );
+        assert!(err.contains("not signed by your master key"), "{err}");
+        let status: Value =
+            serde_json::from_str(&ok(u.cli().args(["backup", "status", "--json"]))).unwrap();
+        assert_eq!(status["master_signature_valid"], false);
+        assert_eq!(status["public_key_is_token_key"], false);
+        // Restoring from a backup encrypted to another key is refused too.
+        let err = fails(
+            u.cli()
+                .args(["backup", "restore", "--format", "json", "--out"])
+                .arg(u.token.dir.path().join("x.json")),
+        );
+        assert!(err.contains("not to the token's backup key"), "{err}");
+    }
+}
+
+/// The server goes away while the restore fetches: the restore says so, writes nothing,
+/// and `--resume` finishes once the server is back, with the same file as a clean run.
+#[test]
+fn an_interrupted_restore_resumes() {
+    let (u, version, public) = with_backup(Kind::SoftHsm);
+    let made = sessions(50, 3);
+    let entries: Vec<(&str, &str, Value)> = made
+        .iter()
+        .map(|((r, s), k)| (r.as_str(), s.as_str(), session_data(&public, k)))
+        .collect();
+    put(&u, &version, &entries);
+    let clean = u.token.dir.path().join("clean.json");
+    ok(u.cli()
+        .args(["backup", "restore", "--format", "json", "--out"])
+        .arg(&clean));
+
+    let down = Arc::new(AtomicUsize::new(1));
+    let d = down.clone();
+    let proxy = Proxy::start_intercepting(
+        &u.synapse.url,
+        Arc::new(|_, _, _| {}),
+        Arc::new(move |path| {
+            (path.starts_with("/room_keys/keys") && d.load(Ordering::SeqCst) == 1)
+                .then(|| (502, json!({"errcode": "M_UNKNOWN", "error": "Bad gateway"})))
+        }),
+    );
+    let session = std::fs::read_to_string(u.session_path()).unwrap();
+    let mut via: Value = serde_json::from_str(&session).unwrap();
+    via["homeserver"] = json!(proxy.url);
+    std::fs::write(u.session_path(), via.to_string()).unwrap();
+    let out = u.token.dir.path().join("resumed.json");
+    let err = fails(
+        u.cli()
+            .args(["backup", "restore", "--format", "json", "--out"])
+            .arg(&out),
+    );
+    assert!(
+        err.contains("fetching the backup failed; nothing was written"),
+        "{err}"
+    );
+    assert!(err.contains("--resume"), "{err}");
+    assert!(!out.exists());
+    down.store(0, Ordering::SeqCst);
+    ok(u.cli()
+        .args(["backup", "restore", "--format", "json", "--resume", "--out"])
+        .arg(&out));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&clean).unwrap());
+    assert_eq!(restored(&out), made);
+}
