@@ -569,3 +569,25 @@ fn logout_deletes_the_device_and_bad_logins_are_clear() {
     let err = fails(alice.cli().args(["identity", "status"]));
     assert!(err.contains("not logged in"), "{err}");
 }
+
+/// Answers above ureq's default 10 MB limit (a large key backup) are read whole.
+#[test]
+fn large_answers_are_read_whole() {
+    let alice = Alice::new(Kind::Kryoptic);
+    alice.login();
+    ok(alice.cli().args(["identity", "create"]));
+    let proxy = Proxy::start(
+        &alice.synapse.url,
+        Arc::new(|path, _, v| {
+            if path.starts_with("/keys/query") {
+                v["padding"] = json!("x".repeat(12 << 20));
+            }
+        }),
+    );
+    let session = std::fs::read_to_string(alice.session_path()).unwrap();
+    let mut via: Value = serde_json::from_str(&session).unwrap();
+    via["homeserver"] = json!(proxy.url);
+    std::fs::write(alice.session_path(), via.to_string()).unwrap();
+    let status = alice.status(&[]);
+    assert_eq!(status["identity_ok"], true, "{status}");
+}

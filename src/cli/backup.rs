@@ -6,15 +6,13 @@ use std::io::{IsTerminal, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Subcommand, ValueEnum};
 use mxhsm::homeserver::session::session_path;
 use mxhsm::homeserver::{Client, Session};
-use mxhsm::matrix::backup::{self, EncryptedSessionData, RoomKey, X25519Agreement};
+use mxhsm::matrix::backup::{self, BackedUpSession, RoomKey, X25519Agreement};
 use mxhsm::matrix::device::DeviceSigner;
 use mxhsm::matrix::key_export;
 use mxhsm::matrix::signed_json::{Ed25519PublicKey, encode_base64};
@@ -267,13 +265,6 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One backed-up session to decrypt.
-struct Item {
-    room_id: String,
-    session_id: String,
-    data: Value,
-}
-
 /// The state of an interrupted restore: the encrypted sessions already fetched (ciphertext
 /// only: nothing secret is written before the final file).
 fn partial_path(out: &Path) -> PathBuf {
@@ -367,10 +358,10 @@ fn restore(
             .into_iter()
             .flatten()
         {
-            items.push(Item {
+            items.push(BackedUpSession {
                 room_id: room_id.clone(),
                 session_id: session_id.clone(),
-                data: data.get("session_data").cloned().unwrap_or(Value::Null),
+                session_data: data.get("session_data").cloned().unwrap_or(Value::Null),
             });
         }
     }
@@ -384,42 +375,17 @@ fn restore(
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let start = Instant::now();
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<(usize, Result<RoomKey, String>)>> =
-        Mutex::new(Vec::with_capacity(items.len()));
-    std::thread::scope(|s| {
-        for _ in 0..jobs.max(1) {
-            s.spawn(|| {
-                let mut local = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(item) = items.get(i) else { break };
-                    let r = EncryptedSessionData::from_json(&item.data)
-                        .and_then(|d| backup::decrypt(&agreement, &d))
-                        .and_then(|plain| backup::room_key(&item.room_id, &item.session_id, &plain))
-                        .map_err(|e| e.to_string());
-                    local.push((i, r));
-                    bar.inc(1);
-                }
-                results
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend(local);
-            });
-        }
-    });
+    let results = backup::restore_all(&agreement, &items, jobs, software_jobs(), &|| bar.inc(1));
     bar.finish_and_clear();
     let elapsed = start.elapsed().as_secs_f64();
-    let results = results.into_inner().unwrap_or_else(|e| e.into_inner());
     let mut keys: BTreeMap<(String, String), RoomKey> = BTreeMap::new();
     let mut failed = Vec::new();
-    for (i, r) in results {
-        let item = &items[i];
+    for (item, r) in items.iter().zip(results) {
         match r {
             Ok(k) => {
                 keys.insert((item.room_id.clone(), item.session_id.clone()), k);
             }
-            Err(e) => failed.push((item.room_id.clone(), item.session_id.clone(), e)),
+            Err(e) => failed.push((item.room_id.clone(), item.session_id.clone(), e.to_string())),
         }
     }
     failed.sort();
@@ -455,6 +421,13 @@ fn restore(
         }
     }
     Ok(())
+}
+
+/// Threads for the software part of a restore (HKDF, AES, the session check).
+pub fn software_jobs() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// How many parallel agreements this token gains from, measured: more sessions help

@@ -39,6 +39,11 @@ pub enum TokenCommand {
         /// Seconds to measure each operation.
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
+        /// Also measure key-backup restore: this many sessions decrypted through the token
+        /// (1 to N parallel sessions) against the token's raw agreement rate and vodozemac
+        /// `PkDecryption` in software. 0 skips it.
+        #[arg(long, default_value_t = 0)]
+        restore_sessions: usize,
     },
 }
 
@@ -46,7 +51,10 @@ pub fn run(global: &GlobalArgs, cmd: TokenCommand) -> Result<ExitCode> {
     match cmd {
         TokenCommand::List { module } => list(global, module),
         TokenCommand::Doctor => doctor(global),
-        TokenCommand::Bench { seconds } => bench(global, seconds),
+        TokenCommand::Bench {
+            seconds,
+            restore_sessions,
+        } => bench(global, seconds, restore_sessions),
     }
 }
 
@@ -375,7 +383,7 @@ fn rate(seconds: f64, mut op: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
-fn bench(global: &GlobalArgs, seconds: f64) -> Result<ExitCode> {
+fn bench(global: &GlobalArgs, seconds: f64, restore_sessions: usize) -> Result<ExitCode> {
     if !(seconds > 0.0 && seconds <= 600.0) {
         bail!("--seconds must be between 0 and 600");
     }
@@ -414,6 +422,11 @@ fn bench(global: &GlobalArgs, seconds: f64) -> Result<ExitCode> {
         })?;
         results.push(("x25519 agree", token, "x25519-dalek", soft));
     }
+    let restore = if restore_sessions > 0 && store.capabilities().x25519.is_some() {
+        Some(bench_restore(&store, restore_sessions)?)
+    } else {
+        None
+    };
     for (op, token, baseline, soft) in &results {
         rows.push(vec![
             op.to_string(),
@@ -430,10 +443,178 @@ fn bench(global: &GlobalArgs, seconds: f64) -> Result<ExitCode> {
                 "operation": op, "token_per_second": t, "software": b,
                 "software_per_second": s, "ratio": t / s,
             })).collect::<Vec<_>>(),
+            "restore": restore.as_ref().map(|r| r.to_json()),
         }));
     } else {
         println!("{} — one thread, one session", store.summary());
         output::table(&["OPERATION", "TOKEN", "SOFTWARE", "TOKEN/SOFTWARE"], &rows);
+        if let Some(r) = &restore {
+            r.print();
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Restore throughput against the token's own agreement rate, per number of parallel
+/// PKCS#11 sessions, and vodozemac's software decryption.
+struct RestoreBench {
+    sessions: usize,
+    /// (jobs, raw agreements/s, restored sessions/s)
+    rows: Vec<(usize, f64, f64)>,
+    software: f64,
+}
+
+impl RestoreBench {
+    /// The row with the fastest restore.
+    fn best(&self) -> (usize, f64, f64) {
+        self.rows
+            .iter()
+            .copied()
+            .fold((1, 0.0, 0.0), |b, r| if r.2 > b.2 { r } else { b })
+    }
+
+    /// The token's best raw agreement rate over all job counts.
+    fn best_raw(&self) -> f64 {
+        self.rows.iter().map(|r| r.1).fold(0.0, f64::max)
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let best = self.best();
+        json!({
+            "sessions": self.sessions,
+            "by_jobs": self.rows.iter().map(|(j, raw, restore)| json!({
+                "jobs": j, "raw_agreements_per_second": raw, "restored_per_second": restore,
+                "restore_over_raw": restore / raw,
+            })).collect::<Vec<_>>(),
+            "software_per_second": self.software,
+            "best_jobs": best.0,
+            "best_raw_agreements_per_second": self.best_raw(),
+            "best_restore_over_best_raw": best.2 / self.best_raw(),
+            "best_restore_over_software": best.2 / self.software,
+        })
+    }
+
+    fn print(&self) {
+        println!(
+            "\nkey-backup restore, {} sessions (decrypt + session-key check)",
+            self.sessions
+        );
+        let rows: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|(j, raw, r)| {
+                vec![
+                    j.to_string(),
+                    format!("{raw:.0}/s"),
+                    format!("{r:.0}/s"),
+                    format!("{:.3}", r / raw),
+                    format!("{:.4}", r / self.software),
+                ]
+            })
+            .collect();
+        output::table(
+            &[
+                "JOBS",
+                "RAW TOKEN ECDH",
+                "RESTORE",
+                "RESTORE/RAW",
+                "RESTORE/SOFTWARE",
+            ],
+            &rows,
+        );
+        let best = self.best();
+        println!(
+            "software (vodozemac PkDecryption, 1 thread): {:.0}/s; best restore: {} job(s), {:.0} sessions/s = {:.1} % of the token's best raw agreement rate ({:.0}/s)",
+            self.software,
+            best.0,
+            best.2,
+            100.0 * best.2 / self.best_raw(),
+            self.best_raw()
+        );
+    }
+}
+
+fn bench_restore(store: &Pkcs11Store, n: usize) -> Result<RestoreBench> {
+    use mxhsm::matrix::backup::{self, BackedUpSession};
+    use mxhsm::token::TokenAgreement;
+    use vodozemac::megolm::{GroupSession, InboundGroupSession, SessionConfig};
+
+    let k = SessionKey::new(store, KeyAlgorithm::X25519)?;
+    let agreement = TokenAgreement {
+        store,
+        key: k.key.clone(),
+    };
+    let soft = vodozemac::pk_encryption::PkDecryption::new();
+    // Realistic sessions: real megolm session keys, encrypted to the token's key and to
+    // the software key.
+    let mut items = Vec::with_capacity(n);
+    let mut soft_items = Vec::with_capacity(n);
+    for _ in 0..n {
+        let outbound = GroupSession::new(SessionConfig::version_1());
+        let mut inbound =
+            InboundGroupSession::new(&outbound.session_key(), SessionConfig::version_1());
+        let key = inbound
+            .export_at(0)
+            .ok_or_else(|| anyhow::anyhow!("cannot export a new session"))?
+            .to_base64();
+        let plain = json!({
+            "algorithm": "m.megolm.v1.aes-sha2", "sender_key": "WimPd2udAU/1S/+YBpPbmr9L+0H5H+BnAVHSwDxlPGc",
+            "session_key": key, "sender_claimed_keys": {"ed25519": "Bhbpt6hqMZlSH4sJV7xiEEEiPVeTWz4Vkujl1EMdIPI"},
+            "forwarding_curve25519_key_chain": [],
+        })
+        .to_string();
+        items.push(BackedUpSession {
+            room_id: "!bench:localhost".into(),
+            session_id: outbound.session_id(),
+            session_data: backup::encrypt(&k.key.public_key, plain.as_bytes())?.to_json(),
+        });
+        soft_items.push(
+            vodozemac::pk_encryption::PkEncryption::from_key(soft.public_key())
+                .encrypt(plain.as_bytes())?,
+        );
+    }
+    let peer = XPublic::from(&StaticSecret::from([9u8; 32]));
+    let cores = std::thread::available_parallelism()
+        .map(|c| c.get())
+        .unwrap_or(1);
+    let mut rows = Vec::new();
+    for jobs in 1..=cores.clamp(2, 4) {
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for t in 0..jobs {
+                let share = n / jobs + usize::from(t < n % jobs);
+                let (k, peer) = (&k, &peer);
+                s.spawn(move || {
+                    for _ in 0..share {
+                        let _ = store.x25519(&k.key, peer.as_bytes());
+                    }
+                });
+            }
+        });
+        let raw = n as f64 / start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        let results = backup::restore_all(
+            &agreement,
+            &items,
+            jobs,
+            super::backup::software_jobs(),
+            &|| {},
+        );
+        let restore = n as f64 / start.elapsed().as_secs_f64();
+        if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+            bail!("a session failed to restore during the benchmark: {e}");
+        }
+        rows.push((jobs, raw, restore));
+    }
+    let start = Instant::now();
+    for (item, msg) in items.iter().zip(&soft_items) {
+        let plain = soft.decrypt(msg)?;
+        backup::room_key(&item.room_id, &item.session_id, &plain)?;
+    }
+    let software = n as f64 / start.elapsed().as_secs_f64();
+    Ok(RestoreBench {
+        sessions: n,
+        rows,
+        software,
+    })
 }

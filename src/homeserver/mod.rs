@@ -21,6 +21,8 @@ pub use session::Session;
 /// Attempts per request (first try + retries).
 const ATTEMPTS: u32 = 5;
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// The largest answer we read (a key backup of a million sessions is about 700 MB).
+const BODY_LIMIT: u64 = 2 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HomeserverError {
@@ -180,7 +182,26 @@ impl Client {
                 }
                 Ok(mut resp) => {
                     let status = resp.status().as_u16();
-                    let text = resp.body_mut().read_to_string().unwrap_or_default();
+                    // ureq stops at 10 MB by default; a large key backup is bigger.
+                    let text = match resp
+                        .body_mut()
+                        .with_config()
+                        .limit(BODY_LIMIT)
+                        .read_to_string()
+                    {
+                        Ok(t) => t,
+                        Err(e) if last => {
+                            return Err(HomeserverError::Network {
+                                endpoint,
+                                reason: format!("the answer was cut off: {e}"),
+                            });
+                        }
+                        Err(_) => {
+                            std::thread::sleep(backoff);
+                            backoff *= 2;
+                            continue;
+                        }
+                    };
                     let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
                     let retryable = status == 429 || status >= 500;
                     if !retryable || last {

@@ -168,13 +168,28 @@ pub fn decrypt(
     key: &dyn X25519Agreement,
     data: &EncryptedSessionData,
 ) -> Result<Zeroizing<Vec<u8>>, BackupError> {
+    let shared = agree(key, data)?;
+    decrypt_with_secret(&shared, data)
+}
+
+/// The agreement step of [`decrypt`]: X25519 with the session's ephemeral key.
+pub fn agree(
+    key: &dyn X25519Agreement,
+    data: &EncryptedSessionData,
+) -> Result<Zeroizing<[u8; 32]>, BackupError> {
     if vodozemac::Curve25519PublicKey::from_slice(&data.ephemeral).is_err() {
         return Err(BackupError::EphemeralKey);
     }
-    let shared = key
-        .agree(&data.ephemeral)
-        .map_err(|e| BackupError::Agreement(e.to_string()))?;
-    let keys = Keys::derive(&shared);
+    key.agree(&data.ephemeral)
+        .map_err(|e| BackupError::Agreement(e.to_string()))
+}
+
+/// The software steps of [`decrypt`], given the shared secret: HKDF, MAC, AES-CBC.
+pub fn decrypt_with_secret(
+    shared: &[u8; 32],
+    data: &EncryptedSessionData,
+) -> Result<Zeroizing<Vec<u8>>, BackupError> {
+    let keys = Keys::derive(shared);
     let expected = keys.mac();
     if data.mac.len() != expected.len() || !bool::from(data.mac.as_slice().ct_eq(&expected)) {
         return Err(BackupError::Mac);
@@ -185,6 +200,86 @@ pub fn decrypt(
         .decrypt_padded_vec::<Pkcs7>(&data.ciphertext)
         .map(Zeroizing::new)
         .map_err(|_| BackupError::Padding)
+}
+
+/// One backed-up session to restore.
+pub struct BackedUpSession {
+    pub room_id: String,
+    pub session_id: String,
+    /// `session_data` as the server sent it (parsed when restored, so a malformed one is
+    /// reported like any other failure).
+    pub session_data: Value,
+}
+
+/// Restores `sessions` as a pipeline: `agreement_jobs` threads keep the token busy with
+/// agreements, while `software_jobs` threads do the rest (HKDF, MAC, AES, the vodozemac
+/// session check) on the secrets they hand over, so the software work hides behind the
+/// token's. Results come back in the order of `sessions`. `progress` is called once per
+/// session.
+pub fn restore_all(
+    key: &dyn X25519Agreement,
+    sessions: &[BackedUpSession],
+    agreement_jobs: usize,
+    software_jobs: usize,
+    progress: &(dyn Fn() + Sync),
+) -> Vec<Result<RoomKey, BackupError>> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    type Handover = (
+        usize,
+        Result<(EncryptedSessionData, Zeroizing<[u8; 32]>), BackupError>,
+    );
+    let next = AtomicUsize::new(0);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Handover>(4096);
+    let rx = Mutex::new(rx);
+    let results: Mutex<Vec<Option<Result<RoomKey, BackupError>>>> =
+        Mutex::new((0..sessions.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..agreement_jobs.max(1) {
+            let tx = tx.clone();
+            let next = &next;
+            s.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = sessions.get(i) else { break };
+                    let step = EncryptedSessionData::from_json(&item.session_data)
+                        .and_then(|d| agree(key, &d).map(|secret| (d, secret)));
+                    if tx.send((i, step)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        for _ in 0..software_jobs.max(1) {
+            let (rx, results) = (&rx, &results);
+            s.spawn(move || {
+                let mut local = Vec::new();
+                loop {
+                    let received = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok((i, step)) = received else { break };
+                    let item = &sessions[i];
+                    let r = step.and_then(|(d, secret)| {
+                        let plain = decrypt_with_secret(&secret, &d)?;
+                        room_key(&item.room_id, &item.session_id, &plain)
+                    });
+                    local.push((i, r));
+                    progress();
+                }
+                let mut all = results.lock().unwrap_or_else(|e| e.into_inner());
+                for (i, r) in local {
+                    all[i] = Some(r);
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(BackupError::Agreement("not processed".into()))))
+        .collect()
 }
 
 /// Encrypts `plaintext` to the backup public key (software ephemeral key, vodozemac).
