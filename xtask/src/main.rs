@@ -321,7 +321,9 @@ fn demo() -> Result {
     Ok(())
 }
 
-/// Token vs software rates for Ed25519 and X25519 on SoftHSM and Kryoptic, in one run.
+/// Token vs software rates for Ed25519 and X25519 on SoftHSM and Kryoptic, and key-backup
+/// restore throughput against each token's raw agreement rate, in one run
+/// (`cargo xtask bench [--seconds S] [--restore-sessions N]`).
 fn bench(args: &[String]) -> Result {
     let envs = setup()?;
     let kryoptic = envs
@@ -329,12 +331,15 @@ fn bench(args: &[String]) -> Result {
         .find(|(k, _)| *k == "MXHSM_TEST_KRYOPTIC_MODULE")
         .map(|(_, v)| v.clone())
         .ok_or("no Kryoptic module")?;
-    let seconds = args
-        .iter()
-        .position(|a| a == "--seconds")
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| "3".into());
+    let arg = |name: &str, default: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| default.into())
+    };
+    let seconds = arg("--seconds", "3");
+    let sessions = arg("--restore-sessions", "10000");
     let bin = build_mxhsm(true)?;
     let dir = target_dir().join("bench");
     let softhsm = tokens::Token::softhsm(&dir.join("softhsm"), "bench-softhsm")?;
@@ -343,7 +348,14 @@ fn bench(args: &[String]) -> Result {
         run(&mut mxhsm_cmd(
             &bin,
             t,
-            ["token", "bench", "--seconds", &seconds],
+            [
+                "token",
+                "bench",
+                "--seconds",
+                &seconds,
+                "--restore-sessions",
+                &sessions,
+            ],
         ))?;
     }
     Ok(())
