@@ -6,4 +6,5 @@ pub mod backup;
 pub mod cross_signing;
 pub mod device;
 pub mod key_export;
+pub mod secret_storage;
 pub mod signed_json;
