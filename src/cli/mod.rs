@@ -5,6 +5,7 @@ mod backup;
 mod identity;
 mod keys;
 mod output;
+mod secret_storage;
 mod token;
 
 use std::io::IsTerminal;
@@ -65,6 +66,9 @@ pub enum Command {
     /// Server-side key backup with the backup key on the token.
     #[command(subcommand)]
     Backup(backup::BackupCommand),
+    /// Move your existing keys from secret storage (your recovery key) onto the token.
+    #[command(subcommand)]
+    SecretStorage(secret_storage::SecretStorageCommand),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -76,6 +80,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Identity(cmd) => identity::run_identity(&cli.global, cmd),
         Command::Sign(cmd) => identity::run_sign(&cli.global, cmd),
         Command::Backup(cmd) => backup::run(&cli.global, cmd),
+        Command::SecretStorage(cmd) => secret_storage::run(&cli.global, cmd),
     }
 }
 

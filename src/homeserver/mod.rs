@@ -476,6 +476,43 @@ impl Client {
     }
 }
 
+/// Account data (secret storage lives there).
+impl Client {
+    /// `GET /user/{userId}/account_data/{type}`, or `None` when there is none.
+    pub fn account_data(
+        &self,
+        user_id: &str,
+        kind: &str,
+    ) -> Result<Option<Value>, HomeserverError> {
+        let path = format!(
+            "/user/{}/account_data/{}",
+            path_segment(user_id),
+            path_segment(kind)
+        );
+        let (status, value) = self.send("GET", &path, None)?;
+        if status == 404 && value.get("errcode").and_then(Value::as_str) == Some("M_NOT_FOUND") {
+            return Ok(None);
+        }
+        check("GET", "/user/…/account_data/…", status, value).map(Some)
+    }
+
+    /// `PUT /user/{userId}/account_data/{type}`.
+    pub fn set_account_data(
+        &self,
+        user_id: &str,
+        kind: &str,
+        content: &Value,
+    ) -> Result<(), HomeserverError> {
+        let path = format!(
+            "/user/{}/account_data/{}",
+            path_segment(user_id),
+            path_segment(kind)
+        );
+        let (status, value) = self.send("PUT", &path, Some(content))?;
+        check("PUT", "/user/…/account_data/…", status, value).map(|_| ())
+    }
+}
+
 /// A signature the server refused in `/keys/signatures/upload`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignatureFailure {

@@ -80,10 +80,7 @@ impl StorageKey {
     /// Parses a recovery key (base58, any whitespace): `8B 01 ‖ key ‖ parity`.
     pub fn from_recovery_key(text: &str) -> Result<Self, SecretStorageError> {
         let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-        if let Some(bad) = compact
-            .chars()
-            .find(|c| !BASE58.contains(*c))
-        {
+        if let Some(bad) = compact.chars().find(|c| !BASE58.contains(*c)) {
             return Err(SecretStorageError::Alphabet(bad));
         }
         let bytes = Zeroizing::new(
@@ -115,7 +112,11 @@ impl StorageKey {
         bytes.extend_from_slice(&self.0);
         let parity = bytes.iter().fold(0u8, |a, b| a ^ b);
         bytes.push(parity);
-        let encoded = Zeroizing::new(bs58::encode(&*bytes).with_alphabet(bs58::Alphabet::BITCOIN).into_string());
+        let encoded = Zeroizing::new(
+            bs58::encode(&*bytes)
+                .with_alphabet(bs58::Alphabet::BITCOIN)
+                .into_string(),
+        );
         encoded
             .as_bytes()
             .chunks(4)
@@ -126,12 +127,20 @@ impl StorageKey {
 
     /// Derives the key from a passphrase with the `m.pbkdf2` parameters of a key
     /// description (`passphrase: {algorithm, salt, iterations, bits}`).
-    pub fn from_passphrase(passphrase: &str, description: &Value) -> Result<Self, SecretStorageError> {
-        let p = description
-            .get("passphrase")
-            .ok_or_else(|| SecretStorageError::KeyDescription("this key has no passphrase; use the recovery key".into()))?;
+    pub fn from_passphrase(
+        passphrase: &str,
+        description: &Value,
+    ) -> Result<Self, SecretStorageError> {
+        let p = description.get("passphrase").ok_or_else(|| {
+            SecretStorageError::KeyDescription(
+                "this key has no passphrase; use the recovery key".into(),
+            )
+        })?;
         if p.get("algorithm").and_then(Value::as_str) != Some("m.pbkdf2") {
-            return Err(SecretStorageError::KeyDescription(format!("passphrase algorithm {}", p["algorithm"])));
+            return Err(SecretStorageError::KeyDescription(format!(
+                "passphrase algorithm {}",
+                p["algorithm"]
+            )));
         }
         let salt = p
             .get("salt")
@@ -145,11 +154,18 @@ impl StorageKey {
         if let Some(bits) = p.get("bits").and_then(Value::as_u64)
             && bits != 256
         {
-            return Err(SecretStorageError::KeyDescription(format!("{bits}-bit keys")));
+            return Err(SecretStorageError::KeyDescription(format!(
+                "{bits}-bit keys"
+            )));
         }
         let mut key = [0u8; 32];
         // The salt is the string's UTF-8 bytes, not base64-decoded.
-        pbkdf2::pbkdf2_hmac::<Sha512>(passphrase.as_bytes(), salt.as_bytes(), iterations as u32, &mut key);
+        pbkdf2::pbkdf2_hmac::<Sha512>(
+            passphrase.as_bytes(),
+            salt.as_bytes(),
+            iterations as u32,
+            &mut key,
+        );
         Ok(StorageKey(key))
     }
 
@@ -179,8 +195,11 @@ impl StorageKey {
         ) else {
             return Ok(());
         };
-        let iv = iv16(iv).ok_or_else(|| SecretStorageError::KeyDescription("its iv is not 16 bytes of base64".into()))?;
-        let mac = decode_base64(mac).map_err(|_| SecretStorageError::KeyDescription("its mac is not base64".into()))?;
+        let iv = iv16(iv).ok_or_else(|| {
+            SecretStorageError::KeyDescription("its iv is not 16 bytes of base64".into())
+        })?;
+        let mac = decode_base64(mac)
+            .map_err(|_| SecretStorageError::KeyDescription("its mac is not base64".into()))?;
         let (_, expected) = self.encrypt_raw("", &iv, &[0u8; 32]);
         if bool::from(expected.as_slice().ct_eq(&mac)) {
             Ok(())
@@ -193,7 +212,8 @@ impl StorageKey {
     pub fn description(&self, name: Option<&str>) -> Result<Value, SecretStorageError> {
         let iv = random_iv()?;
         let (_, mac) = self.encrypt_raw("", &iv, &[0u8; 32]);
-        let mut d = json!({"algorithm": ALGORITHM, "iv": encode_base64(&iv), "mac": encode_base64(&mac)});
+        let mut d =
+            json!({"algorithm": ALGORITHM, "iv": encode_base64(&iv), "mac": encode_base64(&mac)});
         if let Some(n) = name {
             d["name"] = json!(n);
         }
@@ -201,16 +221,23 @@ impl StorageKey {
     }
 
     /// Decrypts `{"iv", "ciphertext", "mac"}` of secret `name`: the secret's text.
-    pub fn decrypt(&self, name: &str, encrypted: &Value) -> Result<Zeroizing<String>, SecretStorageError> {
+    pub fn decrypt(
+        &self,
+        name: &str,
+        encrypted: &Value,
+    ) -> Result<Zeroizing<String>, SecretStorageError> {
         let field = |f: &str| {
             encrypted
                 .get(f)
                 .and_then(Value::as_str)
                 .ok_or_else(|| SecretStorageError::Malformed(name.into(), format!("no {f}")))
         };
-        let iv = iv16(field("iv")?).ok_or_else(|| SecretStorageError::Malformed(name.into(), "iv is not 16 bytes".into()))?;
-        let mut data = decode_base64(field("ciphertext")?)
-            .map_err(|_| SecretStorageError::Malformed(name.into(), "ciphertext is not base64".into()))?;
+        let iv = iv16(field("iv")?).ok_or_else(|| {
+            SecretStorageError::Malformed(name.into(), "iv is not 16 bytes".into())
+        })?;
+        let mut data = decode_base64(field("ciphertext")?).map_err(|_| {
+            SecretStorageError::Malformed(name.into(), "ciphertext is not base64".into())
+        })?;
         let mac = decode_base64(field("mac")?)
             .map_err(|_| SecretStorageError::Malformed(name.into(), "mac is not base64".into()))?;
         let k = self.keys(name);
@@ -232,15 +259,26 @@ impl StorageKey {
     pub fn encrypt(&self, name: &str, secret: &str) -> Result<Value, SecretStorageError> {
         let iv = random_iv()?;
         let (ct, mac) = self.encrypt_raw(name, &iv, secret.as_bytes());
-        Ok(json!({"iv": encode_base64(&iv), "ciphertext": encode_base64(&ct), "mac": encode_base64(&mac)}))
+        Ok(
+            json!({"iv": encode_base64(&iv), "ciphertext": encode_base64(&ct), "mac": encode_base64(&mac)}),
+        )
     }
 
     /// Decrypts a secret that is a 32-byte key (cross-signing seeds, the backup key),
     /// padded or unpadded base64 inside.
-    pub fn decrypt_key(&self, name: &str, encrypted: &Value) -> Result<Zeroizing<[u8; 32]>, SecretStorageError> {
+    pub fn decrypt_key(
+        &self,
+        name: &str,
+        encrypted: &Value,
+    ) -> Result<Zeroizing<[u8; 32]>, SecretStorageError> {
         let text = self.decrypt(name, encrypted)?;
-        let bytes = Zeroizing::new(decode_base64(text.trim()).map_err(|_| SecretStorageError::NotAKey(name.into()))?);
-        let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| SecretStorageError::NotAKey(name.into()))?;
+        let bytes = Zeroizing::new(
+            decode_base64(text.trim()).map_err(|_| SecretStorageError::NotAKey(name.into()))?,
+        );
+        let arr: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| SecretStorageError::NotAKey(name.into()))?;
         Ok(Zeroizing::new(arr))
     }
 }
@@ -270,51 +308,120 @@ mod tests {
     use super::*;
 
     fn hex(s: &str) -> Vec<u8> {
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     #[test]
     fn recovery_key_vectors() {
-        let k = StorageKey::from_recovery_key("EsTc LW2K PGiF wKEA 3As5 g5c4 BXwk qeeJ ZJV8 Q9fu gUMN UE4d").unwrap();
-        assert_eq!(k.expose().to_vec(), hex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"));
-        assert_eq!(k.to_recovery_key(), "EsTc LW2K PGiF wKEA 3As5 g5c4 BXwk qeeJ ZJV8 Q9fu gUMN UE4d");
-        assert_eq!(StorageKey::from_recovery_key("EsTcLW2KPGiFwKEA3As5g5c4BXwkqeeJZJV8Q9fugUMNUE4e").unwrap_err(), SecretStorageError::Parity);
-        let k = StorageKey::from_recovery_key("EsT           pRvZTnjck8    YrhRAtw XLS84Nr2r9S9LGAWDaExVAPBvLRK   ").unwrap();
-        assert_eq!(k.expose(), &[159, 189, 70, 187, 52, 81, 113, 198, 246, 2, 44, 154, 37, 213, 104, 27, 165, 78, 236, 106, 108, 73, 83, 243, 173, 192, 185, 110, 157, 145, 173, 163]);
-        assert_eq!(StorageKey::from_recovery_key("EsTpRvZTnjck8YrhRAtwXLS84Nr2r9S9LGAWDaExVAPBvLRk").unwrap_err(), SecretStorageError::Parity);
-        assert_eq!(StorageKey::from_recovery_key("AATpRvZTnjck8YrhRAtwXLS84Nr2r9S9LGAWDaExVAPBvLRk").unwrap_err(), SecretStorageError::Prefix);
-        assert!(matches!(StorageKey::from_recovery_key("AATpRvZTnjck8YrhRAtwXLS84Nr2r9S9").unwrap_err(), SecretStorageError::Length(_)));
-        assert_eq!(StorageKey::from_recovery_key("AATpRvZTnjck8YrhRAtwXLS84Nr0OIl").unwrap_err(), SecretStorageError::Alphabet('0'));
+        let k = StorageKey::from_recovery_key(
+            "EsTc LW2K PGiF wKEA 3As5 g5c4 BXwk qeeJ ZJV8 Q9fu gUMN UE4d",
+        )
+        .unwrap();
+        assert_eq!(
+            k.expose().to_vec(),
+            hex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
+        );
+        assert_eq!(
+            k.to_recovery_key(),
+            "EsTc LW2K PGiF wKEA 3As5 g5c4 BXwk qeeJ ZJV8 Q9fu gUMN UE4d"
+        );
+        assert_eq!(
+            StorageKey::from_recovery_key("EsTcLW2KPGiFwKEA3As5g5c4BXwkqeeJZJV8Q9fugUMNUE4e")
+                .unwrap_err(),
+            SecretStorageError::Parity
+        );
+        let k = StorageKey::from_recovery_key(
+            "EsT           pRvZTnjck8    YrhRAtw XLS84Nr2r9S9LGAWDaExVAPBvLRK   ",
+        )
+        .unwrap();
+        assert_eq!(
+            k.expose(),
+            &[
+                159, 189, 70, 187, 52, 81, 113, 198, 246, 2, 44, 154, 37, 213, 104, 27, 165, 78,
+                236, 106, 108, 73, 83, 243, 173, 192, 185, 110, 157, 145, 173, 163
+            ]
+        );
+        assert_eq!(
+            StorageKey::from_recovery_key("EsTpRvZTnjck8YrhRAtwXLS84Nr2r9S9LGAWDaExVAPBvLRk")
+                .unwrap_err(),
+            SecretStorageError::Parity
+        );
+        assert_eq!(
+            StorageKey::from_recovery_key("AATpRvZTnjck8YrhRAtwXLS84Nr2r9S9LGAWDaExVAPBvLRk")
+                .unwrap_err(),
+            SecretStorageError::Prefix
+        );
+        assert!(matches!(
+            StorageKey::from_recovery_key("AATpRvZTnjck8YrhRAtwXLS84Nr2r9S9").unwrap_err(),
+            SecretStorageError::Length(_)
+        ));
+        assert_eq!(
+            StorageKey::from_recovery_key("AATpRvZTnjck8YrhRAtwXLS84Nr0OIl").unwrap_err(),
+            SecretStorageError::Alphabet('0')
+        );
         let k = StorageKey::from_bytes((0u8..32).collect::<Vec<_>>().try_into().unwrap());
-        assert_eq!(k.to_recovery_key(), "EsSz ykH7 LCZx 7Cae cmKD wcmY JRXi Ybtu 8iQ3 t8Ez nRwK pUY1");
+        assert_eq!(
+            k.to_recovery_key(),
+            "EsSz ykH7 LCZx 7Cae cmKD wcmY JRXi Ybtu 8iQ3 t8Ez nRwK pUY1"
+        );
         // The js-sdk's mistyped key (EsSz → EsSZ) changes the second prefix byte; the
         // js-sdk checks parity first and says "parity", we check the prefix first.
-        assert_eq!(StorageKey::from_recovery_key("EsSZ ykH7 LCZx 7Cae cmKD wcmY JRXi Ybtu 8iQ3 t8Ez nRwK pUY1").unwrap_err(), SecretStorageError::Prefix);
+        assert_eq!(
+            StorageKey::from_recovery_key(
+                "EsSZ ykH7 LCZx 7Cae cmKD wcmY JRXi Ybtu 8iQ3 t8Ez nRwK pUY1"
+            )
+            .unwrap_err(),
+            SecretStorageError::Prefix
+        );
     }
 
     /// The exact length error: a well-formed, parity-correct, prefixed 3-byte key.
     #[test]
     fn length_error() {
         let bytes = [0x8b, 0x01, 0x8a];
-        let text = bs58::encode(bytes).with_alphabet(bs58::Alphabet::BITCOIN).into_string();
-        assert_eq!(StorageKey::from_recovery_key(&text).unwrap_err(), SecretStorageError::Length(3));
+        let text = bs58::encode(bytes)
+            .with_alphabet(bs58::Alphabet::BITCOIN)
+            .into_string();
+        assert_eq!(
+            StorageKey::from_recovery_key(&text).unwrap_err(),
+            SecretStorageError::Length(3)
+        );
     }
 
     #[test]
     fn passphrase_and_key_check_vectors() {
         let d: Value = serde_json::from_str(r#"{"algorithm":"m.secret_storage.v1.aes-hmac-sha2","iv":"gH2iNpiETFhApvW6/FFEJQ","mac":"9Lw12m5SKDipNghdQXKjgpfdj1/K7HFI2brO+UWAGoM","passphrase":{"algorithm":"m.pbkdf2","salt":"IuLnH7S85YtZmkkBJKwNUKxWF42g9O1H","iterations":10}}"#).unwrap();
         let k = StorageKey::from_passphrase("It's a secret to everybody", &d).unwrap();
-        assert_eq!(k.expose().to_vec(), hex("397aff44a04238741cff9b76b38126073c34bf25599fa9969287f01ccf77559f"));
+        assert_eq!(
+            k.expose().to_vec(),
+            hex("397aff44a04238741cff9b76b38126073c34bf25599fa9969287f01ccf77559f")
+        );
         k.check(&d).unwrap();
-        assert_eq!(StorageKey::from_passphrase("It's a secret to nobody", &d).unwrap().check(&d), Err(SecretStorageError::WrongKey));
+        assert_eq!(
+            StorageKey::from_passphrase("It's a secret to nobody", &d)
+                .unwrap()
+                .check(&d),
+            Err(SecretStorageError::WrongKey)
+        );
         // A recovery key with padded base64 in its description (Element-web style).
         let d: Value = serde_json::from_str(r#"{"algorithm":"m.secret_storage.v1.aes-hmac-sha2","iv":"xv5b6/p3ExEw++wTyfSHEg==","mac":"ujBBbXahnTAMkmPUX2/0+VTfUh63pGyVRuBcDMgmJC8="}"#).unwrap();
-        let k = StorageKey::from_recovery_key("EsTj 3yST y93F SLpB jJsz eAXc 2XzA ygD3 w69H fGaN TKBj jXEd").unwrap();
+        let k = StorageKey::from_recovery_key(
+            "EsTj 3yST y93F SLpB jJsz eAXc 2XzA ygD3 w69H fGaN TKBj jXEd",
+        )
+        .unwrap();
         k.check(&d).unwrap();
-        assert_eq!(StorageKey::from_bytes([0; 32]).check(&d), Err(SecretStorageError::WrongKey));
+        assert_eq!(
+            StorageKey::from_bytes([0; 32]).check(&d),
+            Err(SecretStorageError::WrongKey)
+        );
         assert_eq!(
             StorageKey::from_passphrase("x", &d).unwrap_err(),
-            SecretStorageError::KeyDescription("this key has no passphrase; use the recovery key".into())
+            SecretStorageError::KeyDescription(
+                "this key has no passphrase; use the recovery key".into()
+            )
         );
     }
 
@@ -322,35 +429,71 @@ mod tests {
     #[test]
     fn mautrix_chain() {
         let d: Value = serde_json::from_str(r#"{"algorithm":"m.secret_storage.v1.aes-hmac-sha2","passphrase":{"algorithm":"m.pbkdf2","iterations":500000,"salt":"y863BOoqOadgDp8S3FtHXikDJEalsQ7d"},"iv":"xxkTK0L4UzxgAFkQ6XPwsw","mac":"MEhooO0ZhFJNxUhvRMSxBnJfL20wkLgle3ocY0ee/eA"}"#).unwrap();
-        let from_recovery = StorageKey::from_recovery_key("EsTE s92N EtaX s2h6 VQYF 9Kao tHYL mkyL GKMh isZb KJ4E tvoC").unwrap();
-        assert_eq!(from_recovery.expose().to_vec(), hex("2ebfa5ad1a95ab94a94bc569b68fac914c2572ce5ae47877ab2415feeecd859c"));
+        let from_recovery = StorageKey::from_recovery_key(
+            "EsTE s92N EtaX s2h6 VQYF 9Kao tHYL mkyL GKMh isZb KJ4E tvoC",
+        )
+        .unwrap();
+        assert_eq!(
+            from_recovery.expose().to_vec(),
+            hex("2ebfa5ad1a95ab94a94bc569b68fac914c2572ce5ae47877ab2415feeecd859c")
+        );
         from_recovery.check(&d).unwrap();
         let k = StorageKey::from_passphrase("correct horse battery staple", &d).unwrap();
         assert_eq!(k.expose(), from_recovery.expose());
         let secret: Value = serde_json::from_str(r#"{"iv":"BpKP9nQJTE9jrsAssoxPqQ==","ciphertext":"fNRiiiidezjerTgV+G6pUtmeF3izzj5re/mVvY0hO2kM6kYGrxLuIu2ej80=","mac":"/gWGDGMyOLmbJp+aoSLh5JxCs0AdS6nAhjzpe+9G2Q0="}"#).unwrap();
-        assert_eq!(k.decrypt(MASTER, &secret).unwrap().as_str(), "aPl/0ZIu7Pa4K7iQ0k0GUphOeh1wO56Ge3669/65W28=");
-        assert_eq!(k.decrypt_key(MASTER, &secret).unwrap().to_vec(), hex("68f97fd1922eecf6b82bb890d24d0652984e7a1d703b9e867b7ebaf7feb95b6f"));
-        assert_eq!(k.decrypt(SELF_SIGNING, &secret).unwrap_err(), SecretStorageError::Mac(SELF_SIGNING.into()));
+        assert_eq!(
+            k.decrypt(MASTER, &secret).unwrap().as_str(),
+            "aPl/0ZIu7Pa4K7iQ0k0GUphOeh1wO56Ge3669/65W28="
+        );
+        assert_eq!(
+            k.decrypt_key(MASTER, &secret).unwrap().to_vec(),
+            hex("68f97fd1922eecf6b82bb890d24d0652984e7a1d703b9e867b7ebaf7feb95b6f")
+        );
+        assert_eq!(
+            k.decrypt(SELF_SIGNING, &secret).unwrap_err(),
+            SecretStorageError::Mac(SELF_SIGNING.into())
+        );
         let key2: Value = serde_json::from_str(r#"{"algorithm":"m.secret_storage.v1.aes-hmac-sha2","iv":"O0BOvTqiIAYjC+RMcyHfWw==","mac":"7k6OruQlWg0UmQjxGZ0ad4Q6DdwkgnoI7G6X3IjBYtI="}"#).unwrap();
-        StorageKey::from_recovery_key("EsUC xSxt XJgQ dz19 8WBZ rHdE GZo7 ybsn EFmG Y5HY MDAG GNWe").unwrap().check(&key2).unwrap();
+        StorageKey::from_recovery_key(
+            "EsUC xSxt XJgQ dz19 8WBZ rHdE GZo7 ybsn EFmG Y5HY MDAG GNWe",
+        )
+        .unwrap()
+        .check(&key2)
+        .unwrap();
     }
 
     /// The self-computed fixed vector: zero key, zero IV, the js backup key as the secret.
     #[test]
     fn fixed_vector_and_round_trips() {
         let k = StorageKey::from_bytes([0; 32]);
-        let (ct, mac) = k.encrypt_raw(BACKUP, &[0; 16], b"dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo");
-        assert_eq!(encode_base64(&ct), "X66+g78fQdRU136uvV0KM9XK+F2hC9HsGVsGOVdGuuXLS3uyUX5akumR1Q");
-        assert_eq!(encode_base64(&mac), "ZXBZRlpe9jHY4RlSxOBuNJuHJkW4HNl7Sewcdg0pEZs");
+        let (ct, mac) = k.encrypt_raw(
+            BACKUP,
+            &[0; 16],
+            b"dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo",
+        );
+        assert_eq!(
+            encode_base64(&ct),
+            "X66+g78fQdRU136uvV0KM9XK+F2hC9HsGVsGOVdGuuXLS3uyUX5akumR1Q"
+        );
+        assert_eq!(
+            encode_base64(&mac),
+            "ZXBZRlpe9jHY4RlSxOBuNJuHJkW4HNl7Sewcdg0pEZs"
+        );
         let (_, check) = k.encrypt_raw("", &[0; 16], &[0; 32]);
-        assert_eq!(encode_base64(&check), "HwRM9acFfsmgx1IlMgQI2n1pdsF6jVbAq9RIGTiIosQ");
+        assert_eq!(
+            encode_base64(&check),
+            "HwRM9acFfsmgx1IlMgQI2n1pdsF6jVbAq9RIGTiIosQ"
+        );
         for i in 0..20u8 {
             let k = StorageKey::from_bytes([i; 32]);
             let d = k.description(Some("x")).unwrap();
             k.check(&d).unwrap();
             let secret = encode_base64(&[i.wrapping_mul(7); 32]);
             let enc = k.encrypt(USER_SIGNING, &secret).unwrap();
-            assert_eq!(*k.decrypt_key(USER_SIGNING, &enc).unwrap(), [i.wrapping_mul(7); 32]);
+            assert_eq!(
+                *k.decrypt_key(USER_SIGNING, &enc).unwrap(),
+                [i.wrapping_mul(7); 32]
+            );
             assert!(StorageKey::from_bytes([i + 1; 32]).check(&d).is_err());
         }
     }
