@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod files;
 pub mod homeserver;
 pub mod matrix;
 pub mod token;

@@ -2,16 +2,14 @@
 //! backup key on the token.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Subcommand, ValueEnum};
-use mxhsm::homeserver::session::session_path;
-use mxhsm::homeserver::{Client, Session};
+use mxhsm::homeserver::Client;
 use mxhsm::matrix::backup::{self, BackedUpSession, RoomKey, X25519Agreement};
 use mxhsm::matrix::device::DeviceSigner;
 use mxhsm::matrix::key_export;
@@ -22,7 +20,7 @@ use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use super::keys::read_secret;
-use super::{GlobalArgs, open_store, output};
+use super::{Ctx, GlobalArgs, output};
 
 /// Environment variable with the export-file passphrase, for scripts.
 pub const PASSPHRASE_ENV: &str = "MXHSM_EXPORT_PASSPHRASE";
@@ -81,23 +79,6 @@ pub enum BackupCommand {
     },
 }
 
-struct Ctx {
-    session: Session,
-    client: Client,
-    store: mxhsm::token::pkcs11::Pkcs11Store,
-}
-
-fn context(global: &GlobalArgs) -> Result<Ctx> {
-    let session = Session::load(&session_path())?;
-    let client = Client::for_session(&session)?;
-    let store = open_store(global)?;
-    Ok(Ctx {
-        session,
-        client,
-        store,
-    })
-}
-
 fn passphrase(file: Option<&Path>, twice: bool) -> Result<SecretString> {
     if let Some(f) = file {
         return mxhsm::token::pin::read_pin_file(f)
@@ -122,19 +103,9 @@ fn passphrase(file: Option<&Path>, twice: bool) -> Result<SecretString> {
     Ok(SecretString::from(first))
 }
 
-/// Writes `contents` to `path` through a 0600 temporary file renamed into place.
 fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("mxhsm-tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    mxhsm::files::write_private(path, contents)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn current_version(client: &Client) -> Result<Value> {
@@ -144,7 +115,7 @@ fn current_version(client: &Client) -> Result<Value> {
 }
 
 pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
-    let ctx = context(global)?;
+    let ctx = Ctx::open(global)?;
     let user = ctx.session.user_id.clone();
     let store: &dyn KeyStore = &ctx.store;
     match cmd {

@@ -5,17 +5,15 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use mxhsm::homeserver::session::session_path;
-use mxhsm::homeserver::{Client, Session, SignatureFailure, UiaAuth};
+use mxhsm::homeserver::{SignatureFailure, UiaAuth};
 use mxhsm::matrix::cross_signing::{self, OwnKeys, Trust, TrustReport, Usage};
 use mxhsm::matrix::device::without_signatures;
 use mxhsm::matrix::signed_json::{Ed25519PublicKey, Ed25519Signer, sign_json, verify_json};
-use mxhsm::token::pkcs11::Pkcs11Store;
 use mxhsm::token::{KeyOptions, KeyRole, KeyStore, TokenError, TokenSigner};
 use serde_json::{Value, json};
 
 use super::keys::{confirm, read_secret};
-use super::{GlobalArgs, open_store, output, password};
+use super::{Ctx, GlobalArgs, output, password};
 
 #[derive(Debug, Subcommand)]
 pub enum IdentityCommand {
@@ -81,23 +79,6 @@ pub enum SignCommand {
     },
 }
 
-struct Ctx {
-    session: Session,
-    client: Client,
-    store: Pkcs11Store,
-}
-
-fn context(global: &GlobalArgs) -> Result<Ctx> {
-    let session = Session::load(&session_path())?;
-    let client = Client::for_session(&session)?;
-    let store = open_store(global)?;
-    Ok(Ctx {
-        session,
-        client,
-        store,
-    })
-}
-
 /// `AAAA BBBB …`: a key in groups of four for reading aloud.
 pub fn fingerprint(key: &Ed25519PublicKey) -> String {
     let b = key.to_base64();
@@ -136,7 +117,7 @@ pub fn run_identity(global: &GlobalArgs, cmd: IdentityCommand) -> Result<ExitCod
             no_publish,
             auth,
         } => {
-            let ctx = context(global)?;
+            let ctx = Ctx::open(global)?;
             let user = ctx.session.user_id.clone();
             let imports = [
                 (KeyRole::Master, import_master),
@@ -181,11 +162,11 @@ pub fn run_identity(global: &GlobalArgs, cmd: IdentityCommand) -> Result<ExitCod
             publish(global, &ctx, &auth)
         }
         IdentityCommand::Publish { auth } => {
-            let ctx = context(global)?;
+            let ctx = Ctx::open(global)?;
             publish(global, &ctx, &auth)
         }
         IdentityCommand::Status { users } => {
-            let ctx = context(global)?;
+            let ctx = Ctx::open(global)?;
             let me = ctx.session.user_id.clone();
             let own = own_keys(&ctx.store, &me)?;
             let mut query: Vec<&str> = vec![&me];
@@ -375,7 +356,7 @@ fn print_report(global: &GlobalArgs, own: &OwnKeys, report: &TrustReport) {
 }
 
 pub fn run_sign(global: &GlobalArgs, cmd: SignCommand) -> Result<ExitCode> {
-    let ctx = context(global)?;
+    let ctx = Ctx::open(global)?;
     let me = ctx.session.user_id.clone();
     let store: &dyn KeyStore = &ctx.store;
     match cmd {

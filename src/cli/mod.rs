@@ -128,6 +128,27 @@ fn password(file: Option<&std::path::Path>, prompt: &str) -> Result<SecretString
     )
 }
 
+/// What the Matrix commands work with: the saved session, a client for it, the token.
+struct Ctx {
+    session: mxhsm::homeserver::Session,
+    client: mxhsm::homeserver::Client,
+    store: Pkcs11Store,
+}
+
+impl Ctx {
+    fn open(global: &GlobalArgs) -> Result<Ctx> {
+        let session =
+            mxhsm::homeserver::Session::load(&mxhsm::homeserver::session::session_path())?;
+        let client = mxhsm::homeserver::Client::for_session(&session)?;
+        let store = open_store(global)?;
+        Ok(Ctx {
+            session,
+            client,
+            store,
+        })
+    }
+}
+
 /// Opens and logs in to the token named by --token / $MXHSM_TOKEN.
 fn open_store(global: &GlobalArgs) -> Result<Pkcs11Store> {
     let uri = config::token_uri(global.token.as_deref())?;

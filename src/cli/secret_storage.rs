@@ -7,8 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use mxhsm::homeserver::session::session_path;
-use mxhsm::homeserver::{Client, Session};
+use mxhsm::homeserver::Client;
 use mxhsm::matrix::cross_signing::{self, Usage};
 use mxhsm::matrix::secret_storage::{self as ssss, StorageKey};
 use mxhsm::matrix::signed_json::decode_base64;
@@ -19,7 +18,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use super::{GlobalArgs, open_store, output};
+use super::{Ctx, GlobalArgs, output};
 
 #[derive(Debug, Subcommand)]
 pub enum SecretStorageCommand {
@@ -115,17 +114,15 @@ fn read_key_text(file: Option<&PathBuf>) -> Result<SecretString> {
 }
 
 pub fn run(global: &GlobalArgs, cmd: SecretStorageCommand) -> Result<ExitCode> {
-    let session = Session::load(&session_path())?;
-    let client = Client::for_session(&session)?;
-    let user = session.user_id.clone();
-    let store = open_store(global)?;
-    let store: &dyn KeyStore = &store;
+    let ctx = Ctx::open(global)?;
+    let (client, user) = (&ctx.client, ctx.session.user_id.clone());
+    let store: &dyn KeyStore = &ctx.store;
     let default = client
         .account_data(&user, "m.secret_storage.default_key")?
         .and_then(|v| v.get("key").and_then(Value::as_str).map(str::to_string));
     match cmd {
         SecretStorageCommand::Status => {
-            let published = published(&client, &user)?;
+            let published = published(client, &user)?;
             let mut rows = Vec::new();
             let mut out = Vec::new();
             for ((name, role), (_, pub_key)) in SECRETS.iter().zip(&published) {
@@ -201,7 +198,7 @@ pub fn run(global: &GlobalArgs, cmd: SecretStorageCommand) -> Result<ExitCode> {
                 }
             };
             key.check(&description).context("nothing was imported")?;
-            let published = published(&client, &user)?;
+            let published = published(client, &user)?;
             // Decrypt and check everything before anything goes onto the token.
             let mut plan: Vec<(&str, KeyRole, Zeroizing<[u8; 32]>)> = Vec::new();
             for ((name, role), (_, pub_key)) in SECRETS.iter().zip(&published) {

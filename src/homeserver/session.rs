@@ -2,8 +2,7 @@
 //! a 0600 file under the XDG data directory (`$XDG_DATA_HOME/mxhsm/session.json`, by
 //! default `~/.local/share/mxhsm/session.json`).
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use secrecy::{ExposeSecret, SecretString};
@@ -92,16 +91,6 @@ impl Session {
             "access_token": self.access_token.expose_secret(),
             "olm_account": self.olm_account.as_ref().map(|a| a.expose_secret().to_string()),
         });
-        let tmp = path.with_extension("json.tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
-        f.write_all(body.to_string().as_bytes()).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        crate::files::write_private(path, body.to_string().as_bytes()).map_err(io)
     }
 }

@@ -209,6 +209,16 @@ fn probe(ctx: &Pkcs11, slot: Slot, info: &TokenInfo) -> Result<Capabilities, CkE
     })
 }
 
+/// Turns a cryptoki error of `operation` on the module at `module` into a [`TokenError`].
+fn module_error(module: &Path, operation: &'static str) -> impl Fn(CkError) -> TokenError {
+    let module = module.display().to_string();
+    move |e| TokenError::Device {
+        token: module.clone(),
+        operation: operation.to_string(),
+        reason: e.to_string(),
+    }
+}
+
 /// One token as `mxhsm token list` shows it.
 #[derive(Debug, Clone)]
 pub struct TokenEntry {
@@ -225,14 +235,7 @@ pub struct TokenEntry {
 pub fn list_tokens(path: &Path) -> Result<Vec<TokenEntry>, TokenError> {
     let _lock = soft_token_lock(path)?;
     let ctx = load_module(path)?;
-    let dev = |op: &str| {
-        let op = op.to_string();
-        move |e: CkError| TokenError::Device {
-            token: path.display().to_string(),
-            operation: op.clone(),
-            reason: e.to_string(),
-        }
-    };
+    let dev = |op| module_error(path, op);
     let mut out = Vec::new();
     for slot in ctx.get_slots_with_token().map_err(dev("C_GetSlotList"))? {
         let sinfo = ctx.get_slot_info(slot).map_err(dev("C_GetSlotInfo"))?;
@@ -316,15 +319,7 @@ impl Pkcs11Store {
         let path = resolve_module_path(uri)?;
         let process_lock = soft_token_lock(&path)?;
         let ctx = load_module(&path)?;
-        let module = path.display().to_string();
-        let dev = |op: &'static str| {
-            let module = module.clone();
-            move |e: CkError| TokenError::Device {
-                token: module.clone(),
-                operation: op.to_string(),
-                reason: e.to_string(),
-            }
-        };
+        let dev = |op| module_error(&path, op);
         // SoftHSM's file store can show another process's token as absent while that
         // process rewrites it; looking again a moment later finds it. Only the slot list is
         // read again: nothing has been sent to any token yet.
@@ -419,15 +414,7 @@ impl Pkcs11Store {
         uri: &Pkcs11Uri,
         path: &Path,
     ) -> Result<(Vec<(Slot, TokenInfo, TokenSummary)>, Vec<String>), TokenError> {
-        let module = path.display().to_string();
-        let dev = |op: &'static str| {
-            let module = module.clone();
-            move |e: CkError| TokenError::Device {
-                token: module.clone(),
-                operation: op.to_string(),
-                reason: e.to_string(),
-            }
-        };
+        let dev = |op| module_error(path, op);
         let mut candidates = Vec::new();
         let mut available = Vec::new();
         for slot in ctx.get_slots_with_token().map_err(dev("C_GetSlotList"))? {
