@@ -493,3 +493,71 @@ mod published_vectors {
         super::published_cross_signing_signatures_from_the_token(super::Kind::Kryoptic)
     }
 }
+
+/// The three published key-backup vectors (matrix-crypto.md §2.3), each backup key imported
+/// on the token, decrypted through the token's ECDH.
+fn backup_vectors_decrypt_through_the_token(kind: Kind) {
+    use mxhsm::matrix::backup::{EncryptedSessionData, decrypt};
+    use mxhsm::token::TokenAgreement;
+    let t = TestToken::new(kind);
+    let store = t.open();
+    let vectors = [
+        (
+            "@js:localhost",
+            "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=",
+            "q+P1WdRtEiPIEtNuuGrRcueZxUbLnSKdsuTAkxewXgU",
+            "r6HRk2/Im2yJe5cLP8R81aVjFWjYWPHpw7TVxphiSK1cdIDZTTK57r6MfU+0i/mTPn+/PosT74OvYwCnehy2dyqqks+Ev+uBKw3TAo0HCv7W3Rmq9XtqxikG9ts7XtcjFEkx37+qRaXtikcu0+CmUf+I5X6KStwNXb+CPnN2CGgwpn8g5+xEgSjE904QFrte4s9ygfqymgszgF7kzNICYF5g2GTlss8pdu/GLnh52AKvtT6FcqE5LC74N07BDWUycMHMMMw43F7z5GhzEnoWOXlbz+M4eTGrCYuhvcmQGNbdgzYqEXPm1z4xFhVgs84kFCtNeUc+AHZWfC2zynZ++4tpmfCYYpYEfYwQNo9Ks7o+Mh2PtAo9/GIU4xAK/uG0vizEiNYt/1QAxwgrmDxjdRe5TH4pPUtLMktRDyZKeUHJmYZA7pcLtpVatXhXmVEQLFLDc/uusxaBxFXYkx7BQnNRoa1BE1yXRxud94s6vMsI/auhn95TG58Z0Rz9psRT4HzgDKeHf/uVbdfKR9O3gqxlB4mzZAyTCqHhUQERmGiISC2FeuKkAwVk/ZxXiFqSTUCizwXcczGbzEbC+pBJTi6jX5Pa2yI9cT5C8xaGGUzEaKdNWukcs73uvXoFl/5y0Y29PkfE8UlPWpN4kZn7hrcOllcqqV9ZMH+rBbGViIw0yZ6yQUciEJzO8Gk3yz36lIT30VhCgKXMu+kELEPTRSVXqEQkCXBcfNOhgl3LIso",
+            "OibmACbORhI",
+            "WimPd2udAU/1S/+YBpPbmr9L+0H5H+BnAVHSwDxlPGc",
+        ),
+        (
+            "@rust:localhost",
+            "Ha9cklU/9NqFo9WKdVfGzmqUL/9wlkdxfEitbSIPVXw",
+            "HlLi76oV6wxHz3PCqE/bxJi6yF1HnYz5Dq3T+d/KpRw",
+            "MuM8E3Yc6TSAvhVGb77rQ++jE6p9dRepx63/3YPD2wACKAppkZHeFrnTH6wJ/HSyrmzo7HfwqVl6tKNpfooSTHqUf6x1LHz+h4B/Id5ITO1WYt16AaI40LOnZqTkJZCfSPuE2oxalwEHnCS3biWybutcnrBFPR3LMtaeHvvkb+k3ny9l5ZpsU9G7vCm3XoeYkWfLekWXvDhbqWrylXD0+CNUuaQJ/S527TzLd4XKctqVjjO/cCH7q+9utt9WJAfK8LGaWT/mZ3AeWjf5kiqOpKKf5Cn4n5SSil5p/pvGYmjnURvZSEeQIzHgvunIBEPtzK/MYEPOXe/P5achNGlCx+5N19Ftyp9TFaTFlTWCTi0mpD7ePfCNISrwpozAz9HZc0OhA8+1aSc7rhYFIeAYXFU326NuFIFHI5pvpSxjzPQlOA+mavIKmiRAtjlLw11IVKTxgrdT4N8lXeMr4ndCSmvIkAzFMo1uZA4fzjiAdQJE4/2WeXFNNpvdfoYmX8Zl9CAYjpSO5HvpwkAbk4/iLEH3hDfCVUwDfMh05PdGLnxeRpiEFWSMSsJNp+OWAA+5JsF41BoRGrxoXXT+VKqlUDONd+O296Psu8Q+d8/S618",
+            "GtMrurhDTwo",
+            "wREG/hBdSspoqM9xPCEXd/4YwjpBFXlsobRkyDTo/Q8",
+        ),
+        (
+            "@mautrix:localhost",
+            "ReSMMZeRtDSdrwXzu2OvN0B73KUXkYPt3kaYfFIkw10",
+            "o43y/Mck1DExWdHr0+qbPJbjzO97+RH1mw6phLhYQj0",
+            "hDCjEbyi2uMXt3RBWe9mRdeqhcoraPR84/cq5ll16LIIIICJ8ZLmiWG5IwmGqDFmd3Jw20cNo49b38LH3oBJUl5DG44VdjoI4nlgAzaMSLwMZ7JFGt0Enu1Csfgpvgt1qksTP6QB7YDwITD33iL7ucco1iOl7ABGzhyjCi2iZ3A6Xmx3RsAmHhmU5gJWE6/lIoI6/lh7dZFSfp4RTGfxQ8ToCCIsrgdx1weViv4I4ArXfcrdnaprPzP4cH77Ej1Wg1/bUHtB4C8nOiX+cYnOG29NbTHbtQF14zJpA+2XM2JngiLkss+NQj96PQzgPNhAMEFOLLy5ckY1WvS4sMMeCVzAyt5dwEGDcyxLTC4oJ/RrvLcHCHW0aOygPSlNoMRyDgC0f92+mPQGAmFv4GhfDFXfaauBxBdRAPjXj7Onn2B4UdfwQXGLT3RAihba8i9usOX5hLxqQqvtA3SUuV8hPrzHhpPEeRvx+PgZsXwV+gM7Aw3Mza6hwmILdngJh7NNQTINsCRqff9Ck3Kh7aSOoHsHvz7Ot+T514ObDwWYYCBMmS/6EG4XjSya6R98ggRWGrO9l21YYUvzBTv7OLtMck0Za3151Zqi/5LRKP95QIU",
+            "Mnt8eXwFfjw",
+            "JUUfV6vErSATm3rIOU9DML+IX1SlYxnAAS824xhbhC4",
+        ),
+    ];
+    for (user, key, ephemeral, ciphertext, mac, sender_key) in vectors {
+        let k = store
+            .import(
+                user,
+                KeyRole::Backup,
+                SecretKeyBytes::from_slice(&b64(key)).unwrap(),
+                &KeyOptions::default(),
+            )
+            .unwrap();
+        let agreement = TokenAgreement {
+            store: &store,
+            key: k,
+        };
+        let data = EncryptedSessionData::from_json(
+            &serde_json::json!({"ephemeral": ephemeral, "ciphertext": ciphertext, "mac": mac}),
+        )
+        .unwrap();
+        let plain: serde_json::Value =
+            serde_json::from_slice(&decrypt(&agreement, &data).unwrap()).unwrap();
+        assert_eq!(plain["sender_key"], sender_key, "{user}");
+        assert_eq!(plain["algorithm"], "m.megolm.v1.aes-sha2");
+    }
+}
+
+mod backup_vectors {
+    #[test]
+    fn softhsm() {
+        super::backup_vectors_decrypt_through_the_token(super::Kind::SoftHsm)
+    }
+    #[test]
+    fn kryoptic() {
+        super::backup_vectors_decrypt_through_the_token(super::Kind::Kryoptic)
+    }
+}
