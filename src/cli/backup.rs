@@ -2,15 +2,16 @@
 //! backup key on the token.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Subcommand, ValueEnum};
+use mxhsm::files::PrivateFile;
 use mxhsm::homeserver::Client;
-use mxhsm::matrix::backup::{self, BackedUpSession, RoomKey, X25519Agreement};
+use mxhsm::matrix::backup::{self, BackedUpSession, X25519Agreement};
 use mxhsm::matrix::device::DeviceSigner;
 use mxhsm::matrix::key_export;
 use mxhsm::matrix::signed_json::{Ed25519PublicKey, encode_base64};
@@ -101,11 +102,6 @@ fn passphrase(file: Option<&Path>, twice: bool) -> Result<SecretString> {
         bail!("an empty passphrase protects nothing; nothing written");
     }
     Ok(SecretString::from(first))
-}
-
-fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
-    mxhsm::files::write_private(path, contents)
-        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn current_version(client: &Client) -> Result<Value> {
@@ -247,6 +243,52 @@ fn partial_path(out: &Path) -> PathBuf {
     out.with_file_name(name)
 }
 
+/// Sessions restored per round of the pipeline: results are written out between rounds,
+/// so memory holds the encrypted backup and one round of plaintext, never all of it.
+const RESTORE_ROUND: usize = 4096;
+
+/// The backup as the server sends it, parsed into no more than restore needs.
+#[derive(serde::Deserialize)]
+struct Dump {
+    #[serde(default)]
+    rooms: BTreeMap<String, DumpRoom>,
+}
+
+#[derive(serde::Deserialize)]
+struct DumpRoom {
+    #[serde(default)]
+    sessions: BTreeMap<String, DumpSession>,
+}
+
+#[derive(serde::Deserialize)]
+struct DumpSession {
+    #[serde(default)]
+    session_data: Value,
+}
+
+/// Where restored sessions go: the plain JSON array or an export file, both written to a
+/// temporary 0600 file that becomes the output only when complete.
+enum Sink {
+    Json(PrivateFile),
+    Export(Box<key_export::ExportWriter<PrivateFile>>),
+}
+
+impl Sink {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Json(f) => f.write_all(bytes),
+            Sink::Export(w) => w.write_plaintext(bytes),
+        }
+    }
+
+    fn commit(self) -> std::io::Result<()> {
+        match self {
+            Sink::Json(f) => f.commit(),
+            Sink::Export(w) => w.finish()?.commit(),
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn restore(
     global: &GlobalArgs,
@@ -295,44 +337,42 @@ fn restore(
             key.public_key_base64()
         );
     }
-    // Fetch (or take from the interrupted run) every encrypted session.
-    let fetched: Value = match std::fs::read(&partial)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-    {
-        Some(p) if resume && p["version"] == json!(version) => {
+    // Fetch (or take from the interrupted run) every encrypted session. The partial file
+    // holds the version on its first line, then the server's answer as it came.
+    let saved = std::fs::read_to_string(&partial).ok().and_then(|text| {
+        let (v, body) = text.split_once('\n')?;
+        (resume && v == version).then(|| body.to_string())
+    });
+    let text = match saved {
+        Some(body) => {
             eprintln!("resuming: the sessions of backup version {version} were already fetched");
-            p["rooms"].clone()
+            body
         }
-        _ => {
-            let all = ctx.client.backup_keys(&version).with_context(|| {
+        None => {
+            let body = ctx.client.backup_keys_text(&version).with_context(|| {
                 format!(
                     "fetching the backup failed; nothing was written. Run `mxhsm backup restore --out {} --resume` when the server is back",
                     out.display()
                 )
             })?;
-            let rooms = all.get("rooms").cloned().unwrap_or_else(|| json!({}));
-            write_atomically(
-                &partial,
-                json!({"version": version, "rooms": rooms})
-                    .to_string()
-                    .as_bytes(),
-            )?;
-            rooms
+            let mut f = PrivateFile::create(&partial)?;
+            f.write_all(version.as_bytes())?;
+            f.write_all(b"\n")?;
+            f.write_all(body.as_bytes())?;
+            f.commit()?;
+            body
         }
     };
+    let dump: Dump = serde_json::from_str(&text)
+        .context("the server's backup is not the JSON the spec describes")?;
+    drop(text);
     let mut items = Vec::new();
-    for (room_id, room) in fetched.as_object().into_iter().flatten() {
-        for (session_id, data) in room
-            .get("sessions")
-            .and_then(Value::as_object)
-            .into_iter()
-            .flatten()
-        {
+    for (room_id, room) in dump.rooms {
+        for (session_id, s) in room.sessions {
             items.push(BackedUpSession {
                 room_id: room_id.clone(),
-                session_id: session_id.clone(),
-                session_data: data.get("session_data").cloned().unwrap_or(Value::Null),
+                session_id,
+                session_data: s.session_data,
             });
         }
     }
@@ -345,42 +385,54 @@ fn restore(
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    let file =
+        PrivateFile::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut sink = match &pass {
+        Some(p) => Sink::Export(Box::new(key_export::ExportWriter::new(
+            file,
+            p.expose_secret(),
+            rounds,
+        )?)),
+        None => Sink::Json(file),
+    };
+    sink.write(b"[")?;
     let start = Instant::now();
-    let results = backup::restore_all(&agreement, &items, jobs, software_jobs(), &|| bar.inc(1));
-    bar.finish_and_clear();
-    let elapsed = start.elapsed().as_secs_f64();
-    let mut keys: BTreeMap<(String, String), RoomKey> = BTreeMap::new();
+    let mut restored = 0usize;
     let mut failed = Vec::new();
-    for (item, r) in items.iter().zip(results) {
-        match r {
-            Ok(k) => {
-                keys.insert((item.room_id.clone(), item.session_id.clone()), k);
+    for round in items.chunks(RESTORE_ROUND) {
+        let results = backup::restore_all(&agreement, round, jobs, software_jobs(), &|| bar.inc(1));
+        for (item, r) in round.iter().zip(results) {
+            match r {
+                Ok(k) => {
+                    let entry = Zeroizing::new(serde_json::to_vec(&k.0)?);
+                    if restored > 0 {
+                        sink.write(b",")?;
+                    }
+                    sink.write(&entry)?;
+                    restored += 1;
+                }
+                Err(e) => {
+                    failed.push((item.room_id.clone(), item.session_id.clone(), e.to_string()))
+                }
             }
-            Err(e) => failed.push((item.room_id.clone(), item.session_id.clone(), e.to_string())),
         }
     }
-    failed.sort();
-    let array: Vec<&Value> = keys.values().map(|k| &k.0).collect();
-    let json_text = Zeroizing::new(serde_json::to_string(&array)?);
-    let contents = match &pass {
-        Some(p) => {
-            Zeroizing::new(key_export::encrypt(&json_text, p.expose_secret(), rounds)?.into_bytes())
-        }
-        None => Zeroizing::new(json_text.as_bytes().to_vec()),
-    };
-    write_atomically(out, &contents)?;
+    sink.write(b"]")?;
+    bar.finish_and_clear();
+    let elapsed = start.elapsed().as_secs_f64();
+    sink.commit()
+        .with_context(|| format!("cannot write {}", out.display()))?;
     let _ = std::fs::remove_file(&partial);
     let rate = items.len() as f64 / elapsed.max(1e-9);
     if global.json {
         output::json(&json!({
-            "out": out.display().to_string(), "restored": keys.len(), "failed": failed.len(),
+            "out": out.display().to_string(), "restored": restored, "failed": failed.len(),
             "failures": failed.iter().map(|(r, s, e)| json!({"room_id": r, "session_id": s, "error": e})).collect::<Vec<_>>(),
             "jobs": jobs, "seconds": elapsed, "sessions_per_second": rate,
         }));
     } else {
         println!(
-            "restored {} sessions into {} ({:.0} sessions/s with {jobs} job(s))",
-            keys.len(),
+            "restored {restored} sessions into {} ({:.0} sessions/s with {jobs} job(s))",
             out.display(),
             rate
         );

@@ -141,6 +141,17 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(u16, Value), HomeserverError> {
+        let (status, text) = self.send_raw(method, path, body)?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
+    /// One request with retries; returns (status, body text).
+    fn send_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, String), HomeserverError> {
         let url = format!("{}/_matrix/client/v3{path}", self.base);
         let endpoint = format!("{method} {}", path.split('?').next().unwrap_or(path));
         let mut backoff = FIRST_BACKOFF;
@@ -202,13 +213,14 @@ impl Client {
                             continue;
                         }
                     };
-                    let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
                     let retryable = status == 429 || status >= 500;
                     if !retryable || last {
-                        return Ok((status, value));
+                        return Ok((status, text));
                     }
                     if status == 429
-                        && let Some(ms) = value.get("retry_after_ms").and_then(Value::as_u64)
+                        && let Some(ms) = serde_json::from_str::<Value>(&text)
+                            .ok()
+                            .and_then(|v| v.get("retry_after_ms").and_then(Value::as_u64))
                     {
                         backoff = Duration::from_millis(ms.min(60_000));
                     }
@@ -457,13 +469,16 @@ impl Client {
     }
 
     /// `GET /room_keys/keys?version=V`: every backed-up session,
-    /// `{"rooms": {room: {"sessions": {session: KeyBackupData}}}}`.
-    pub fn backup_keys(&self, version: &str) -> Result<Value, HomeserverError> {
-        self.call(
-            "GET",
-            &format!("/room_keys/keys?version={}", path_segment(version)),
-            None,
-        )
+    /// `{"rooms": {room: {"sessions": {session: KeyBackupData}}}}`, as the server's text
+    /// (a large backup is hundreds of megabytes: the caller parses it into compact types).
+    pub fn backup_keys_text(&self, version: &str) -> Result<String, HomeserverError> {
+        let path = format!("/room_keys/keys?version={}", path_segment(version));
+        let (status, text) = self.send_raw("GET", &path, None)?;
+        if status == 200 {
+            return Ok(text);
+        }
+        let value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        check("GET", &path, status, value).map(|_| String::new())
     }
 
     /// `PUT /room_keys/keys?version=V` with `{"rooms": …}`.

@@ -63,12 +63,6 @@ fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
     h.finalize().into_bytes().into()
 }
 
-fn ctr(key: &[u8], iv: &[u8; 16], data: &mut [u8]) {
-    let mut c = Aes256Ctr64::new_from_slices(key, iv)
-        .unwrap_or_else(|_| unreachable!("32-byte key and 16-byte IV"));
-    c.apply_keystream(data);
-}
-
 /// Decrypts an export file: the JSON text of the sessions.
 pub fn decrypt(armoured: &str, passphrase: &str) -> Result<Zeroizing<String>, KeyExportError> {
     let trimmed = armoured.trim();
@@ -100,7 +94,9 @@ pub fn decrypt(armoured: &str, passphrase: &str) -> Result<Zeroizing<String>, Ke
         return Err(KeyExportError::Mac);
     }
     let mut plain = Zeroizing::new(signed[37..].to_vec());
-    ctr(&k[..32], &iv, &mut plain);
+    Aes256Ctr64::new_from_slices(&k[..32], &iv)
+        .unwrap_or_else(|_| unreachable!("32-byte key and 16-byte IV"))
+        .apply_keystream(&mut plain);
     let text =
         String::from_utf8(std::mem::take(&mut *plain)).map_err(|_| KeyExportError::NotJson)?;
     Ok(Zeroizing::new(text))
@@ -108,14 +104,24 @@ pub fn decrypt(armoured: &str, passphrase: &str) -> Result<Zeroizing<String>, Ke
 
 /// Encrypts `json` (the sessions array) into an export file with fresh salt and IV.
 pub fn encrypt(json: &str, passphrase: &str, rounds: u32) -> Result<String, KeyExportError> {
-    let mut salt = [0u8; 16];
-    let mut iv = [0u8; 16];
-    getrandom::fill(&mut salt).map_err(|e| KeyExportError::Random(e.to_string()))?;
-    getrandom::fill(&mut iv).map_err(|e| KeyExportError::Random(e.to_string()))?;
-    iv[8] &= 0x7f;
-    encrypt_with(json, passphrase, rounds, &salt, &iv)
+    let mut out = Vec::with_capacity(json.len() * 4 / 3 + 128);
+    let mut w = ExportWriter::new(&mut out, passphrase, rounds).map_err(io_error)?;
+    w.write_plaintext(json.as_bytes()).map_err(io_error)?;
+    w.finish().map_err(io_error)?;
+    String::from_utf8(out).map_err(|_| KeyExportError::NotJson)
 }
 
+fn io_error(e: std::io::Error) -> KeyExportError {
+    match e
+        .into_inner()
+        .and_then(|inner| inner.downcast::<KeyExportError>().ok())
+    {
+        Some(k) => *k,
+        None => KeyExportError::Random("I/O error writing the export".into()),
+    }
+}
+
+#[cfg(test)]
 fn encrypt_with(
     json: &str,
     passphrase: &str,
@@ -123,31 +129,102 @@ fn encrypt_with(
     salt: &[u8; 16],
     iv: &[u8; 16],
 ) -> Result<String, KeyExportError> {
-    if rounds == 0 {
-        return Err(KeyExportError::Rounds);
+    let mut out = Vec::new();
+    let mut w =
+        ExportWriter::with_salt_and_iv(&mut out, passphrase, rounds, salt, iv).map_err(io_error)?;
+    w.write_plaintext(json.as_bytes()).map_err(io_error)?;
+    w.finish().map_err(io_error)?;
+    String::from_utf8(out).map_err(|_| KeyExportError::NotJson)
+}
+
+/// Raw bytes per armour line (128 base64 characters).
+const LINE_BYTES: usize = LINE / 4 * 3;
+
+/// Writes an export file as the plaintext comes, holding no more than a line of it: for
+/// restores of hundreds of thousands of sessions.
+pub struct ExportWriter<W: std::io::Write> {
+    out: W,
+    cipher: Aes256Ctr64,
+    mac: Hmac<Sha256>,
+    /// Raw bytes not yet base64-encoded (less than one line's worth).
+    pending: Vec<u8>,
+}
+
+impl<W: std::io::Write> ExportWriter<W> {
+    /// Starts a file with fresh salt and IV (bit 63 cleared).
+    pub fn new(out: W, passphrase: &str, rounds: u32) -> std::io::Result<Self> {
+        let mut salt = [0u8; 16];
+        let mut iv = [0u8; 16];
+        getrandom::fill(&mut salt)
+            .and_then(|_| getrandom::fill(&mut iv))
+            .map_err(|e| std::io::Error::other(KeyExportError::Random(e.to_string())))?;
+        iv[8] &= 0x7f;
+        Self::with_salt_and_iv(out, passphrase, rounds, &salt, &iv)
     }
-    let k = keys(passphrase, salt, rounds);
-    let mut body = Vec::with_capacity(json.len() + 69);
-    body.push(VERSION);
-    body.extend_from_slice(salt);
-    body.extend_from_slice(iv);
-    body.extend_from_slice(&rounds.to_be_bytes());
-    let start = body.len();
-    body.extend_from_slice(json.as_bytes());
-    ctr(&k[..32], iv, &mut body[start..]);
-    let mac = hmac(&k[32..], &body);
-    body.extend_from_slice(&mac);
-    let b64 = STANDARD.encode(&body);
-    let mut out = String::with_capacity(b64.len() + b64.len() / LINE + 80);
-    out.push_str(HEADER);
-    out.push('\n');
-    for chunk in b64.as_bytes().chunks(LINE) {
-        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-        out.push('\n');
+
+    fn with_salt_and_iv(
+        mut out: W,
+        passphrase: &str,
+        rounds: u32,
+        salt: &[u8; 16],
+        iv: &[u8; 16],
+    ) -> std::io::Result<Self> {
+        if rounds == 0 {
+            return Err(std::io::Error::other(KeyExportError::Rounds));
+        }
+        let k = keys(passphrase, salt, rounds);
+        let cipher = Aes256Ctr64::new_from_slices(&k[..32], iv)
+            .unwrap_or_else(|_| unreachable!("32-byte key and 16-byte IV"));
+        let mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&k[32..])
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        writeln!(out, "{HEADER}")?;
+        let mut w = ExportWriter {
+            out,
+            cipher,
+            mac,
+            pending: Vec::with_capacity(2 * LINE_BYTES),
+        };
+        let mut head = vec![VERSION];
+        head.extend_from_slice(salt);
+        head.extend_from_slice(iv);
+        head.extend_from_slice(&rounds.to_be_bytes());
+        w.emit(&head)?;
+        Ok(w)
     }
-    out.push_str(FOOTER);
-    out.push('\n');
-    Ok(out)
+
+    /// Authenticates and armours encrypted (or header) bytes.
+    fn emit(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.mac.update(bytes);
+        self.pending.extend_from_slice(bytes);
+        while self.pending.len() >= LINE_BYTES {
+            let line = STANDARD.encode(&self.pending[..LINE_BYTES]);
+            writeln!(self.out, "{line}")?;
+            self.pending.drain(..LINE_BYTES);
+        }
+        Ok(())
+    }
+
+    /// Encrypts and writes more of the JSON text.
+    pub fn write_plaintext(&mut self, plaintext: &[u8]) -> std::io::Result<()> {
+        for chunk in plaintext.chunks(4096) {
+            let mut buf = Zeroizing::new(chunk.to_vec());
+            self.cipher.apply_keystream(&mut buf);
+            self.emit(&buf)?;
+        }
+        Ok(())
+    }
+
+    /// Appends the MAC and the footer; returns the writer.
+    pub fn finish(mut self) -> std::io::Result<W> {
+        let mac: [u8; 32] = self.mac.clone().finalize().into_bytes().into();
+        self.pending.extend_from_slice(&mac);
+        for chunk in self.pending.chunks(LINE_BYTES) {
+            writeln!(self.out, "{}", STANDARD.encode(chunk))?;
+        }
+        writeln!(self.out, "{FOOTER}")?;
+        self.out.flush()?;
+        Ok(self.out)
+    }
 }
 
 #[cfg(test)]
@@ -229,6 +306,32 @@ GYW19pdjg0qdXNk/eqZsQTsNWVo6A
         assert!(file.contains(
             "Af//////////////////////////////////////////AAAD6IAZJy7IQ7Y0idqSw/bmpngEEVVh"
         ));
+    }
+
+    /// Written in pieces of every size, the file decrypts to the same text.
+    #[test]
+    fn streaming_writer() {
+        let text: String = (0..5000)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        for piece in [1usize, 7, 95, 96, 97, 4096, 5000] {
+            let mut out = Vec::new();
+            let mut w = ExportWriter::new(&mut out, "p", 5).unwrap();
+            for c in text.as_bytes().chunks(piece) {
+                w.write_plaintext(c).unwrap();
+            }
+            w.finish().unwrap();
+            let file = String::from_utf8(out).unwrap();
+            assert!(
+                file.lines().all(|l| l.len() <= LINE),
+                "lines of at most {LINE}"
+            );
+            assert_eq!(
+                decrypt(&file, "p").unwrap().as_str(),
+                text,
+                "pieces of {piece}"
+            );
+        }
     }
 
     #[test]
