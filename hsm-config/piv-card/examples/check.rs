@@ -145,6 +145,9 @@ fn full(ca_path: &str) {
     let never_pk = VerifyingKey::from_bytes(never.subject_public_key.raw_bytes().try_into().unwrap()).unwrap();
 
     // ------------------------------------------------------------- signing
+    // change_pin left the PIN verified; get_pin_retries re-selects PIV, which
+    // (as on a YubiKey) clears the PIN and management-key security status.
+    yk.get_pin_retries().unwrap();
     let r = piv::sign_data(&mut yk, b"x", AlgorithmId::Ed25519, R1);
     check(matches!(r, Err(Error::AuthenticationError)), &format!("sign (PIN once) without PIN -> {:?}", r.err()));
     let s = piv::sign_data(&mut yk, b"x", AlgorithmId::Ed25519, R4).expect("never");
@@ -187,6 +190,7 @@ fn full(ca_path: &str) {
 
     // ---------------------------------------------------------------- import
     let seed = [0x11u8; 32];
+    yk.authenticate(&mgm).expect("authenticate again after re-select");
     piv::import_cv_key(&mut yk, R5, AlgorithmId::Ed25519, &seed, TouchPolicy::Default, PinPolicy::Default).expect("import ed");
     let sk = SigningKey::from_bytes(&seed);
     for m in [&b"hello"[..], &msg(700)] {
@@ -235,6 +239,9 @@ fn full(ca_path: &str) {
     for (slot, pk, name) in [(R1, ed_pk.to_bytes(), "Ed25519 82"), (R2, x_pk, "X25519 83")] {
         let der = piv::attest(&mut yk, slot).expect("attest");
         let cert = x509_cert::Certificate::from_der(&der).expect("parse attestation cert");
+        if let Ok(dir) = std::env::var("CHECK_WRITE_CERTS") {
+            std::fs::write(format!("{dir}/attest-{}.der", u8::from(slot)), &der).unwrap();
+        }
         let tbs = cert.tbs_certificate();
         println!("attest {name}: {} bytes, subject={} issuer={}", der.len(), tbs.subject(), tbs.issuer());
         check(verify(&ca_pk, &tbs.to_der().unwrap(), cert.signature().raw_bytes()), &format!("attest {name}: signature verifies with CA"));
@@ -245,6 +252,17 @@ fn full(ca_path: &str) {
     let f9 = yk.fetch_object(0x005f_ff01).expect("fetch F9 object");
     check(f9.len() > 4 && f9[0] == 0x70 && f9.windows(ca.to_der().unwrap().len()).any(|w| w == ca.to_der().unwrap()),
         "GET DATA 5FFF01 holds the CA certificate");
+    // 3DES (and AES-256) management keys: switch, authenticate, switch back.
+    for (alg, len) in [(yubikey::MgmAlgorithmId::ThreeDes, 24usize), (yubikey::MgmAlgorithmId::Aes256, 32)] {
+        let k: Vec<u8> = (1..=len as u8).collect();
+        let key = MgmKey::from_bytes(&k, Some(alg)).unwrap();
+        yk.authenticate(&mgm).unwrap();
+        check(key.set_manual(&mut yk, false).is_ok(), &format!("set_manual {alg:?}"));
+        check(yk.authenticate(&mgm).is_err(), "old key refused");
+        check(yk.authenticate(&key).is_ok(), &format!("authenticate {alg:?}"));
+        check(mgm.set_manual(&mut yk, false).is_ok(), "back to default AES-192");
+    }
+    check(yk.authenticate(&mgm).is_ok(), "authenticate default again");
     drop(yk); // disconnect resets the card: PIN state is gone
 
     // ------------------------------------------------------------- raw APDUs
@@ -320,10 +338,11 @@ fn raw(ed_pk: &VerifyingKey) {
     for len in [255usize, 1015, 4096, 65536] {
         let m = msg(len);
         let t = Instant::now();
+        let apdus = ga(&m).len().div_ceil(255);
         let (r, sw) = send(&card, 0x87, 0xe0, 0x82, &ga(&m));
         let el = t.elapsed();
         let ok_shape = sw == 0x9000 && r.len() == 68 && r[..4] == [0x7c, 0x42, 0x82, 0x40];
-        check(ok_shape && verify(ed_pk, &m, &r[4..]), &format!("raw chained sign {len} bytes ({} APDUs, {el:?}) verify_strict", len.div_ceil(255)));
+        check(ok_shape && verify(ed_pk, &m, &r[4..]), &format!("raw chained sign {len} bytes ({apdus} APDUs, {el:?}) verify_strict"));
     }
     // Long answer through 61 XX / GET RESPONSE: the F9 attestation object.
     let (r, sw) = send(&card, 0xcb, 0x3f, 0xff, &[0x5c, 0x03, 0x5f, 0xff, 0x01]);

@@ -12,6 +12,7 @@ mod der;
 use card::{Card, Persistent, hex};
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::linux::net::TcpStreamExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -119,7 +120,12 @@ fn serve(mut s: TcpStream, card: &mut Card) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     loop {
         let mut len = [0u8; 2];
+        // vpcd writes the length and the payload with two send() calls and no
+        // TCP_NODELAY: acknowledge at once, or Nagle + delayed ACK add ~40 ms
+        // to every APDU.
+        let _ = s.set_quickack(true);
         s.read_exact(&mut len)?;
+        let _ = s.set_quickack(true);
         let len = u16::from_be_bytes(len) as usize;
         let mut msg = vec![0u8; len];
         s.read_exact(&mut msg)?;
