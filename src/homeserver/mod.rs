@@ -469,16 +469,61 @@ impl Client {
     }
 
     /// `GET /room_keys/keys?version=V`: every backed-up session,
-    /// `{"rooms": {room: {"sessions": {session: KeyBackupData}}}}`, as the server's text
-    /// (a large backup is hundreds of megabytes: the caller parses it into compact types).
-    pub fn backup_keys_text(&self, version: &str) -> Result<String, HomeserverError> {
+    /// `{"rooms": {room: {"sessions": {session: KeyBackupData}}}}`, streamed into a 0600
+    /// file at `dest` after `header` (a large backup is hundreds of megabytes: it is never
+    /// held in memory whole). The file appears only when the answer is complete; dropped
+    /// connections and 5xx answers are retried like any request.
+    pub fn download_backup_keys(
+        &self,
+        version: &str,
+        dest: &std::path::Path,
+        header: &[u8],
+    ) -> Result<(), HomeserverError> {
         let path = format!("/room_keys/keys?version={}", path_segment(version));
-        let (status, text) = self.send_raw("GET", &path, None)?;
-        if status == 200 {
-            return Ok(text);
+        let url = format!("{}/_matrix/client/v3{path}", self.base);
+        let endpoint = "GET /room_keys/keys".to_string();
+        let io = |e: std::io::Error| {
+            HomeserverError::Input(format!("cannot write {}: {e}", dest.display()))
+        };
+        let mut backoff = FIRST_BACKOFF;
+        for attempt in 1..=ATTEMPTS {
+            let last = attempt == ATTEMPTS;
+            let mut req = self.agent.get(&url);
+            if let Some(t) = &self.access_token {
+                req = req.header("Authorization", format!("Bearer {}", t.expose_secret()));
+            }
+            let failure = match req.call() {
+                Err(e) => e.to_string(),
+                Ok(mut resp) => {
+                    let status = resp.status().as_u16();
+                    if status == 200 {
+                        let mut file = crate::files::PrivateFile::create(dest).map_err(io)?;
+                        std::io::Write::write_all(&mut file, header).map_err(io)?;
+                        let mut reader = resp.body_mut().with_config().limit(BODY_LIMIT).reader();
+                        match std::io::copy(&mut reader, &mut file) {
+                            Ok(_) => return file.commit().map_err(io),
+                            Err(e) => format!("the answer was cut off: {e}"),
+                        }
+                    } else {
+                        let text = resp.body_mut().read_to_string().unwrap_or_default();
+                        let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                        if status != 429 && status < 500 || last {
+                            return check("GET", &path, status, value).map(|_| ());
+                        }
+                        format!("{status}")
+                    }
+                }
+            };
+            if last {
+                return Err(HomeserverError::Network {
+                    endpoint,
+                    reason: failure,
+                });
+            }
+            std::thread::sleep(backoff);
+            backoff *= 2;
         }
-        let value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        check("GET", &path, status, value).map(|_| String::new())
+        unreachable!("the last attempt returns")
     }
 
     /// `PUT /room_keys/keys?version=V` with `{"rooms": …}`.

@@ -66,7 +66,7 @@ impl X25519Agreement for SoftwareX25519 {
 }
 
 /// Why a backed-up session could not be decrypted.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum BackupError {
     #[error("session_data is malformed: {0}")]
     Malformed(String),
@@ -206,9 +206,8 @@ pub fn decrypt_with_secret(
 pub struct BackedUpSession {
     pub room_id: String,
     pub session_id: String,
-    /// `session_data` as the server sent it (parsed when restored, so a malformed one is
-    /// reported like any other failure).
-    pub session_data: Value,
+    /// `session_data`, decoded; a malformed one is reported like any other failure.
+    pub session_data: Result<EncryptedSessionData, BackupError>,
 }
 
 /// Restores `sessions` as a pipeline: `agreement_jobs` threads keep the token busy with
@@ -226,10 +225,7 @@ pub fn restore_all(
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    type Handover = (
-        usize,
-        Result<(EncryptedSessionData, Zeroizing<[u8; 32]>), BackupError>,
-    );
+    type Handover = (usize, Result<Zeroizing<[u8; 32]>, BackupError>);
     let next = AtomicUsize::new(0);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Handover>(4096);
     let rx = Mutex::new(rx);
@@ -243,8 +239,10 @@ pub fn restore_all(
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(item) = sessions.get(i) else { break };
-                    let step = EncryptedSessionData::from_json(&item.session_data)
-                        .and_then(|d| agree(key, &d).map(|secret| (d, secret)));
+                    let step = match &item.session_data {
+                        Ok(d) => agree(key, d),
+                        Err(e) => Err(e.clone()),
+                    };
                     if tx.send((i, step)).is_err() {
                         break;
                     }
@@ -260,8 +258,9 @@ pub fn restore_all(
                     let received = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                     let Ok((i, step)) = received else { break };
                     let item = &sessions[i];
-                    let r = step.and_then(|(d, secret)| {
-                        let plain = decrypt_with_secret(&secret, &d)?;
+                    let r = step.and_then(|secret| {
+                        let d = item.session_data.as_ref().map_err(Clone::clone)?;
+                        let plain = decrypt_with_secret(&secret, d)?;
                         room_key(&item.room_id, &item.session_id, &plain)
                     });
                     local.push((i, r));

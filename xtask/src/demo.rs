@@ -109,3 +109,70 @@ pub fn master_key(hs: &str, viewer: &User, of: &str) -> Result<String> {
         .ok_or("no master key")?;
     Ok(key.to_string())
 }
+
+/// Logs in as `user` (a fresh device): the access token.
+pub fn access_token(hs: &str, user: &User) -> Result<String> {
+    let v = call(
+        hs,
+        "/login",
+        None,
+        json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user.localpart}, "password": user.password}),
+    )?;
+    Ok(v["access_token"]
+        .as_str()
+        .ok_or("no access token")?
+        .to_string())
+}
+
+/// Backs up `n` new megolm sessions (vodozemac) to backup `version`, encrypted to
+/// `public_key` as any client does it; in rooms of 500 sessions, 1000 per request.
+pub fn fill_backup(hs: &str, token: &str, version: &str, public_key: &str, n: usize) -> Result {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD_NO_PAD;
+    let pk = vodozemac::Curve25519PublicKey::from_base64(public_key).map_err(|e| e.to_string())?;
+    let enc = vodozemac::pk_encryption::PkEncryption::from_key(pk);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut done = 0;
+    while done < n {
+        let mut rooms = json!({});
+        for i in done..(done + 1000).min(n) {
+            let outbound =
+                vodozemac::megolm::GroupSession::new(vodozemac::megolm::SessionConfig::version_1());
+            let mut inbound = vodozemac::megolm::InboundGroupSession::new(
+                &outbound.session_key(),
+                vodozemac::megolm::SessionConfig::version_1(),
+            );
+            let key = inbound.export_at(0).ok_or("export")?.to_base64();
+            let plain = json!({"algorithm": "m.megolm.v1.aes-sha2", "sender_key": "WimPd2udAU/1S/+YBpPbmr9L+0H5H+BnAVHSwDxlPGc",
+                "session_key": key, "sender_claimed_keys": {"ed25519": "Bhbpt6hqMZlSH4sJV7xiEEEiPVeTWz4Vkujl1EMdIPI"},
+                "forwarding_curve25519_key_chain": []});
+            let m = enc
+                .encrypt(plain.to_string().as_bytes())
+                .map_err(|e| e.to_string())?;
+            rooms[format!("!room{}:localhost", i / 500)]["sessions"][outbound.session_id()] = json!({
+                "first_message_index": 0, "forwarded_count": 0, "is_verified": false,
+                "session_data": {"ephemeral": m.ephemeral_key.to_base64(), "ciphertext": b64.encode(&m.ciphertext), "mac": b64.encode(&m.mac)}});
+        }
+        let mut resp = agent
+            .put(format!(
+                "{hs}/_matrix/client/v3/room_keys/keys?version={version}"
+            ))
+            .header("Authorization", format!("Bearer {token}"))
+            .send_json(json!({"rooms": rooms}))
+            .map_err(|e| e.to_string())?;
+        if resp.status() != 200 {
+            return Err(format!(
+                "PUT room_keys: {} {}",
+                resp.status(),
+                resp.body_mut().read_to_string().unwrap_or_default()
+            ));
+        }
+        done = (done + 1000).min(n);
+        eprint!("\rbacked up {done}/{n} sessions");
+    }
+    eprintln!();
+    Ok(())
+}

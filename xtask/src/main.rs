@@ -47,8 +47,12 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
         Some("bench") => bench(&args[1..]),
+        Some("restore-memory") => restore_memory(&args[1..]),
         Some("setup") => setup().map(|_| ()),
-        _ => Err("usage: cargo xtask <test [-- cargo test args] | demo | bench | setup>".into()),
+        _ => Err(
+            "usage: cargo xtask <test [-- cargo test args] | demo | bench | restore-memory [--sessions N] | setup>"
+                .into(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -358,5 +362,83 @@ fn bench(args: &[String]) -> Result {
             ],
         ))?;
     }
+    Ok(())
+}
+
+/// Peak memory of `mxhsm backup restore` for a large backup (default 100,000 sessions) on
+/// a Kryoptic token against a local Synapse, measured with GNU time.
+fn restore_memory(args: &[String]) -> Result {
+    let sessions: usize = args
+        .iter()
+        .position(|a| a == "--sessions")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100_000);
+    let envs = setup()?;
+    ensure_packages(&["time"])?;
+    let kryoptic = envs
+        .iter()
+        .find(|(k, _)| *k == "MXHSM_TEST_KRYOPTIC_MODULE")
+        .map(|(_, v)| v.clone())
+        .ok_or("no Kryoptic module")?;
+    let python = synapse::ensure_venv(&cache_dir())?;
+    let bin = build_mxhsm(true)?;
+    let dir = target_dir().join("restore-memory");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| e.to_string())?;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let server = synapse::Server::start(&python, &dir.join("synapse"), port)?;
+    let token = tokens::Token::kryoptic(&dir.join("token"), "restore-memory", &kryoptic)?;
+    let user = demo::register(&server.url, "memory")?;
+    let cmd = |args: &[&str]| {
+        let mut c = mxhsm_cmd(&bin, &token, args);
+        c.env("XDG_DATA_HOME", dir.join("data"))
+            .env("MXHSM_PASSWORD", &user.password);
+        c
+    };
+    run(&mut cmd(&[
+        "login",
+        "--homeserver",
+        &server.url,
+        "--user",
+        &user.localpart,
+    ]))?;
+    run(&mut cmd(&["identity", "create"]))?;
+    let out = cmd(&["--json", "backup", "create"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let created: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("backup create: {e}"))?;
+    let version = created["version"].as_str().ok_or("no version")?;
+    let public = created["public_key"].as_str().ok_or("no public key")?;
+    let access = demo::access_token(&server.url, &user)?;
+    demo::fill_backup(&server.url, &access, version, public, sessions)?;
+    let mut restore = Command::new("/usr/bin/time");
+    restore
+        .arg("-v")
+        .arg(&bin)
+        .args(["backup", "restore", "--format", "json", "--out"]);
+    restore.arg(dir.join("keys.json"));
+    token.apply_env(&mut restore);
+    restore
+        .env("XDG_DATA_HOME", dir.join("data"))
+        .stderr(std::process::Stdio::piped());
+    let output = restore.output().map_err(|e| e.to_string())?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    print!("{}", String::from_utf8_lossy(&output.stdout));
+    for line in stderr
+        .lines()
+        .filter(|l| l.contains("Maximum resident set size") || l.contains("Elapsed (wall clock)"))
+    {
+        println!("{}", line.trim());
+    }
+    if !output.status.success() {
+        return Err(format!("restore failed:\n{stderr}"));
+    }
+    drop(server);
     Ok(())
 }
