@@ -591,3 +591,43 @@ fn large_answers_are_read_whole() {
     let status = alice.status(&[]);
     assert_eq!(status["identity_ok"], true, "{status}");
 }
+
+/// Logging in again once the identity is on the token cross-signs the new device at once:
+/// using mxhsm never leaves an unverified session.
+#[test]
+fn a_new_login_is_cross_signed_at_once() {
+    let alice = Alice::new(Kind::Kryoptic);
+    let first = alice.login();
+    ok(alice.cli().args(["identity", "create"]));
+    ok(alice.cli().args(["logout"]));
+    let out = ok(alice.cli().args([
+        "login",
+        "--homeserver",
+        &alice.synapse.url,
+        "--user",
+        &alice.user.localpart,
+    ]));
+    assert!(
+        out.contains("cross-signed this device with the self-signing key on the token"),
+        "{out}"
+    );
+    let status = alice.status(&[]);
+    let devices = status["devices"].as_array().unwrap();
+    assert_eq!(
+        devices.len(),
+        1,
+        "the first device was deleted at logout: {status}"
+    );
+    assert_ne!(devices[0]["device_id"], json!(first));
+    assert_eq!(devices[0]["trust"], "verified", "{status}");
+    // Without a token configured, login does not ask for one and leaves signing for later.
+    ok(alice.cli().args(["logout"]));
+    let out = ok(alice.cli().env_remove("MXHSM_TOKEN").args([
+        "login",
+        "--homeserver",
+        &alice.synapse.url,
+        "--user",
+        &alice.user.localpart,
+    ]));
+    assert!(out.contains("cross-signs this device"), "{out}");
+}

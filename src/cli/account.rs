@@ -8,6 +8,7 @@ use clap::Args;
 use mxhsm::homeserver::session::session_path;
 use mxhsm::homeserver::{Client, Session};
 use mxhsm::matrix::device;
+use mxhsm::token::KeyStore;
 use secrecy::SecretString;
 use serde_json::json;
 use vodozemac::olm::Account;
@@ -76,12 +77,15 @@ pub fn login(global: &GlobalArgs, args: LoginArgs) -> Result<ExitCode> {
     let pickle = serde_json::to_string(&account.pickle())?;
     session.olm_account = Some(SecretString::from(pickle));
     session.save(&path)?;
+    let signed = cross_sign_new_device(global, session)?;
+    let session = Session::load(&path)?;
     if global.json {
         output::json(&json!({
             "user_id": session.user_id,
             "device_id": session.device_id,
             "homeserver": session.homeserver,
             "session_file": path.display().to_string(),
+            "cross_signed": signed,
         }));
     } else {
         println!(
@@ -91,12 +95,66 @@ pub fn login(global: &GlobalArgs, args: LoginArgs) -> Result<ExitCode> {
             session.device_id,
             path.display()
         );
-        println!(
-            "once your identity is on the token, `mxhsm identity publish` (or `mxhsm sign device {}`) cross-signs this device",
-            session.device_id
-        );
+        if signed {
+            println!("cross-signed this device with the self-signing key on the token");
+        } else {
+            println!(
+                "once your identity is on the token, `mxhsm identity publish` (or `mxhsm sign device {}`) cross-signs this device",
+                session.device_id
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// When a token is configured and holds the self-signing key the server publishes for
+/// us, signs the new device at once, so that logging in leaves no unverified session.
+fn cross_sign_new_device(global: &GlobalArgs, session: Session) -> Result<bool> {
+    if global.token.is_none() && std::env::var_os(mxhsm::config::TOKEN_ENV).is_none() {
+        return Ok(false);
+    }
+    let client = Client::for_session(&session)?;
+    let store = super::open_store(global)?;
+    let ctx = super::Ctx {
+        session,
+        client,
+        store,
+    };
+    let user = ctx.session.user_id.clone();
+    let ssk = match ctx
+        .store
+        .find_key(&user, mxhsm::token::KeyRole::SelfSigning)
+    {
+        Ok(k) => k,
+        Err(mxhsm::token::TokenError::KeyNotFound { .. }) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    let answer = ctx.client.query_keys(&[&user])?;
+    let published = answer
+        .get("self_signing_keys")
+        .and_then(|m| m.get(&user))
+        .and_then(|o| {
+            mxhsm::matrix::cross_signing::parse_key_object(
+                o,
+                &user,
+                mxhsm::matrix::cross_signing::Usage::SelfSigning,
+            )
+            .ok()
+        });
+    if published.map(|k| k.0) != Some(ssk.public_key) {
+        return Ok(false);
+    }
+    let signer = mxhsm::token::TokenSigner {
+        store: &ctx.store,
+        key: ssk,
+    };
+    let failures = super::identity::sign_own_devices(
+        &ctx,
+        &signer,
+        std::slice::from_ref(&ctx.session.device_id),
+    )?;
+    super::identity::report_failures(&failures)?;
+    Ok(true)
 }
 
 pub fn logout(global: &GlobalArgs) -> Result<ExitCode> {

@@ -236,7 +236,7 @@ fn publish(global: &GlobalArgs, ctx: &Ctx, auth: &PasswordArg) -> Result<ExitCod
 
 /// Signs our devices `device_ids` with the SSK in one upload. Each device's own
 /// self-signature is checked first: a device whose keys do not verify is never signed.
-fn sign_own_devices(
+pub(super) fn sign_own_devices(
     ctx: &Ctx,
     ssk: &TokenSigner<'_>,
     device_ids: &[String],
@@ -267,7 +267,7 @@ fn sign_own_devices(
     Ok(ctx.client.upload_signatures(&json!({ user: uploads }))?)
 }
 
-fn report_failures(failures: &[SignatureFailure]) -> Result<()> {
+pub(super) fn report_failures(failures: &[SignatureFailure]) -> Result<()> {
     if failures.is_empty() {
         return Ok(());
     }
