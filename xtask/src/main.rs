@@ -9,6 +9,7 @@
 //! * then fmt, clippy and the test suite with the test tokens' locations in the environment.
 
 mod demo;
+mod piv;
 mod synapse;
 mod tokens;
 
@@ -48,9 +49,10 @@ fn main() -> ExitCode {
         Some("demo") => demo(),
         Some("bench") => bench(&args[1..]),
         Some("restore-memory") => restore_memory(&args[1..]),
+        Some("piv-check") => piv::check(&cache_dir(), &target_dir()),
         Some("setup") => setup().map(|_| ()),
         _ => Err(
-            "usage: cargo xtask <test [-- cargo test args] | demo | bench | restore-memory [--sessions N] | setup>"
+            "usage: cargo xtask <test [-- cargo test args] | demo | bench | restore-memory [--sessions N] | piv-check | setup>"
                 .into(),
         ),
     };
@@ -108,7 +110,7 @@ fn show(cmd: &Command) -> String {
     s
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     let mut c = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(root());
     c
@@ -131,7 +133,7 @@ fn installed(pkg: &str) -> bool {
 }
 
 /// Installs the missing apt packages (as root), or says exactly what to run.
-fn ensure_packages(packages: &[&str]) -> Result {
+pub fn ensure_packages(packages: &[&str]) -> Result {
     let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
