@@ -104,10 +104,17 @@ fn passphrase(file: Option<&Path>, twice: bool) -> Result<SecretString> {
     Ok(SecretString::from(first))
 }
 
-fn current_version(client: &Client) -> Result<Value> {
-    client
+/// The current backup version: (its version string, the whole answer).
+fn current_version(client: &Client) -> Result<(String, Value)> {
+    let v = client
         .backup_version()?
-        .context("the server has no key backup: create one with `mxhsm backup create`")
+        .context("the server has no key backup: create one with `mxhsm backup create`")?;
+    let version = v
+        .get("version")
+        .and_then(Value::as_str)
+        .context("the server's backup has no version")?
+        .to_string();
+    Ok((version, v))
 }
 
 pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
@@ -162,7 +169,7 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
             }
         }
         BackupCommand::Status => {
-            let v = current_version(&ctx.client)?;
+            let (_, v) = current_version(&ctx.client)?;
             let master = Ed25519PublicKey(store.find_key(&user, KeyRole::Master)?.public_key);
             let auth = v.get("auth_data").cloned().unwrap_or(Value::Null);
             let signed = backup::verify_auth_data(&user, &auth, &master);
@@ -332,12 +339,7 @@ fn restore(
         Format::Export => Some(passphrase(passphrase_file, true)?),
         Format::Json => None,
     };
-    let v = current_version(&ctx.client)?;
-    let version = v
-        .get("version")
-        .and_then(Value::as_str)
-        .context("the backup has no version")?
-        .to_string();
+    let (version, v) = current_version(&ctx.client)?;
     let public = v
         .pointer("/auth_data/public_key")
         .and_then(Value::as_str)
@@ -502,12 +504,7 @@ fn upload(
 ) -> Result<()> {
     let user = ctx.session.user_id.as_str();
     let store: &dyn KeyStore = &ctx.store;
-    let v = current_version(&ctx.client)?;
-    let version = v
-        .get("version")
-        .and_then(Value::as_str)
-        .context("the backup has no version")?
-        .to_string();
+    let (version, v) = current_version(&ctx.client)?;
     let master = Ed25519PublicKey(store.find_key(user, KeyRole::Master)?.public_key);
     let auth = v.get("auth_data").cloned().unwrap_or(Value::Null);
     let public = backup::verify_auth_data(user, &auth, &master).map_err(|e| {

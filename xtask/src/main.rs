@@ -101,6 +101,15 @@ pub fn run(cmd: &mut Command) -> Result {
     }
 }
 
+/// `dir`, emptied.
+fn fresh_dir(dir: &Path) -> Result<PathBuf> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir.to_path_buf())
+}
+
 fn show(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
     for a in cmd.get_args() {
@@ -256,16 +265,9 @@ fn demo() -> Result {
     ensure_packages(APT_PACKAGES)?;
     let python = synapse::ensure_venv(&cache_dir())?;
     let bin = build_mxhsm(false)?;
-    let dir = target_dir().join("demo");
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|e| e.to_string())?;
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .port();
-    eprintln!("\n== Synapse {} on 127.0.0.1:{port} ==", synapse::VERSION);
-    let server = synapse::Server::start(&python, &dir.join("synapse"), port)?;
+    let dir = fresh_dir(&target_dir().join("demo"))?;
+    let server = synapse::Server::start(&python, &dir.join("synapse"))?;
+    eprintln!("\n== Synapse {} on {} ==", synapse::VERSION, server.url);
     let token = tokens::Token::softhsm(&dir.join("token"), "mxhsm-demo")?;
     let hs = &server.url;
     let alice = demo::register(hs, "alice")?;
@@ -385,15 +387,8 @@ fn restore_memory(args: &[String]) -> Result {
         .ok_or("no Kryoptic module")?;
     let python = synapse::ensure_venv(&cache_dir())?;
     let bin = build_mxhsm(true)?;
-    let dir = target_dir().join("restore-memory");
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|e| e.to_string())?;
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .port();
-    let server = synapse::Server::start(&python, &dir.join("synapse"), port)?;
+    let dir = fresh_dir(&target_dir().join("restore-memory"))?;
+    let server = synapse::Server::start(&python, &dir.join("synapse"))?;
     let token = tokens::Token::kryoptic(&dir.join("token"), "restore-memory", &kryoptic)?;
     let user = demo::register(&server.url, "memory")?;
     let cmd = |args: &[&str]| {

@@ -61,10 +61,15 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn start(python: &Path, data: &Path, port: u16) -> Result<Server> {
+    /// Starts a fresh Synapse with its data in `data`, on a free loopback port.
+    pub fn start(python: &Path, data: &Path) -> Result<Server> {
         if data.exists() {
             std::fs::remove_dir_all(data).map_err(|e| e.to_string())?;
         }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?
+            .port();
         let configure = crate::root().join("hsm-config/synapse/configure.py");
         run(Command::new(python)
             .arg(&configure)
