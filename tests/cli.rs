@@ -15,6 +15,14 @@ fn json(out: &str) -> Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"))
 }
 
+/// How many mxhsm keys the token holds, as `keys list --json` says.
+fn key_count(t: &TestToken) -> usize {
+    json(&ok(t.cli().args(["keys", "list", "--json"])))
+        .as_array()
+        .unwrap()
+        .len()
+}
+
 fn keys_flow(kind: Kind) {
     let t = TestToken::new(kind);
     for role in ["master", "self_signing", "user_signing", "backup"] {
@@ -77,13 +85,7 @@ fn keys_flow(kind: Kind) {
             .stdin(std::process::Stdio::null()),
     );
     assert!(err.contains("pass --yes"), "{err}");
-    assert_eq!(
-        json(&ok(t.cli().args(["keys", "list", "--json"])))
-            .as_array()
-            .unwrap()
-            .len(),
-        5
-    );
+    assert_eq!(key_count(&t), 5);
     ok(t.cli().args([
         "keys", "delete", "--user", ALICE, "--role", "backup", "--yes",
     ]));
@@ -94,13 +96,7 @@ fn keys_flow(kind: Kind) {
         err.contains("no backup key for @alice:localhost on token \"mxhsm-test\""),
         "{err}"
     );
-    assert_eq!(
-        json(&ok(t.cli().args(["keys", "list", "--json"])))
-            .as_array()
-            .unwrap()
-            .len(),
-        4
-    );
+    assert_eq!(key_count(&t), 4);
 }
 
 fn import_refuses_bad_files(kind: Kind) {
@@ -137,13 +133,7 @@ fn import_refuses_bad_files(kind: Kind) {
         err.contains("cannot read the private key from /nonexistent/seed"),
         "{err}"
     );
-    assert_eq!(
-        json(&ok(t.cli().args(["keys", "list", "--json"])))
-            .as_array()
-            .unwrap()
-            .len(),
-        0
-    );
+    assert_eq!(key_count(&t), 0);
     // 32 raw bytes are accepted.
     let raw = t.dir.path().join("raw32");
     std::fs::write(&raw, [0x42u8; 32]).unwrap();

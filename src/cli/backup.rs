@@ -82,8 +82,7 @@ pub enum BackupCommand {
 
 fn passphrase(file: Option<&Path>, twice: bool) -> Result<SecretString> {
     if let Some(f) = file {
-        return mxhsm::token::pin::read_pin_file(f)
-            .map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("PIN", "passphrase")));
+        return super::secret_file(f, "passphrase");
     }
     if let Ok(p) = std::env::var(PASSPHRASE_ENV) {
         return Ok(SecretString::from(p));

@@ -90,21 +90,18 @@ pub fn fingerprint(key: &Ed25519PublicKey) -> String {
 }
 
 fn own_keys(store: &dyn KeyStore, user: &str) -> Result<OwnKeys> {
-    let find = |role| match store.find_key(user, role) {
-        Ok(k) => Ok(Some(Ed25519PublicKey(k.public_key))),
-        Err(TokenError::KeyNotFound { .. }) => Ok(None),
-        Err(e) => Err(e),
-    };
+    let current = store.current_keys(user)?;
+    let public = |role| current.get(&role).map(|k| Ed25519PublicKey(k.public_key));
     Ok(OwnKeys {
         user_id: user.to_string(),
-        master: find(KeyRole::Master)?.with_context(|| {
+        master: public(KeyRole::Master).with_context(|| {
             format!(
                 "no master key for {user} on {}: run `mxhsm identity create`",
                 store.summary()
             )
         })?,
-        self_signing: find(KeyRole::SelfSigning)?,
-        user_signing: find(KeyRole::UserSigning)?,
+        self_signing: public(KeyRole::SelfSigning),
+        user_signing: public(KeyRole::UserSigning),
     })
 }
 
@@ -182,12 +179,22 @@ pub fn run_identity(global: &GlobalArgs, cmd: IdentityCommand) -> Result<ExitCod
 fn publish(global: &GlobalArgs, ctx: &Ctx, auth: &PasswordArg) -> Result<ExitCode> {
     let user = ctx.session.user_id.as_str();
     let store: &dyn KeyStore = &ctx.store;
+    let mut current = store.current_keys(user)?;
+    let mut take = |role| {
+        current
+            .remove(&role)
+            .ok_or_else(|| TokenError::KeyNotFound {
+                user_id: user.to_string(),
+                role,
+                token: store.summary().to_string(),
+            })
+    };
     let master = TokenSigner {
         store,
-        key: store.find_key(user, KeyRole::Master)?,
+        key: take(KeyRole::Master)?,
     };
-    let ssk = store.find_key(user, KeyRole::SelfSigning)?;
-    let usk = store.find_key(user, KeyRole::UserSigning)?;
+    let ssk = take(KeyRole::SelfSigning)?;
+    let usk = take(KeyRole::UserSigning)?;
     let [master_obj, ssk_obj, usk_obj] = cross_signing::identity_objects(
         user,
         &master,

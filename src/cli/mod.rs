@@ -112,8 +112,7 @@ pub const PASSWORD_ENV: &str = "MXHSM_PASSWORD";
 /// An account password: from `file`, else $MXHSM_PASSWORD, else a prompt on the terminal.
 fn password(file: Option<&std::path::Path>, prompt: &str) -> Result<SecretString> {
     if let Some(f) = file {
-        return mxhsm::token::pin::read_pin_file(f)
-            .map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("PIN", "password")));
+        return secret_file(f, "password");
     }
     if let Ok(p) = std::env::var(PASSWORD_ENV) {
         return Ok(SecretString::from(p));
@@ -126,6 +125,13 @@ fn password(file: Option<&std::path::Path>, prompt: &str) -> Result<SecretString
     anyhow::bail!(
         "a password is needed: pass --password-file, set {PASSWORD_ENV}, or run in a terminal"
     )
+}
+
+/// A password or passphrase from a file (its first line).
+fn secret_file(path: &std::path::Path, what: &str) -> Result<SecretString> {
+    mxhsm::token::pin::read_secret_line(path, what).map_err(|reason| {
+        anyhow::anyhow!("cannot read the {what} from {}: {reason}", path.display())
+    })
 }
 
 /// What the Matrix commands work with: the saved session, a client for it, the token.

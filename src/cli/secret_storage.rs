@@ -11,9 +11,7 @@ use mxhsm::homeserver::Client;
 use mxhsm::matrix::cross_signing::{self, Usage};
 use mxhsm::matrix::secret_storage::{self as ssss, StorageKey};
 use mxhsm::matrix::signed_json::decode_base64;
-use mxhsm::token::{
-    KeyAlgorithm, KeyInfo, KeyOptions, KeyRole, KeyStore, SecretKeyBytes, TokenError,
-};
+use mxhsm::token::{KeyAlgorithm, KeyInfo, KeyOptions, KeyRole, KeyStore, SecretKeyBytes};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
@@ -79,14 +77,6 @@ fn published(client: &Client, user: &str) -> Result<Vec<(KeyRole, Option<[u8; 32
     ])
 }
 
-fn token_key(store: &dyn KeyStore, user: &str, role: KeyRole) -> Result<Option<KeyInfo>> {
-    match store.find_key(user, role) {
-        Ok(k) => Ok(Some(k)),
-        Err(TokenError::KeyNotFound { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
 fn read_key_text(file: Option<&PathBuf>) -> Result<SecretString> {
     let mut text = Zeroizing::new(String::new());
     match file {
@@ -123,6 +113,7 @@ pub fn run(global: &GlobalArgs, cmd: SecretStorageCommand) -> Result<ExitCode> {
     match cmd {
         SecretStorageCommand::Status => {
             let published = published(client, &user)?;
+            let current = store.current_keys(&user)?;
             let mut rows = Vec::new();
             let mut out = Vec::new();
             for ((name, role), (_, pub_key)) in SECRETS.iter().zip(&published) {
@@ -131,7 +122,7 @@ pub fn run(global: &GlobalArgs, cmd: SecretStorageCommand) -> Result<ExitCode> {
                     (Some(v), Some(id)) => v.pointer(&format!("/encrypted/{id}")).is_some(),
                     _ => false,
                 };
-                let token = token_key(store, &user, *role)?;
+                let token = current.get(role);
                 let matches = match (&token, pub_key) {
                     (Some(t), Some(p)) => Some(&t.public_key == p),
                     _ => None,
@@ -199,6 +190,7 @@ pub fn run(global: &GlobalArgs, cmd: SecretStorageCommand) -> Result<ExitCode> {
             };
             key.check(&description).context("nothing was imported")?;
             let published = published(client, &user)?;
+            let current = store.current_keys(&user)?;
             // Decrypt and check everything before anything goes onto the token.
             let mut plan: Vec<(&str, KeyRole, Zeroizing<[u8; 32]>)> = Vec::new();
             for ((name, role), (_, pub_key)) in SECRETS.iter().zip(&published) {
@@ -230,7 +222,7 @@ pub fn run(global: &GlobalArgs, cmd: SecretStorageCommand) -> Result<ExitCode> {
                         "refused, nothing imported: {what} has no {role} key to check the {name} secret against"
                     ),
                 }
-                if let Some(existing) = token_key(store, &user, *role)? {
+                if let Some(existing) = current.get(role) {
                     if existing.public_key == derived {
                         eprintln!(
                             "the token already holds the {role} key {}: skipped",

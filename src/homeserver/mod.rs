@@ -152,79 +152,74 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(u16, String), HomeserverError> {
+        self.send_with(method, path, body, &mut |_, b| read_text(b))
+    }
+
+    /// One request with retries: `read` consumes each answer's body (status, body) and
+    /// returns its text; a `Retry` from it (a body cut off) counts as a dropped connection.
+    /// 429 (honouring `retry_after_ms`), 5xx and dropped connections are retried with
+    /// exponential backoff; the last attempt's answer is returned whatever it is.
+    fn send_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        read: &mut dyn FnMut(u16, &mut ureq::Body) -> Result<String, ReadFailure>,
+    ) -> Result<(u16, String), HomeserverError> {
         let url = format!("{}/_matrix/client/v3{path}", self.base);
         let endpoint = format!("{method} {}", path.split('?').next().unwrap_or(path));
+        let auth = self
+            .access_token
+            .as_ref()
+            .map(|t| format!("Bearer {}", t.expose_secret()));
         let mut backoff = FIRST_BACKOFF;
         for attempt in 1..=ATTEMPTS {
-            let result = {
-                let auth = self
-                    .access_token
-                    .as_ref()
-                    .map(|t| format!("Bearer {}", t.expose_secret()));
-                match (method, body) {
-                    ("GET", _) => {
-                        let mut r = self.agent.get(&url);
-                        if let Some(a) = &auth {
-                            r = r.header("Authorization", a);
+            let result = if method == "GET" {
+                let mut r = self.agent.get(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            } else {
+                let mut r = match method {
+                    "PUT" => self.agent.put(&url),
+                    _ => self.agent.post(&url),
+                };
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.send_json(body.cloned().unwrap_or_else(|| json!({})))
+            };
+            let last = attempt == ATTEMPTS;
+            let failure = match result {
+                Err(e) => e.to_string(),
+                Ok(mut resp) => {
+                    let status = resp.status().as_u16();
+                    match read(status, resp.body_mut()) {
+                        Err(ReadFailure::Fatal(e)) => return Err(e),
+                        Err(ReadFailure::Retry(reason)) => reason,
+                        Ok(text) => {
+                            let retryable = status == 429 || status >= 500;
+                            if !retryable || last {
+                                return Ok((status, text));
+                            }
+                            if status == 429
+                                && let Some(ms) = serde_json::from_str::<Value>(&text)
+                                    .ok()
+                                    .and_then(|v| v.get("retry_after_ms").and_then(Value::as_u64))
+                            {
+                                backoff = Duration::from_millis(ms.min(60_000));
+                            }
+                            String::new()
                         }
-                        r.call()
-                    }
-                    (_, body) => {
-                        let mut r = match method {
-                            "PUT" => self.agent.put(&url),
-                            _ => self.agent.post(&url),
-                        };
-                        if let Some(a) = &auth {
-                            r = r.header("Authorization", a);
-                        }
-                        r.send_json(body.cloned().unwrap_or_else(|| json!({})))
                     }
                 }
             };
-            let last = attempt == ATTEMPTS;
-            match result {
-                Err(e) => {
-                    if last {
-                        return Err(HomeserverError::Network {
-                            endpoint,
-                            reason: e.to_string(),
-                        });
-                    }
-                }
-                Ok(mut resp) => {
-                    let status = resp.status().as_u16();
-                    // ureq stops at 10 MB by default; a large key backup is bigger.
-                    let text = match resp
-                        .body_mut()
-                        .with_config()
-                        .limit(BODY_LIMIT)
-                        .read_to_string()
-                    {
-                        Ok(t) => t,
-                        Err(e) if last => {
-                            return Err(HomeserverError::Network {
-                                endpoint,
-                                reason: format!("the answer was cut off: {e}"),
-                            });
-                        }
-                        Err(_) => {
-                            std::thread::sleep(backoff);
-                            backoff *= 2;
-                            continue;
-                        }
-                    };
-                    let retryable = status == 429 || status >= 500;
-                    if !retryable || last {
-                        return Ok((status, text));
-                    }
-                    if status == 429
-                        && let Some(ms) = serde_json::from_str::<Value>(&text)
-                            .ok()
-                            .and_then(|v| v.get("retry_after_ms").and_then(Value::as_u64))
-                    {
-                        backoff = Duration::from_millis(ms.min(60_000));
-                    }
-                }
+            if last {
+                return Err(HomeserverError::Network {
+                    endpoint,
+                    reason: failure,
+                });
             }
             std::thread::sleep(backoff);
             backoff *= 2;
@@ -480,50 +475,34 @@ impl Client {
         header: &[u8],
     ) -> Result<(), HomeserverError> {
         let path = format!("/room_keys/keys?version={}", path_segment(version));
-        let url = format!("{}/_matrix/client/v3{path}", self.base);
-        let endpoint = "GET /room_keys/keys".to_string();
-        let io = |e: std::io::Error| {
-            HomeserverError::Input(format!("cannot write {}: {e}", dest.display()))
+        let fatal = |e: std::io::Error| {
+            ReadFailure::Fatal(HomeserverError::Input(format!(
+                "cannot write {}: {e}",
+                dest.display()
+            )))
         };
-        let mut backoff = FIRST_BACKOFF;
-        for attempt in 1..=ATTEMPTS {
-            let last = attempt == ATTEMPTS;
-            let mut req = self.agent.get(&url);
-            if let Some(t) = &self.access_token {
-                req = req.header("Authorization", format!("Bearer {}", t.expose_secret()));
+        let (status, text) = self.send_with("GET", &path, None, &mut |status, body| {
+            if status != 200 {
+                return read_text(body);
             }
-            let failure = match req.call() {
-                Err(e) => e.to_string(),
-                Ok(mut resp) => {
-                    let status = resp.status().as_u16();
-                    if status == 200 {
-                        let mut file = crate::files::PrivateFile::create(dest).map_err(io)?;
-                        std::io::Write::write_all(&mut file, header).map_err(io)?;
-                        let mut reader = resp.body_mut().with_config().limit(BODY_LIMIT).reader();
-                        match std::io::copy(&mut reader, &mut file) {
-                            Ok(_) => return file.commit().map_err(io),
-                            Err(e) => format!("the answer was cut off: {e}"),
-                        }
-                    } else {
-                        let text = resp.body_mut().read_to_string().unwrap_or_default();
-                        let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-                        if status != 429 && status < 500 || last {
-                            return check("GET", &path, status, value).map(|_| ());
-                        }
-                        format!("{status}")
-                    }
-                }
-            };
-            if last {
-                return Err(HomeserverError::Network {
-                    endpoint,
-                    reason: failure,
-                });
-            }
-            std::thread::sleep(backoff);
-            backoff *= 2;
+            let mut file = crate::files::PrivateFile::create(dest).map_err(fatal)?;
+            std::io::Write::write_all(&mut file, header).map_err(fatal)?;
+            let mut reader = body.with_config().limit(BODY_LIMIT).reader();
+            std::io::copy(&mut reader, &mut file)
+                .map_err(|e| ReadFailure::Retry(format!("the answer was cut off: {e}")))?;
+            file.commit().map_err(fatal)?;
+            Ok(String::new())
+        })?;
+        if status == 200 {
+            return Ok(());
         }
-        unreachable!("the last attempt returns")
+        check(
+            "GET",
+            &path,
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::Null),
+        )
+        .map(|_| ())
     }
 
     /// `PUT /room_keys/keys?version=V` with `{"rooms": …}`.
@@ -571,6 +550,22 @@ impl Client {
         let (status, value) = self.send("PUT", &path, Some(content))?;
         check("PUT", "/user/…/account_data/…", status, value).map(|_| ())
     }
+}
+
+/// Why reading an answer's body failed.
+enum ReadFailure {
+    /// The body was cut off: retried like a dropped connection.
+    Retry(String),
+    /// Not the network's fault (a local file could not be written): not retried.
+    Fatal(HomeserverError),
+}
+
+/// The whole body as text. ureq stops at 10 MB by default; a large key backup is bigger.
+fn read_text(body: &mut ureq::Body) -> Result<String, ReadFailure> {
+    body.with_config()
+        .limit(BODY_LIMIT)
+        .read_to_string()
+        .map_err(|e| ReadFailure::Retry(format!("the answer was cut off: {e}")))
 }
 
 /// A signature the server refused in `/keys/signatures/upload`.

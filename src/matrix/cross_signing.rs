@@ -292,54 +292,40 @@ pub fn evaluate(own: &OwnKeys, answer: &Value) -> TrustReport {
         ))
     };
 
-    let mut ssk = if master_ok {
-        checked_subkey(
-            answer,
-            "self_signing_keys",
-            Usage::SelfSigning,
-            me,
-            &own.master,
-        )
-    } else {
-        Err(anchor_error(Usage::SelfSigning))
+    // Our SSK and USK as the server serves them: signed by the token's master key, and
+    // the token's own keys where the token has them.
+    let mut own_subkey = |field: &str, usage: Usage, on_token: Option<&Ed25519PublicKey>| {
+        let mut key = if master_ok {
+            checked_subkey(answer, field, usage, me, &own.master)
+        } else {
+            Err(anchor_error(usage))
+        };
+        let name = usage.as_str().replace('_', "-");
+        if let (Ok(served), Some(token)) = (&key, on_token)
+            && served != token
+        {
+            own_identity.push(format!(
+                "the server's {name} key {served} is not the token's {token}"
+            ));
+            key = Err(Trust::ChainBroken(format!(
+                "the server's {name} key {served} is not the token's"
+            )));
+        }
+        if let Err(t) = &key {
+            own_identity.push(t.reason().to_string());
+        }
+        key
     };
-    if let (Ok(served), Some(token)) = (&ssk, &own.self_signing)
-        && served != token
-    {
-        own_identity.push(format!(
-            "the server's self-signing key {served} is not the token's {token}"
-        ));
-        ssk = Err(Trust::ChainBroken(format!(
-            "the server's self-signing key {served} is not the token's"
-        )));
-    }
-    if let Err(t) = &ssk {
-        own_identity.push(t.reason().to_string());
-    }
-    let mut usk = if master_ok {
-        checked_subkey(
-            answer,
-            "user_signing_keys",
-            Usage::UserSigning,
-            me,
-            &own.master,
-        )
-    } else {
-        Err(anchor_error(Usage::UserSigning))
-    };
-    if let (Ok(served), Some(token)) = (&usk, &own.user_signing)
-        && served != token
-    {
-        own_identity.push(format!(
-            "the server's user-signing key {served} is not the token's {token}"
-        ));
-        usk = Err(Trust::ChainBroken(format!(
-            "the server's user-signing key {served} is not the token's"
-        )));
-    }
-    if let Err(t) = &usk {
-        own_identity.push(t.reason().to_string());
-    }
+    let ssk = own_subkey(
+        "self_signing_keys",
+        Usage::SelfSigning,
+        own.self_signing.as_ref(),
+    );
+    let usk = own_subkey(
+        "user_signing_keys",
+        Usage::UserSigning,
+        own.user_signing.as_ref(),
+    );
     own_identity.dedup();
 
     let mut devices = device_trust(answer, me, &ssk);

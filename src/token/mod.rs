@@ -12,6 +12,7 @@
 pub mod pin;
 pub mod pkcs11;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -433,12 +434,24 @@ pub trait KeyStore: Send + Sync {
     /// Destroys the key (private and public objects).
     fn delete(&self, key: &KeyInfo) -> Result<(), TokenError>;
 
+    /// The current (newest) key of each role `user_id` has, from one listing.
+    fn current_keys(&self, user_id: &str) -> Result<BTreeMap<KeyRole, KeyInfo>, TokenError> {
+        let mut current: BTreeMap<KeyRole, KeyInfo> = BTreeMap::new();
+        for key in self.list_keys(Some(user_id))? {
+            match current.get(&key.role) {
+                Some(k) if k.created_ms > key.created_ms => {}
+                _ => {
+                    current.insert(key.role, key);
+                }
+            }
+        }
+        Ok(current)
+    }
+
     /// The current (newest) key of `role` for `user_id`.
     fn find_key(&self, user_id: &str, role: KeyRole) -> Result<KeyInfo, TokenError> {
-        self.list_keys(Some(user_id))?
-            .into_iter()
-            .filter(|k| k.role == role)
-            .max_by_key(|k| k.created_ms)
+        self.current_keys(user_id)?
+            .remove(&role)
             .ok_or_else(|| TokenError::KeyNotFound {
                 user_id: user_id.to_string(),
                 role,

@@ -114,15 +114,20 @@ impl PinProvider for PinSources {
 
 /// Reads a PIN from a file: its first line, without the line ending.
 pub fn read_pin_file(path: &Path) -> Result<SecretString, TokenError> {
-    let err = |reason: String| TokenError::PinSource {
+    read_secret_line(path, "PIN").map_err(|reason| TokenError::PinSource {
         path: path.display().to_string(),
         reason,
-    };
-    let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| err(e.to_string()))?);
-    let text = std::str::from_utf8(&bytes).map_err(|_| err("the PIN is not UTF-8".into()))?;
+    })
+}
+
+/// The first line of a file holding a secret (`what`: "PIN", "password", …), without its
+/// line ending; the error is the reason it cannot be used.
+pub fn read_secret_line(path: &Path, what: &str) -> Result<SecretString, String> {
+    let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| e.to_string())?);
+    let text = std::str::from_utf8(&bytes).map_err(|_| format!("the {what} is not UTF-8"))?;
     let line = text.lines().next().unwrap_or("");
     if line.is_empty() {
-        return Err(err("the file is empty".into()));
+        return Err("the file is empty".into());
     }
     Ok(SecretString::from(line.to_string()))
 }

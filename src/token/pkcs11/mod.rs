@@ -415,6 +415,7 @@ impl Pkcs11Store {
         path: &Path,
     ) -> Result<(Vec<(Slot, TokenInfo, TokenSummary)>, Vec<String>), TokenError> {
         let dev = |op| module_error(path, op);
+        let lib = ctx.get_library_info().map_err(dev("C_GetInfo"))?;
         let mut candidates = Vec::new();
         let mut available = Vec::new();
         for slot in ctx.get_slots_with_token().map_err(dev("C_GetSlotList"))? {
@@ -423,7 +424,6 @@ impl Pkcs11Store {
             if !tinfo.token_initialized() {
                 continue;
             }
-            let lib = ctx.get_library_info().map_err(dev("C_GetInfo"))?;
             let props = uri::TokenProperties {
                 label: tinfo.label(),
                 manufacturer: tinfo.manufacturer_id(),
