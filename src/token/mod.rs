@@ -7,10 +7,14 @@
 //! Private keys never leave it: they are created sensitive and non-extractable, and
 //! imported key material is zeroized as soon as the token has it.
 //!
-//! Backends: [`pkcs11`] (SoftHSM, Kryoptic, network HSMs, ykcs11 — any module).
+//! Backends: [`pkcs11`] (SoftHSM, Kryoptic, network HSMs, ykcs11 — any module) and, with
+//! the `yubikey` feature, [`yubikey`] (a YubiKey's PIV application, firmware 5.7+).
 
 pub mod pin;
 pub mod pkcs11;
+mod process_lock;
+#[cfg(feature = "yubikey")]
+pub mod yubikey;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -231,6 +235,8 @@ pub struct KeyInfo {
     pub x25519_mechanism: Option<X25519Mechanism>,
     /// Where the key lives on the token, backend-specific (e.g. the PKCS#11 `CKA_ID`).
     pub locator: KeyLocator,
+    /// PIV: the PIN and touch policies the card reports for the key.
+    pub piv_policy: Option<(PinPolicy, TouchPolicy)>,
 }
 
 impl KeyInfo {
@@ -280,6 +286,8 @@ pub struct KeyOptions {
     pub touch_policy: Option<TouchPolicy>,
     /// PIV: overwrite a slot that already holds a key.
     pub force: bool,
+    /// PIV: the slot to use (a retired slot, 0x82..=0x95); by default the first free one.
+    pub slot: Option<u8>,
 }
 
 /// PIV PIN policy of a key.
@@ -290,12 +298,60 @@ pub enum PinPolicy {
     Always,
 }
 
+impl PinPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinPolicy::Never => "never",
+            PinPolicy::Once => "once",
+            PinPolicy::Always => "always",
+        }
+    }
+}
+
+impl FromStr for PinPolicy {
+    type Err = TokenError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "never" => Ok(PinPolicy::Never),
+            "once" => Ok(PinPolicy::Once),
+            "always" => Ok(PinPolicy::Always),
+            other => Err(TokenError::InvalidInput(format!(
+                "unknown PIN policy {other:?} (expected never, once or always)"
+            ))),
+        }
+    }
+}
+
 /// PIV touch policy of a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TouchPolicy {
     Never,
     Always,
     Cached,
+}
+
+impl TouchPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TouchPolicy::Never => "never",
+            TouchPolicy::Always => "always",
+            TouchPolicy::Cached => "cached",
+        }
+    }
+}
+
+impl FromStr for TouchPolicy {
+    type Err = TokenError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "never" => Ok(TouchPolicy::Never),
+            "always" => Ok(TouchPolicy::Always),
+            "cached" => Ok(TouchPolicy::Cached),
+            other => Err(TokenError::InvalidInput(format!(
+                "unknown touch policy {other:?} (expected never, always or cached)"
+            ))),
+        }
+    }
 }
 
 /// Secret key bytes on their way onto a token: an Ed25519 seed (RFC 8032) or an X25519
@@ -534,6 +590,10 @@ pub enum TokenError {
         "the user PIN of {token} is locked; unlock it with the SO PIN (e.g. pkcs11-tool --init-pin) or your HSM's tools"
     )]
     PinLocked { token: String },
+    #[error(
+        "the PIV PIN of {token} is blocked; unblock it with the PUK (ykman piv access unblock-pin)"
+    )]
+    PivPinBlocked { token: String },
     #[error("no PIN for {token}: {reason}")]
     NoPin { token: String, reason: String },
     #[error("cannot read the PIN from {path}: {reason}")]

@@ -411,6 +411,7 @@ impl Card {
             0x87 => self.general_authenticate(p1, p2, data, fresh),
             0x47 => self.generate(p1, p2, data),
             0xfe => self.import(p1, p2, data),
+            0xf6 => self.move_key(p1, p2),
             0xf7 => self.metadata(p2),
             0xf9 => self.attest(p1),
             0xcb => self.get_data(p1, p2, data),
@@ -849,6 +850,28 @@ impl Card {
                 origin: 2,
             },
         );
+        self.save();
+        sw(SW_OK)
+    }
+
+    /// MOVE KEY (firmware 5.7): P1 the destination slot, or FF to delete the key in P2.
+    fn move_key(&mut self, p1: u8, p2: u8) -> Resp {
+        if !self.session.mgm_authenticated {
+            return sw(SW_SECURITY);
+        }
+        if !valid_key_slot(p2) || !(p1 == 0xff || valid_key_slot(p1)) || p1 == p2 {
+            return sw(SW_WRONG_P1P2);
+        }
+        let Some(key) = self.st.slots.remove(&p2) else {
+            return sw(SW_REF_NOT_FOUND);
+        };
+        if p1 != 0xff {
+            if self.st.slots.contains_key(&p1) {
+                self.st.slots.insert(p2, key);
+                return sw(SW_CONDITIONS);
+            }
+            self.st.slots.insert(p1, key);
+        }
         self.save();
         sw(SW_OK)
     }

@@ -13,7 +13,6 @@
 //! `CKA_EC_POINT` encodings; raw 32-byte ECDH peer keys (Kryoptic refuses DER).
 
 pub mod ec;
-mod process_lock;
 pub mod uri;
 
 use std::collections::HashMap;
@@ -160,8 +159,8 @@ pub fn resolve_module_path(uri: &Pkcs11Uri) -> Result<PathBuf, TokenError> {
 /// The process lock for `module`, if it is a file-backed software token (see
 /// `process_lock`).
 fn soft_token_lock(module: &Path) -> Result<Option<std::fs::File>, TokenError> {
-    match process_lock::soft_token_config_var(module) {
-        Some(var) if module.exists() => process_lock::lock_soft_token(module, var).map(Some),
+    match super::process_lock::soft_token_config_var(module) {
+        Some(var) if module.exists() => super::process_lock::lock_soft_token(module, var).map(Some),
         _ => Ok(None),
     }
 }
@@ -650,6 +649,7 @@ impl Pkcs11Store {
             protection: p,
             x25519_mechanism,
             locator: KeyLocator::Pkcs11 { id, label },
+            piv_policy: None,
         }))
     }
 
@@ -775,6 +775,7 @@ impl Pkcs11Store {
                 id: id.clone(),
                 label: label.to_string(),
             },
+            piv_policy: None,
         };
         self.handles
             .lock()

@@ -1,4 +1,5 @@
-//! One mxhsm process at a time on a software token's file store (SoftHSM, Kryoptic).
+//! One mxhsm process at a time on a software token's file store (SoftHSM, Kryoptic), or on
+//! one YubiKey.
 //!
 //! SoftHSM 2.6.1's file object store is not safe for concurrent processes: when it rewrites
 //! `token.object` (on every successful login) or an object file, it truncates the file,
@@ -13,13 +14,17 @@
 //! objects) gets a storage error, which Kryoptic reports as `CKR_DEVICE_MEMORY` (seen in
 //! our two-process test). It takes the same lock. Real HSMs serialise inside the device
 //! and need none.
+//!
+//! A YubiKey forgets a verified PIN and an authenticated management key whenever any
+//! program selects its PIV application, which every new connection does; two mxhsm
+//! processes on one YubiKey would undo each other's PIN. They take turns too, by serial.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::super::TokenError;
+use super::TokenError;
 
 /// How long to wait for another mxhsm process to finish with the token.
 const WAIT: Duration = Duration::from_secs(600);
@@ -47,9 +52,26 @@ pub fn lock_soft_token(module: &Path, config_var: &str) -> Result<File, TokenErr
         .canonicalize()
         .unwrap_or_else(|_| conf.clone().into())
         .hash(&mut h);
-    let path = std::env::temp_dir().join(format!("mxhsm-token-{:016x}.lock", h.finish()));
+    lock(
+        &format!("mxhsm-token-{:016x}.lock", h.finish()),
+        &module.display().to_string(),
+    )
+}
+
+#[cfg(feature = "yubikey")]
+/// Takes the lock for the YubiKey with this serial.
+pub fn lock_yubikey(serial: u32) -> Result<File, TokenError> {
+    lock(
+        &format!("mxhsm-yubikey-{serial}.lock"),
+        &format!("YubiKey {serial}"),
+    )
+}
+
+/// Takes the lock file `name` in the temporary directory, for `token` (in messages).
+fn lock(name: &str, token: &str) -> Result<File, TokenError> {
+    let path = std::env::temp_dir().join(name);
     let err = |reason: String| TokenError::Device {
-        token: module.display().to_string(),
+        token: token.to_string(),
         operation: format!("locking {}", path.display()),
         reason,
     };
@@ -68,7 +90,7 @@ pub fn lock_soft_token(module: &Path, config_var: &str) -> Result<File, TokenErr
             }
             Err(TryLockError::WouldBlock) => {
                 return Err(err(format!(
-                    "another mxhsm process has used this software token for over {} s",
+                    "another mxhsm process has used this token for over {} s",
                     WAIT.as_secs()
                 )));
             }
