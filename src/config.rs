@@ -6,15 +6,58 @@ use crate::token::pkcs11::Pkcs11Uri;
 /// Environment variable with the default token URI.
 pub const TOKEN_ENV: &str = "MXHSM_TOKEN";
 
-/// The token URI to use: the `--token` flag, else `MXHSM_TOKEN`.
-pub fn token_uri(flag: Option<&str>) -> Result<Pkcs11Uri, TokenError> {
-    let uri = match flag {
-        Some(u) => u.to_string(),
-        None => std::env::var(TOKEN_ENV).map_err(|_| {
-            TokenError::InvalidInput(format!(
-                "no token given: pass --token 'pkcs11:token=…?module-path=…' or set {TOKEN_ENV} (see `mxhsm token list`)"
-            ))
-        })?,
+/// Environment variable with the default YubiKey (a serial number, or `any`).
+pub const YUBIKEY_ENV: &str = "MXHSM_YUBIKEY";
+
+/// Which device the keys are on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenChoice {
+    Pkcs11(Pkcs11Uri),
+    /// A YubiKey's PIV application, by serial (`None`: the only one present).
+    YubiKey(Option<u32>),
+}
+
+/// Parses a `--yubikey` value: a serial number, or `any` for the only YubiKey present.
+pub fn parse_yubikey(value: &str) -> Result<Option<u32>, TokenError> {
+    if value == "any" {
+        return Ok(None);
+    }
+    value.parse().map(Some).map_err(|_| {
+        TokenError::InvalidInput(format!(
+            "--yubikey takes a serial number (see `mxhsm token list`) or `any`, not {value:?}"
+        ))
+    })
+}
+
+/// The device to use: `--token` or `--yubikey` (not both), else `MXHSM_TOKEN` or
+/// `MXHSM_YUBIKEY` (not both).
+pub fn token_choice(token: Option<&str>, yubikey: Option<&str>) -> Result<TokenChoice, TokenError> {
+    let env = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
+    let (token, yubikey) = match (token, yubikey) {
+        (Some(_), Some(_)) => {
+            return Err(TokenError::InvalidInput(
+                "pass --token or --yubikey, not both".into(),
+            ));
+        }
+        (None, None) => (env(TOKEN_ENV), env(YUBIKEY_ENV)),
+        (t, y) => (t.map(str::to_string), y.map(str::to_string)),
     };
-    Pkcs11Uri::parse(&uri)
+    match (token, yubikey) {
+        (Some(_), Some(_)) => Err(TokenError::InvalidInput(format!(
+            "both {TOKEN_ENV} and {YUBIKEY_ENV} are set: unset one, or choose with --token or --yubikey"
+        ))),
+        (Some(uri), None) => Ok(TokenChoice::Pkcs11(Pkcs11Uri::parse(&uri)?)),
+        (None, Some(serial)) => Ok(TokenChoice::YubiKey(parse_yubikey(&serial)?)),
+        (None, None) => Err(TokenError::InvalidInput(format!(
+            "no token given: pass --token 'pkcs11:token=…?module-path=…' or --yubikey SERIAL, or set {TOKEN_ENV} or {YUBIKEY_ENV} (see `mxhsm token list`)"
+        ))),
+    }
+}
+
+/// Whether a token is configured at all (flags or environment).
+pub fn token_configured(token: Option<&str>, yubikey: Option<&str>) -> bool {
+    token.is_some()
+        || yubikey.is_some()
+        || std::env::var_os(TOKEN_ENV).is_some()
+        || std::env::var_os(YUBIKEY_ENV).is_some()
 }

@@ -175,7 +175,7 @@ fn two_processes_at_once(kind: Kind) {
     assert_eq!(users, ["@one:localhost", "@two:localhost"]);
 }
 
-per_token!(keys_flow, import_refuses_bad_files, two_processes_at_once);
+per_pkcs11_token!(keys_flow, import_refuses_bad_files, two_processes_at_once);
 
 /// OpenSC's pkcs11-spy sits between mxhsm and SoftHSM and logs every call: a wrong PIN
 /// reaches C_Login exactly once, and the error names the token.

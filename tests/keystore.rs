@@ -326,7 +326,7 @@ fn wrong_pin_is_sent_once_and_names_the_token(kind: Kind) {
     t.open();
 }
 
-per_token!(
+per_pkcs11_token!(
     generate_all_roles_sign_and_agree,
     imported_seed_signs_like_dalek_and_js_sdk,
     imported_x25519_matches_rfc7748,

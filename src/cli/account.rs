@@ -8,7 +8,6 @@ use clap::Args;
 use mxhsm::homeserver::session::session_path;
 use mxhsm::homeserver::{Client, Session};
 use mxhsm::matrix::device;
-use mxhsm::token::KeyStore;
 use secrecy::SecretString;
 use serde_json::json;
 use vodozemac::olm::Account;
@@ -110,7 +109,7 @@ pub fn login(global: &GlobalArgs, args: LoginArgs) -> Result<ExitCode> {
 /// When a token is configured and holds the self-signing key the server publishes for
 /// us, signs the new device at once, so that logging in leaves no unverified session.
 fn cross_sign_new_device(global: &GlobalArgs, session: Session) -> Result<bool> {
-    if global.token.is_none() && std::env::var_os(mxhsm::config::TOKEN_ENV).is_none() {
+    if !mxhsm::config::token_configured(global.token.as_deref(), global.yubikey.as_deref()) {
         return Ok(false);
     }
     let client = Client::for_session(&session)?;
@@ -145,7 +144,7 @@ fn cross_sign_new_device(global: &GlobalArgs, session: Session) -> Result<bool> 
         return Ok(false);
     }
     let signer = mxhsm::token::TokenSigner {
-        store: &ctx.store,
+        store: &*ctx.store,
         key: ssk,
     };
     let failures = super::identity::sign_own_devices(

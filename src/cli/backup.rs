@@ -119,7 +119,7 @@ fn current_version(client: &Client) -> Result<(String, Value)> {
 pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
     let ctx = Ctx::open(global)?;
     let user = ctx.session.user_id.clone();
-    let store: &dyn KeyStore = &ctx.store;
+    let store: &dyn KeyStore = &*ctx.store;
     match cmd {
         BackupCommand::Create { import } => {
             let key = match (store.find_key(&user, KeyRole::Backup), import) {
@@ -320,7 +320,7 @@ fn restore(
     rounds: u32,
 ) -> Result<()> {
     let user = ctx.session.user_id.as_str();
-    let store: &dyn KeyStore = &ctx.store;
+    let store: &dyn KeyStore = &*ctx.store;
     if out.exists() {
         bail!("{} exists; mxhsm does not overwrite a file", out.display());
     }
@@ -502,7 +502,7 @@ fn upload(
     passphrase_file: Option<&Path>,
 ) -> Result<()> {
     let user = ctx.session.user_id.as_str();
-    let store: &dyn KeyStore = &ctx.store;
+    let store: &dyn KeyStore = &*ctx.store;
     let (version, v) = current_version(&ctx.client)?;
     let master = Ed25519PublicKey(store.find_key(user, KeyRole::Master)?.public_key);
     let auth = v.get("auth_data").cloned().unwrap_or(Value::Null);

@@ -165,7 +165,7 @@ pub fn run_identity(global: &GlobalArgs, cmd: IdentityCommand) -> Result<ExitCod
         IdentityCommand::Status { users } => {
             let ctx = Ctx::open(global)?;
             let me = ctx.session.user_id.clone();
-            let own = own_keys(&ctx.store, &me)?;
+            let own = own_keys(&*ctx.store, &me)?;
             let mut query: Vec<&str> = vec![&me];
             query.extend(users.iter().map(String::as_str));
             let answer = ctx.client.query_keys(&query)?;
@@ -178,7 +178,7 @@ pub fn run_identity(global: &GlobalArgs, cmd: IdentityCommand) -> Result<ExitCod
 
 fn publish(global: &GlobalArgs, ctx: &Ctx, auth: &PasswordArg) -> Result<ExitCode> {
     let user = ctx.session.user_id.as_str();
-    let store: &dyn KeyStore = &ctx.store;
+    let store: &dyn KeyStore = &*ctx.store;
     let mut current = store.current_keys(user)?;
     let mut take = |role| {
         current
@@ -365,7 +365,7 @@ fn print_report(global: &GlobalArgs, own: &OwnKeys, report: &TrustReport) {
 pub fn run_sign(global: &GlobalArgs, cmd: SignCommand) -> Result<ExitCode> {
     let ctx = Ctx::open(global)?;
     let me = ctx.session.user_id.clone();
-    let store: &dyn KeyStore = &ctx.store;
+    let store: &dyn KeyStore = &*ctx.store;
     match cmd {
         SignCommand::Device { device_id, yes } => {
             let answer = ctx.client.query_keys(&[&me])?;

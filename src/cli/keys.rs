@@ -7,24 +7,50 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use base64::Engine;
 use clap::{Args, Subcommand};
-use mxhsm::token::{KeyInfo, KeyOptions, KeyRole, KeyStore, SecretKeyBytes};
+use mxhsm::token::yubikey::{YubiKeyStore, attestation};
+use mxhsm::token::{KeyInfo, KeyOptions, KeyRole, PinPolicy, SecretKeyBytes, TouchPolicy};
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use super::{GlobalArgs, open_store, output};
+use super::{GlobalArgs, Store, open_store, output};
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Generate a key pair on the token.
-    Generate(KeyTarget),
+    Generate {
+        #[command(flatten)]
+        target: KeyTarget,
+        #[command(flatten)]
+        placement: Placement,
+    },
     /// Import an existing private key onto the token (as a non-extractable key).
     Import {
         #[command(flatten)]
         target: KeyTarget,
+        #[command(flatten)]
+        placement: Placement,
         /// File with the private key: base64 (padded or not, as in secret storage) or 32
         /// raw bytes; '-' reads standard input. Never the key itself on the command line.
         #[arg(long, value_name = "FILE")]
         from: PathBuf,
+    },
+    /// YubiKey: check the card's attestation that the key was generated on it, up to
+    /// Yubico's root certificates.
+    Attest {
+        #[command(flatten)]
+        target: KeyTarget,
+        /// Also trust this root certificate (PEM or DER), e.g. a test card's.
+        #[arg(long, value_name = "FILE")]
+        root: Vec<PathBuf>,
+    },
+    /// YubiKey: record a key already in a slot as this user's key of this role (on a new
+    /// machine, or after another tool put it there). Nothing on the card changes.
+    Adopt {
+        #[command(flatten)]
+        target: KeyTarget,
+        /// The retired slot (82 to 95, hex).
+        #[arg(long, value_parser = parse_slot)]
+        slot: u8,
     },
     /// List the mxhsm keys on the token.
     List {
@@ -55,18 +81,121 @@ pub struct KeyTarget {
     pub role: KeyRole,
 }
 
+/// Where and how a new key goes on a YubiKey (PIV); PKCS#11 tokens take none of these.
+#[derive(Debug, Args)]
+pub struct Placement {
+    /// YubiKey: the retired slot (82 to 95, hex). Default: the first free one.
+    #[arg(long, value_parser = parse_slot)]
+    pub slot: Option<u8>,
+    /// YubiKey: when the PIN is needed: never, once (default) or always.
+    #[arg(long)]
+    pub pin_policy: Option<PinPolicy>,
+    /// YubiKey: when a touch is needed: never, always (default for the master key) or
+    /// cached (default for the others; one touch counts for 15 s).
+    #[arg(long)]
+    pub touch_policy: Option<TouchPolicy>,
+    /// YubiKey: overwrite the key already in --slot (it is destroyed).
+    #[arg(long, requires = "slot")]
+    pub force: bool,
+}
+
+impl Placement {
+    fn options(&self, store: &Store) -> Result<KeyOptions> {
+        let mut o = KeyOptions::default();
+        o.slot = self.slot;
+        o.pin_policy = self.pin_policy;
+        o.touch_policy = self.touch_policy;
+        o.force = self.force;
+        let piv_only = o.slot.is_some() || o.pin_policy.is_some() || o.touch_policy.is_some();
+        if piv_only && matches!(store, Store::Pkcs11(_)) {
+            bail!("--slot, --pin-policy, --touch-policy and --force are for YubiKeys (--yubikey)");
+        }
+        Ok(o)
+    }
+}
+
+fn parse_slot(s: &str) -> Result<u8, String> {
+    let s = s.trim_start_matches("0x");
+    u8::from_str_radix(s, 16)
+        .ok()
+        .filter(|n| mxhsm::token::yubikey::is_retired_slot(*n))
+        .ok_or_else(|| format!("{s:?} is not a retired PIV slot (82 to 95, hex)"))
+}
+
+fn yubikey(store: &Store) -> Result<&YubiKeyStore> {
+    match store {
+        Store::YubiKey(y) => Ok(y),
+        Store::Pkcs11(_) => bail!("this is for YubiKeys (--yubikey); {} is a PKCS#11 token", store.summary()),
+    }
+}
+
 pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
     match cmd {
-        KeysCommand::Generate(t) => {
+        KeysCommand::Generate { target, placement } => {
             let store = open_store(global)?;
-            let key = store.generate(&t.user, t.role, &KeyOptions::default())?;
+            let key = store.generate(&target.user, target.role, &placement.options(&store)?)?;
             report_new_key(global, "generated", &key);
+            if let Store::YubiKey(y) = &store {
+                // Say at once whether Yubico vouches for the new key.
+                match y.attest(&key, &attestation::yubico_roots()) {
+                    Ok(a) => eprintln!("attested by Yubico: {}", describe_attestation(&a)),
+                    Err(e) => eprintln!("note: the attestation was not verified: {e}"),
+                }
+            }
         }
-        KeysCommand::Import { target, from } => {
+        KeysCommand::Import {
+            target,
+            placement,
+            from,
+        } => {
             let secret = read_secret(&from)?;
             let store = open_store(global)?;
-            let key = store.import(&target.user, target.role, secret, &KeyOptions::default())?;
+            let options = placement.options(&store)?;
+            let key = store.import(&target.user, target.role, secret, &options)?;
             report_new_key(global, "imported", &key);
+        }
+        KeysCommand::Attest { target, root } => {
+            let store = open_store(global)?;
+            let y = yubikey(&store)?;
+            let mut roots = attestation::yubico_roots();
+            for f in &root {
+                let bytes = std::fs::read(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?;
+                roots.push(
+                    attestation::Root::parse(&f.display().to_string(), &bytes)
+                        .map_err(anyhow::Error::msg)?,
+                );
+            }
+            let key = store.find_key(&target.user, target.role)?;
+            let a = y.attest(&key, &roots)?;
+            if a.serial.is_some_and(|s| s != y.serial()) {
+                bail!(
+                    "the attestation names serial {:?}, but this YubiKey is {}",
+                    a.serial,
+                    y.serial()
+                );
+            }
+            if global.json {
+                output::json(&json!({
+                    "key": key_json(&key),
+                    "chain": a.chain,
+                    "serial": a.serial,
+                    "firmware": a.firmware.map(|f| format!("{}.{}.{}", f[0], f[1], f[2])),
+                    "verified": true,
+                }));
+            } else {
+                println!(
+                    "the {} key of {} was generated on this YubiKey: {}",
+                    key.role,
+                    key.user_id,
+                    describe_attestation(&a)
+                );
+            }
+        }
+        KeysCommand::Adopt { target, slot } => {
+            let store = open_store(global)?;
+            let key = yubikey(&store)?.adopt(&target.user, target.role, slot)?;
+            report_new_key(global, "adopted", &key);
         }
         KeysCommand::List { user } => {
             let store = open_store(global)?;
@@ -151,6 +280,17 @@ pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn describe_attestation(a: &attestation::Attestation) -> String {
+    let mut parts = vec![format!("chain {}", a.chain.join(" <- "))];
+    if let Some(s) = a.serial {
+        parts.push(format!("serial {s}"));
+    }
+    if let Some(f) = a.firmware {
+        parts.push(format!("firmware {}.{}.{}", f[0], f[1], f[2]));
+    }
+    parts.join(", ")
 }
 
 fn report_new_key(global: &GlobalArgs, verb: &str, key: &KeyInfo) {
@@ -248,6 +388,8 @@ pub fn key_json(k: &KeyInfo) -> serde_json::Value {
         "created_ms": k.created_ms,
         "x25519_mechanism": k.x25519_mechanism.map(|m| m.as_str()),
         "locator": k.locator.to_string(),
+        "pin_policy": k.piv_policy.map(|p| p.0.as_str()),
+        "touch_policy": k.piv_policy.map(|p| p.1.as_str()),
         "attributes": {
             "token": p.token,
             "private": p.private,

@@ -16,8 +16,10 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use mxhsm::config;
 use mxhsm::token::pin::PinSources;
+use mxhsm::config::TokenChoice;
 use mxhsm::token::pkcs11::Pkcs11Store;
-use mxhsm::token::{PinRequest, TokenError};
+use mxhsm::token::yubikey::{ManagementKey, YubiKeyOptions, YubiKeyStore};
+use mxhsm::token::{KeyStore, PinRequest, TokenError};
 use secrecy::SecretString;
 
 /// Keep a Matrix user's cross-signing and key-backup keys in hardware.
@@ -36,6 +38,14 @@ pub struct GlobalArgs {
     /// Default: $MXHSM_TOKEN.
     #[arg(long, global = true, value_name = "URI")]
     pub token: Option<String>,
+    /// Use the PIV application of the YubiKey with this serial number (firmware 5.7+), or
+    /// `any` for the only one plugged in. Default: $MXHSM_YUBIKEY.
+    #[arg(long, global = true, value_name = "SERIAL", conflicts_with = "token")]
+    pub yubikey: Option<String>,
+    /// YubiKey: the PIV management key (hex) is in this file. By default mxhsm uses the
+    /// factory key while the card says it is set, else the PIN-protected key on the card.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub management_key_file: Option<PathBuf>,
     /// Read the token PIN from this file (its first line). Otherwise $MXHSM_PIN or a prompt;
     /// never from the command line.
     #[arg(long, global = true, value_name = "FILE")]
@@ -134,11 +144,27 @@ fn secret_file(path: &std::path::Path, what: &str) -> Result<SecretString> {
     })
 }
 
+/// An open token of either kind; dereferences to its [`KeyStore`].
+pub enum Store {
+    Pkcs11(Pkcs11Store),
+    YubiKey(YubiKeyStore),
+}
+
+impl std::ops::Deref for Store {
+    type Target = dyn KeyStore;
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Store::Pkcs11(s) => s,
+            Store::YubiKey(s) => s,
+        }
+    }
+}
+
 /// What the Matrix commands work with: the saved session, a client for it, the token.
 struct Ctx {
     session: mxhsm::homeserver::Session,
     client: mxhsm::homeserver::Client,
-    store: Pkcs11Store,
+    store: Store,
 }
 
 impl Ctx {
@@ -155,14 +181,74 @@ impl Ctx {
     }
 }
 
-/// Opens and logs in to the token named by --token / $MXHSM_TOKEN.
-fn open_store(global: &GlobalArgs) -> Result<Pkcs11Store> {
-    let uri = config::token_uri(global.token.as_deref())?;
-    let store = Pkcs11Store::open(&uri, &pin_sources(global))?;
-    if let Some(warning) = store.pin_status_before_login().describe() {
-        eprintln!(
-            "warning: before this login the token reported: {warning} (someone entered a wrong PIN)"
+/// The device named by --token / --yubikey or the environment.
+fn token_choice(global: &GlobalArgs) -> Result<TokenChoice, TokenError> {
+    config::token_choice(global.token.as_deref(), global.yubikey.as_deref())
+}
+
+/// Opens and logs in to the token named by --token / --yubikey or the environment.
+fn open_store(global: &GlobalArgs) -> Result<Store> {
+    let store = match token_choice(global)? {
+        TokenChoice::Pkcs11(uri) => {
+            let store = Pkcs11Store::open(&uri, &pin_sources(global))?;
+            if let Some(warning) = store.pin_status_before_login().describe() {
+                eprintln!(
+                    "warning: before this login the token reported: {warning} (someone entered a wrong PIN)"
+                );
+            }
+            Store::Pkcs11(store)
+        }
+        TokenChoice::YubiKey(serial) => {
+            let management_key = match &global.management_key_file {
+                None => ManagementKey::Auto,
+                Some(f) => ManagementKey::Given(read_management_key(f)?),
+            };
+            let options = YubiKeyOptions {
+                serial,
+                management_key,
+                slot_map: None,
+            };
+            let store = YubiKeyStore::open(options, &pin_sources(global))?;
+            let before = store.pin_status_before_login();
+            if before.retries.is_some_and(|n| n < 3) {
+                eprintln!(
+                    "warning: before this PIN the YubiKey had {} tries left (someone entered a wrong PIN)",
+                    before.retries.unwrap_or(0)
+                );
+            }
+            Store::YubiKey(store)
+        }
+    };
+    Ok(store)
+}
+
+/// A PIV management key from a file: hex (48 or 64 digits, 32 for AES-128), whitespace
+/// ignored.
+fn read_management_key(path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+    use secrecy::ExposeSecret;
+    let text = secret_file(path, "management key")?;
+    let hex: String = text
+        .expose_secret()
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    let hex = zeroize::Zeroizing::new(hex);
+    if hex.len() % 2 != 0 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        anyhow::bail!(
+            "the management key in {} is not hex digits",
+            path.display()
         );
     }
-    Ok(store)
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("checked hex"))
+        .collect();
+    if ![16, 24, 32].contains(&bytes.len()) {
+        anyhow::bail!(
+            "the management key in {} has {} bytes; PIV management keys have 16, 24 or 32",
+            path.display(),
+            bytes.len()
+        );
+    }
+    Ok(zeroize::Zeroizing::new(bytes))
 }

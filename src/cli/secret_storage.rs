@@ -106,7 +106,7 @@ fn read_key_text(file: Option<&PathBuf>) -> Result<SecretString> {
 pub fn run(global: &GlobalArgs, cmd: SecretStorageCommand) -> Result<ExitCode> {
     let ctx = Ctx::open(global)?;
     let (client, user) = (&ctx.client, ctx.session.user_id.clone());
-    let store: &dyn KeyStore = &ctx.store;
+    let store: &dyn KeyStore = &*ctx.store;
     let default = client
         .account_data(&user, "m.secret_storage.default_key")?
         .and_then(|v| v.get("key").and_then(Value::as_str).map(str::to_string));

@@ -8,12 +8,12 @@ use anyhow::{Result, bail};
 use clap::Subcommand;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use mxhsm::config;
-use mxhsm::token::pkcs11::{self, Pkcs11Store, TokenEntry};
+use mxhsm::token::pkcs11::{self, TokenEntry};
 use mxhsm::token::{KeyAlgorithm, KeyInfo, KeyStore};
 use serde_json::json;
 use x25519_dalek::{PublicKey as XPublic, StaticSecret};
 
-use super::{GlobalArgs, open_store, output};
+use super::{GlobalArgs, Store, open_store, output};
 
 /// Modules `token list` looks for when none is named.
 const WELL_KNOWN_MODULES: &[&str] = &[
@@ -24,7 +24,8 @@ const WELL_KNOWN_MODULES: &[&str] = &[
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// List PKCS#11 modules, their slots and tokens, and what each token can do.
+    /// List PKCS#11 modules, their slots and tokens, and what each token can do; and the
+    /// YubiKeys PC/SC can reach.
     List {
         /// A module to look in (repeatable). Default: the module of --token/$MXHSM_TOKEN,
         /// $MXHSM_PKCS11_MODULE and the usual install paths.
@@ -59,14 +60,17 @@ pub fn run(global: &GlobalArgs, cmd: TokenCommand) -> Result<ExitCode> {
 }
 
 fn list(global: &GlobalArgs, modules: Vec<PathBuf>) -> Result<ExitCode> {
+    let explicit = !modules.is_empty();
     let modules = if modules.is_empty() {
         default_modules(global)
     } else {
         modules
     };
-    if modules.is_empty() {
+    // YubiKeys too, unless modules were named.
+    let yubikeys = (!explicit).then(mxhsm::token::yubikey::list_yubikeys);
+    if modules.is_empty() && !matches!(&yubikeys, Some(Ok(y)) if !y.is_empty()) {
         bail!(
-            "no PKCS#11 module found; name one with --module PATH or set {}",
+            "no PKCS#11 module and no YubiKey found; name a module with --module PATH or set {}",
             pkcs11::MODULE_ENV
         );
     }
@@ -85,6 +89,15 @@ fn list(global: &GlobalArgs, modules: Vec<PathBuf>) -> Result<ExitCode> {
                 }),
                 Err(e) => json!({"module": m.display().to_string(), "error": e}),
             })
+            .chain(yubikeys.iter().map(|r| match r {
+                Ok(keys) => json!({"yubikeys": keys.iter().map(|y| json!({
+                    "serial": y.serial,
+                    "firmware": y.firmware,
+                    "reader": y.reader,
+                    "supported": y.supported,
+                })).collect::<Vec<_>>()}),
+                Err(e) => json!({"yubikeys": [], "error": e.to_string()}),
+            }))
             .collect();
         output::json(&json!(v));
     } else {
@@ -153,6 +166,30 @@ fn list(global: &GlobalArgs, modules: Vec<PathBuf>) -> Result<ExitCode> {
                 println!("  {}", t.uri);
             }
         }
+        match &yubikeys {
+            Some(Ok(keys)) if !keys.is_empty() => {
+                println!();
+                let rows: Vec<Vec<String>> = keys
+                    .iter()
+                    .map(|y| {
+                        vec![
+                            y.serial.to_string(),
+                            y.firmware.clone(),
+                            y.reader.clone(),
+                            if y.supported {
+                                "ed25519, x25519 (piv), import".into()
+                            } else {
+                                "none usable by mxhsm (PIV Ed25519/X25519 need firmware 5.7)".into()
+                            },
+                        ]
+                    })
+                    .collect();
+                output::table(&["YUBIKEY", "FIRMWARE", "READER", "CAPABILITIES"], &rows);
+                println!("\nuse a YubiKey with --yubikey SERIAL or MXHSM_YUBIKEY");
+            }
+            Some(Err(e)) => println!("\nYubiKeys: {e}"),
+            _ => {}
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -164,7 +201,8 @@ fn default_modules(global: &GlobalArgs) -> Vec<PathBuf> {
             out.push(p);
         }
     };
-    if let Ok(uri) = config::token_uri(global.token.as_deref())
+    if let Ok(config::TokenChoice::Pkcs11(uri)) =
+        config::token_choice(global.token.as_deref(), global.yubikey.as_deref())
         && let Ok(p) = pkcs11::resolve_module_path(&uri)
     {
         add(p);
@@ -225,17 +263,34 @@ fn check(name: impl Into<String>, r: Result<String>) -> Check {
     }
 }
 
-/// A temporary key that is destroyed when dropped.
+/// A temporary key that is destroyed when dropped: a PKCS#11 session object, or on a
+/// YubiKey a key in a free retired slot (PIN once, no touch) under a placeholder user.
 struct SessionKey<'a> {
-    store: &'a Pkcs11Store,
+    store: &'a dyn KeyStore,
     key: KeyInfo,
 }
 
+/// The user of a YubiKey's temporary test keys.
+const TEST_KEY_USER: &str = "@mxhsm-self-test:localhost";
+
 impl<'a> SessionKey<'a> {
-    fn new(store: &'a Pkcs11Store, algorithm: KeyAlgorithm) -> Result<Self> {
+    fn new(store: &'a Store, algorithm: KeyAlgorithm) -> Result<Self> {
+        let key = match store {
+            Store::Pkcs11(s) => s.generate_session_key(algorithm)?,
+            Store::YubiKey(s) => {
+                let role = match algorithm {
+                    KeyAlgorithm::Ed25519 => mxhsm::token::KeyRole::SelfSigning,
+                    KeyAlgorithm::X25519 => mxhsm::token::KeyRole::Backup,
+                };
+                let mut options = mxhsm::token::KeyOptions::default();
+                options.pin_policy = Some(mxhsm::token::PinPolicy::Once);
+                options.touch_policy = Some(mxhsm::token::TouchPolicy::Never);
+                s.generate(TEST_KEY_USER, role, &options)?
+            }
+        };
         Ok(SessionKey {
-            store,
-            key: store.generate_session_key(algorithm)?,
+            store: &**store,
+            key,
         })
     }
 }
@@ -339,6 +394,30 @@ fn doctor(global: &GlobalArgs) -> Result<ExitCode> {
             ok: false,
             detail: e.to_string(),
         }),
+    }
+    if let Store::YubiKey(y) = &store {
+        // Slot-map entries the card contradicts are never used; say so.
+        match y.audit() {
+            Ok(entries) => {
+                for (slot, entry, state) in entries {
+                    if let Err(problem) = state {
+                        checks.push(Check {
+                            name: format!("slot map {slot:02x} ({} {})", entry.user_id, entry.role),
+                            ok: false,
+                            detail: format!(
+                                "{problem}; fix {} (remove the entry) or `mxhsm keys adopt`",
+                                y.slot_map_path().display()
+                            ),
+                        });
+                    }
+                }
+            }
+            Err(e) => checks.push(Check {
+                name: "slot map".into(),
+                ok: false,
+                detail: e.to_string(),
+            }),
+        }
     }
     let failed = checks.iter().filter(|c| !c.ok).count();
     if global.json {
@@ -534,14 +613,14 @@ impl RestoreBench {
     }
 }
 
-fn bench_restore(store: &Pkcs11Store, n: usize) -> Result<RestoreBench> {
+fn bench_restore(store: &Store, n: usize) -> Result<RestoreBench> {
     use mxhsm::matrix::backup::{self, BackedUpSession};
     use mxhsm::token::TokenAgreement;
     use vodozemac::megolm::{GroupSession, InboundGroupSession, SessionConfig};
 
     let k = SessionKey::new(store, KeyAlgorithm::X25519)?;
     let agreement = TokenAgreement {
-        store,
+        store: &**store,
         key: k.key.clone(),
     };
     let soft = vodozemac::pk_encryption::PkDecryption::new();

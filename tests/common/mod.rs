@@ -7,6 +7,7 @@
 //! under a lock. The modules come from `cargo xtask test` (MXHSM_TEST_*_MODULE).
 #![allow(dead_code)]
 
+pub mod piv;
 pub mod synapse;
 
 use std::path::{Path, PathBuf};
@@ -31,6 +32,8 @@ pub enum Kind {
     /// Kryoptic configured without any X25519 mechanism, like an HSM that has only
     /// Ed25519 (YubiHSM 2, NetHSM).
     KryopticNoX25519,
+    /// The virtual YubiKey (PIV) of [`piv`].
+    VirtualYubiKey,
 }
 
 pub struct TestToken {
@@ -42,6 +45,8 @@ pub struct TestToken {
     pub uri: String,
     conf_var: &'static str,
     conf_value: PathBuf,
+    /// For [`Kind::VirtualYubiKey`]: the card, stopped when the token is dropped.
+    pub card: Option<piv::VirtualCard>,
 }
 
 static INIT_LOCK: Mutex<()> = Mutex::new(());
@@ -77,7 +82,21 @@ impl TestToken {
             .prefix("token-")
             .tempdir_in(base)
             .expect("temp dir");
+        if kind == Kind::VirtualYubiKey {
+            let card = piv::VirtualCard::start(dir.path());
+            return TestToken {
+                kind,
+                module: PathBuf::new(),
+                label: format!("YubiKey {}", card.serial),
+                uri: String::new(),
+                conf_var: "MXHSM_TEST_UNUSED",
+                conf_value: dir.path().to_path_buf(),
+                dir,
+                card: Some(card),
+            };
+        }
         let (source, file) = match kind {
+            Kind::VirtualYubiKey => unreachable!(),
             Kind::SoftHsm => (
                 module_from_env(
                     "MXHSM_TEST_SOFTHSM_MODULE",
@@ -120,6 +139,7 @@ impl TestToken {
                 .unwrap();
                 ("KRYOPTIC_CONF", conf)
             }
+            Kind::VirtualYubiKey => unreachable!(),
         };
         let token = TestToken {
             kind,
@@ -129,6 +149,7 @@ impl TestToken {
             dir,
             conf_var,
             conf_value,
+            card: None,
         };
         token.initialise();
         token
@@ -178,12 +199,52 @@ impl TestToken {
         Pkcs11Store::open(&self.parsed_uri(), &fixed_pin(USER_PIN)).expect("open token")
     }
 
+    /// The serial of the virtual YubiKey.
+    pub fn serial(&self) -> u32 {
+        self.card.as_ref().expect("a virtual YubiKey").serial
+    }
+
+    /// Opens the virtual YubiKey in this process with the right PIN.
+    pub fn open_yubikey(&self) -> mxhsm::token::yubikey::YubiKeyStore {
+        self.open_yubikey_with(&fixed_pin(USER_PIN)).expect("open the YubiKey")
+    }
+
+    pub fn open_yubikey_with(
+        &self,
+        pins: &dyn PinProvider,
+    ) -> Result<mxhsm::token::yubikey::YubiKeyStore, TokenError> {
+        mxhsm::token::yubikey::YubiKeyStore::open(
+            mxhsm::token::yubikey::YubiKeyOptions {
+                serial: Some(self.serial()),
+                slot_map: Some(self.slot_map()),
+                ..Default::default()
+            },
+            pins,
+        )
+    }
+
+    /// Where the CLI keeps this YubiKey's slot map.
+    pub fn slot_map(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join(format!("config/mxhsm/yubikey-{}.json", self.serial()))
+    }
+
     /// The mxhsm binary, set up to use this token with the right PIN.
     pub fn cli(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_mxhsm"));
+        if self.kind == Kind::VirtualYubiKey {
+            c.env("MXHSM_YUBIKEY", self.serial().to_string())
+                .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
+                .env("MXHSM_PIN", USER_PIN)
+                .env_remove("MXHSM_TOKEN")
+                .env_remove("MXHSM_PKCS11_MODULE");
+            return c;
+        }
         c.env(self.conf_var, &self.conf_value)
             .env("MXHSM_TOKEN", &self.uri)
             .env("MXHSM_PIN", USER_PIN)
+            .env_remove("MXHSM_YUBIKEY")
             .env_remove("MXHSM_PKCS11_MODULE");
         c
     }
@@ -244,9 +305,21 @@ pub fn fails(cmd: &mut Command) -> String {
     err
 }
 
-/// Generates one test per token kind from a function taking a `Kind`.
+/// Generates one test per token kind from a function taking a `Kind`: SoftHSM, Kryoptic
+/// and the virtual YubiKey.
 #[macro_export]
 macro_rules! per_token {
+    ($($name:ident),* $(,)?) => {
+        $crate::per_pkcs11_token!($($name),*);
+        mod yubikey {
+            $( #[test] fn $name() { super::$name($crate::common::Kind::VirtualYubiKey) } )*
+        }
+    };
+}
+
+/// One test per PKCS#11 token kind (SoftHSM, Kryoptic).
+#[macro_export]
+macro_rules! per_pkcs11_token {
     ($($name:ident),* $(,)?) => {
         mod softhsm {
             $( #[test] fn $name() { super::$name($crate::common::Kind::SoftHsm) } )*

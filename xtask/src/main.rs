@@ -25,7 +25,7 @@ type Result<T = ()> = std::result::Result<T, String>;
 /// - opensc, opensc-pkcs11: pkcs11-tool (initialises Kryoptic tokens) and pkcs11-spy (counts
 ///   PKCS#11 calls in the wrong-PIN test);
 /// - libclang-dev: bindgen in kryoptic-lib's build; perl, make: the vendored OpenSSL build.
-const APT_PACKAGES: &[&str] = &[
+pub const APT_PACKAGES: &[&str] = &[
     "softhsm2",
     "opensc",
     "opensc-pkcs11",
@@ -36,6 +36,11 @@ const APT_PACKAGES: &[&str] = &[
     "gcc",
     "python3",
     "python3-venv",
+    // The PC/SC stack: libpcsclite to build mxhsm's YubiKey backend; pcscd and vpcd for
+    // the virtual YubiKey the tests use.
+    "pcscd",
+    "vsmartcard-vpcd",
+    "libpcsclite-dev",
 ];
 
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -195,7 +200,10 @@ fn setup() -> Result<Vec<(&'static str, PathBuf)>> {
         }
     }
     let python = synapse::ensure_venv(&cache_dir())?;
+    let card = piv::build(&cache_dir(), false)?.join("mxhsm-piv-card");
+    piv::ensure_pcscd()?;
     Ok(vec![
+        ("MXHSM_TEST_PIV_CARD", card),
         ("MXHSM_TEST_SYNAPSE_PYTHON", python),
         ("MXHSM_TEST_SOFTHSM_MODULE", PathBuf::from(SOFTHSM_MODULE)),
         ("MXHSM_TEST_KRYOPTIC_MODULE", kryoptic),

@@ -1,16 +1,13 @@
 //! The virtual YubiKey for the PIV backend's tests: pcscd and vpcd from Debian, and our
-//! card (hsm-config/piv-card), built into ~/.cache/mxhsm-dev/piv-card-<version> and
+//! card (hsm-config/piv-card), built into ~/.cache/mxhsm-dev/piv-card (cargo rebuilds it when its source changes) and
 //! started on the vpcd socket.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{Result, cargo, ensure_packages, root, run};
+use crate::{APT_PACKAGES, Result, cargo, ensure_packages, root, run};
 
-/// Debian packages of the PC/SC stack: the daemon, the virtual reader driver, and the
-/// library the `pcsc` crate links.
-pub const APT_PACKAGES: &[&str] = &["pcscd", "vsmartcard-vpcd", "libpcsclite-dev"];
 const VPCD_PORT: u16 = 35963;
 
 /// Builds the card (and, with `check`, its check program) and returns the build directory.
@@ -39,6 +36,14 @@ fn pcscd_running() -> bool {
         .unwrap_or(false)
 }
 
+/// Starts pcscd (it forks into the background) unless it runs already.
+pub fn ensure_pcscd() -> Result {
+    if !pcscd_running() {
+        run(&mut Command::new("pcscd"))?;
+    }
+    Ok(())
+}
+
 /// pcscd (started if it is not running) and a fresh card; the card stops when dropped.
 pub struct VirtualCard {
     child: Child,
@@ -47,10 +52,7 @@ pub struct VirtualCard {
 
 impl VirtualCard {
     pub fn start(bin_dir: &Path, state_dir: &Path) -> Result<VirtualCard> {
-        if !pcscd_running() {
-            // pcscd forks into the background by itself.
-            run(&mut Command::new("pcscd"))?;
-        }
+        ensure_pcscd()?;
         if state_dir.exists() {
             std::fs::remove_dir_all(state_dir).map_err(|e| e.to_string())?;
         }

@@ -158,10 +158,14 @@ pub fn verify(
                 policy: extension(&leaf_cert, OID_YUBICO_POLICY).and_then(|v| v.try_into().ok()),
             });
         }
-        let Some(next) = pool
+        // A self-signed certificate that is not one of the roots ends the chain untrusted
+        // (the test card's F9 certificate is one).
+        let self_signed = current.0.tbs_certificate().subject() == issuer;
+        let next = pool
             .iter()
             .find(|(c, _)| c.tbs_certificate().subject() == issuer)
-        else {
+            .filter(|_| !self_signed);
+        let Some(next) = next else {
             return Err(format!(
                 "the chain does not reach a trusted root: nothing known issued \"{}\" (issuer \"{issuer}\")",
                 chain.last().unwrap()
