@@ -12,7 +12,7 @@ pub const YUBIKEY_ENV: &str = "MXHSM_YUBIKEY";
 /// Which device the keys are on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenChoice {
-    Pkcs11(Pkcs11Uri),
+    Pkcs11(Box<Pkcs11Uri>),
     /// A YubiKey's PIV application, by serial (`None`: the only one present).
     YubiKey(Option<u32>),
 }
@@ -46,7 +46,7 @@ pub fn token_choice(token: Option<&str>, yubikey: Option<&str>) -> Result<TokenC
         (Some(_), Some(_)) => Err(TokenError::InvalidInput(format!(
             "both {TOKEN_ENV} and {YUBIKEY_ENV} are set: unset one, or choose with --token or --yubikey"
         ))),
-        (Some(uri), None) => Ok(TokenChoice::Pkcs11(Pkcs11Uri::parse(&uri)?)),
+        (Some(uri), None) => Ok(TokenChoice::Pkcs11(Box::new(Pkcs11Uri::parse(&uri)?))),
         (None, Some(serial)) => Ok(TokenChoice::YubiKey(parse_yubikey(&serial)?)),
         (None, None) => Err(TokenError::InvalidInput(format!(
             "no token given: pass --token 'pkcs11:token=…?module-path=…' or --yubikey SERIAL, or set {TOKEN_ENV} or {YUBIKEY_ENV} (see `mxhsm token list`)"

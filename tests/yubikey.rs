@@ -49,17 +49,26 @@ fn card_public(serial: u32, slot: u8) -> Option<Vec<u8>> {
         .connect(&reader, pcsc::ShareMode::Shared, pcsc::Protocols::T1)
         .unwrap();
     let mut buf = [0u8; 300];
-    let r = card.transmit(&[0x00, 0xf7, 0x00, slot, 0x00], &mut buf).unwrap();
+    let r = card
+        .transmit(&[0x00, 0xf7, 0x00, slot, 0x00], &mut buf)
+        .unwrap();
     let (data, sw) = r.split_at(r.len() - 2);
     if sw == [0x6a, 0x88] {
-        card.disconnect(pcsc::Disposition::LeaveCard).map_err(|(_, e)| e).unwrap();
+        card.disconnect(pcsc::Disposition::LeaveCard)
+            .map_err(|(_, e)| e)
+            .unwrap();
         return None;
     }
     assert_eq!(sw, [0x90, 0x00]);
     // 01 alg, 02 policy, 03 origin, 04 { 86 public }
-    let at = data.windows(3).position(|w| w == [0x04, 0x22, 0x86]).unwrap();
+    let at = data
+        .windows(3)
+        .position(|w| w == [0x04, 0x22, 0x86])
+        .unwrap();
     let public = data[at + 4..at + 36].to_vec();
-    card.disconnect(pcsc::Disposition::LeaveCard).map_err(|(_, e)| e).unwrap();
+    card.disconnect(pcsc::Disposition::LeaveCard)
+        .map_err(|(_, e)| e)
+        .unwrap();
     Some(public)
 }
 
@@ -72,9 +81,16 @@ fn every_keystore_operation_checked_against_dalek() {
     for role in KeyRole::ALL {
         let k = store.generate(ALICE, role, &KeyOptions::default()).unwrap();
         assert_eq!(k.origin, KeyOrigin::Generated);
-        let touch = if role == KeyRole::Master { TouchPolicy::Always } else { TouchPolicy::Cached };
+        let touch = if role == KeyRole::Master {
+            TouchPolicy::Always
+        } else {
+            TouchPolicy::Cached
+        };
         assert_eq!(k.piv_policy, Some((PinPolicy::Once, touch)), "{role}");
-        assert_eq!(card_public(t.serial(), slot_of(&k)).as_deref(), Some(&k.public_key[..]));
+        assert_eq!(
+            card_public(t.serial(), slot_of(&k)).as_deref(),
+            Some(&k.public_key[..])
+        );
         keys.push(k);
     }
     // Four different slots, the first four retired ones.
@@ -86,17 +102,22 @@ fn every_keystore_operation_checked_against_dalek() {
     let ssk = &keys[1];
     for len in (0..=1100usize).chain([4096, 65536]) {
         let msg: Vec<u8> = (0..len).map(|i| (i * 31 + len) as u8).collect();
-        let sig = store.sign_ed25519(ssk, &msg).unwrap_or_else(|e| panic!("{len}: {e}"));
+        let sig = store
+            .sign_ed25519(ssk, &msg)
+            .unwrap_or_else(|e| panic!("{len}: {e}"));
         verify(&ssk.public_key, &msg, &sig);
     }
 
     // X25519 with the backup key equals x25519-dalek's, and a small-order peer is refused.
     let backup = &keys[3];
     let peer = StaticSecret::from([7u8; 32]);
-    let secret = store.x25519(backup, XPublic::from(&peer).as_bytes()).unwrap();
+    let secret = store
+        .x25519(backup, XPublic::from(&peer).as_bytes())
+        .unwrap();
     assert_eq!(
         secret.expose(),
-        peer.diffie_hellman(&XPublic::from(backup.public_key)).as_bytes()
+        peer.diffie_hellman(&XPublic::from(backup.public_key))
+            .as_bytes()
     );
     // A small-order peer key gives no secret (the card refuses it, or mxhsm refuses the
     // all-zero result).
@@ -108,28 +129,48 @@ fn every_keystore_operation_checked_against_dalek() {
     // Imports: the card's signature equals dalek's byte for byte; ECDH equals dalek's.
     let seed = [0x5au8; 32];
     let imported = store
-        .import("@bob:localhost", KeyRole::UserSigning, SecretKeyBytes::new(seed), &KeyOptions::default())
+        .import(
+            "@bob:localhost",
+            KeyRole::UserSigning,
+            SecretKeyBytes::new(seed),
+            &KeyOptions::default(),
+        )
         .unwrap();
     assert_eq!(imported.origin, KeyOrigin::Imported);
     let dalek = SigningKey::from_bytes(&seed);
     assert_eq!(imported.public_key, dalek.verifying_key().to_bytes());
     for len in [0usize, 255, 1015, 3000] {
         let msg = vec![0x42u8; len];
-        assert_eq!(store.sign_ed25519(&imported, &msg).unwrap(), dalek.sign(&msg).to_bytes());
+        assert_eq!(
+            store.sign_ed25519(&imported, &msg).unwrap(),
+            dalek.sign(&msg).to_bytes()
+        );
     }
     let xs = [0x33u8; 32];
     let ximp = store
-        .import("@bob:localhost", KeyRole::Backup, SecretKeyBytes::new(xs), &KeyOptions::default())
+        .import(
+            "@bob:localhost",
+            KeyRole::Backup,
+            SecretKeyBytes::new(xs),
+            &KeyOptions::default(),
+        )
         .unwrap();
     let xsec = StaticSecret::from(xs);
     assert_eq!(ximp.public_key, XPublic::from(&xsec).to_bytes());
-    let got = store.x25519(&ximp, XPublic::from(&peer).as_bytes()).unwrap();
-    assert_eq!(got.expose(), xsec.diffie_hellman(&XPublic::from(&peer)).as_bytes());
+    let got = store
+        .x25519(&ximp, XPublic::from(&peer).as_bytes())
+        .unwrap();
+    assert_eq!(
+        got.expose(),
+        xsec.diffie_hellman(&XPublic::from(&peer)).as_bytes()
+    );
 
     // Listing, by user; a second generation becomes the current one.
     assert_eq!(store.list_keys(None).unwrap().len(), 6);
     assert_eq!(store.list_keys(Some(ALICE)).unwrap().len(), 4);
-    let msk2 = store.generate(ALICE, KeyRole::Master, &KeyOptions::default()).unwrap();
+    let msk2 = store
+        .generate(ALICE, KeyRole::Master, &KeyOptions::default())
+        .unwrap();
     assert_eq!(store.find_key(ALICE, KeyRole::Master).unwrap(), msk2);
 
     // Delete empties the slot on the card and the map.
@@ -155,12 +196,23 @@ fn filled_slots_are_not_overwritten_without_force() {
         o.force = force;
         o
     };
-    let first = store.generate(ALICE, KeyRole::Master, &at(0x90, false)).unwrap();
+    let first = store
+        .generate(ALICE, KeyRole::Master, &at(0x90, false))
+        .unwrap();
     assert_eq!(slot_of(&first), 0x90);
-    let err = store.generate(ALICE, KeyRole::SelfSigning, &at(0x90, false)).unwrap_err().to_string();
+    let err = store
+        .generate(ALICE, KeyRole::SelfSigning, &at(0x90, false))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("slot 90") && err.contains("--force"), "{err}");
-    assert_eq!(card_public(t.serial(), 0x90).as_deref(), Some(&first.public_key[..]));
-    let err = store.generate(ALICE, KeyRole::Master, &at(0x9a, false)).unwrap_err().to_string();
+    assert_eq!(
+        card_public(t.serial(), 0x90).as_deref(),
+        Some(&first.public_key[..])
+    );
+    let err = store
+        .generate(ALICE, KeyRole::Master, &at(0x9a, false))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not a retired key-management slot"), "{err}");
 
     // A key another tool put in 82 (not in our map) is skipped by the automatic choice
@@ -175,19 +227,40 @@ fn filled_slots_are_not_overwritten_without_force() {
         &fixed_pin(piv::PIN),
     )
     .unwrap();
-    let foreign = other.generate("@other:localhost", KeyRole::Master, &at(0x82, false)).unwrap();
+    let foreign = other
+        .generate("@other:localhost", KeyRole::Master, &at(0x82, false))
+        .unwrap();
     drop(other);
     let store = t.open_yubikey();
-    let err = store.generate(ALICE, KeyRole::Backup, &at(0x82, false)).unwrap_err().to_string();
-    assert!(err.contains("already holds a key (ed25519, generated)"), "{err}");
-    let auto = store.generate(ALICE, KeyRole::Backup, &KeyOptions::default()).unwrap();
+    let err = store
+        .generate(ALICE, KeyRole::Backup, &at(0x82, false))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("already holds a key (ed25519, generated)"),
+        "{err}"
+    );
+    let auto = store
+        .generate(ALICE, KeyRole::Backup, &KeyOptions::default())
+        .unwrap();
     assert_eq!(slot_of(&auto), 0x83);
-    assert_eq!(card_public(t.serial(), 0x82).as_deref(), Some(&foreign.public_key[..]));
+    assert_eq!(
+        card_public(t.serial(), 0x82).as_deref(),
+        Some(&foreign.public_key[..])
+    );
     // With --force the slot is taken.
-    let forced = store.generate(ALICE, KeyRole::SelfSigning, &at(0x82, true)).unwrap();
-    assert_eq!(card_public(t.serial(), 0x82).as_deref(), Some(&forced.public_key[..]));
+    let forced = store
+        .generate(ALICE, KeyRole::SelfSigning, &at(0x82, true))
+        .unwrap();
+    assert_eq!(
+        card_public(t.serial(), 0x82).as_deref(),
+        Some(&forced.public_key[..])
+    );
     // Adopting maps an existing slot without touching it.
-    let err = store.adopt(ALICE, KeyRole::Backup, 0x90).unwrap_err().to_string();
+    let err = store
+        .adopt(ALICE, KeyRole::Backup, 0x90)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("already mapped"), "{err}");
 }
 
@@ -197,7 +270,10 @@ fn wrong_pin_reports_tries_is_sent_once_and_blocks_after_three() {
     // A PIN of the wrong length never reaches the card.
     let short = fixed_pin("12345");
     let err = t.open_yubikey_with(&short).err().unwrap().to_string();
-    assert!(err.contains("6 to 8 characters") && err.contains("nothing was sent"), "{err}");
+    assert!(
+        err.contains("6 to 8 characters") && err.contains("nothing was sent"),
+        "{err}"
+    );
     assert_eq!(t.open_yubikey().pin_status_before_login().retries, Some(3));
 
     for (left, expect) in [(2u32, "2 tries left"), (1, "one try left")] {
@@ -208,8 +284,15 @@ fn wrong_pin_reports_tries_is_sent_once_and_blocks_after_three() {
             "{err:?}"
         );
         assert!(err.to_string().contains(expect), "{err}");
-        assert!(err.to_string().contains(&format!("YubiKey {}", t.serial())), "{err}");
-        assert_eq!(pins.asked.load(Ordering::SeqCst), 1, "asked once, sent once");
+        assert!(
+            err.to_string().contains(&format!("YubiKey {}", t.serial())),
+            "{err}"
+        );
+        assert_eq!(
+            pins.asked.load(Ordering::SeqCst),
+            1,
+            "asked once, sent once"
+        );
     }
     let pins = fixed_pin("654321");
     let err = t.open_yubikey_with(&pins).err().unwrap();
@@ -222,7 +305,8 @@ fn wrong_pin_reports_tries_is_sent_once_and_blocks_after_three() {
     // The card agrees (through the yubikey crate).
     let mut yk = yubikey::YubiKey::open_by_serial(yubikey::Serial(t.serial())).unwrap();
     assert_eq!(yk.get_pin_retries().unwrap(), 0);
-    yk.unblock_pin(piv::PUK.as_bytes(), piv::PIN.as_bytes()).unwrap();
+    yk.unblock_pin(piv::PUK.as_bytes(), piv::PIN.as_bytes())
+        .unwrap();
     drop(yk);
     assert_eq!(t.open_yubikey().pin_status_before_login().retries, Some(3));
 }
@@ -256,28 +340,39 @@ fn management_key_default_given_or_pin_protected() {
         .unwrap()
     };
     let wrong = open(ManagementKey::Given(zeroize::Zeroizing::new(vec![9u8; 24])));
-    let err = wrong.generate(ALICE, KeyRole::Master, &KeyOptions::default()).unwrap_err().to_string();
+    let err = wrong
+        .generate(ALICE, KeyRole::Master, &KeyOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("refused the management key"), "{err}");
-    assert!(wrong.list_keys(None).unwrap().is_empty(), "nothing was made");
+    assert!(
+        wrong.list_keys(None).unwrap().is_empty(),
+        "nothing was made"
+    );
     drop(wrong);
     let given = open(ManagementKey::Given(zeroize::Zeroizing::new(
         (0..24).map(|i| [1u8, 2, 3, 4, 5, 6, 7, 8][i % 8]).collect(),
     )));
-    given.generate(ALICE, KeyRole::Master, &KeyOptions::default()).unwrap();
+    given
+        .generate(ALICE, KeyRole::Master, &KeyOptions::default())
+        .unwrap();
     drop(given);
 
     // Switch the card to a PIN-protected random key (ykman's --protect scheme) with the
     // yubikey crate; mxhsm then finds it on its own.
     let mut yk = yubikey::YubiKey::open_by_serial(yubikey::Serial(t.serial())).unwrap();
-    yk.authenticate(&yubikey::MgmKey::get_default(&yk).unwrap()).unwrap();
+    yk.authenticate(&yubikey::MgmKey::get_default(&yk).unwrap())
+        .unwrap();
     yk.verify_pin(piv::PIN.as_bytes()).unwrap();
     let mut key = [0u8; 24];
     getrandom::fill(&mut key).unwrap();
-    let protected = yubikey::MgmKey::from_bytes(key, Some(yubikey::MgmAlgorithmId::Aes192)).unwrap();
+    let protected =
+        yubikey::MgmKey::from_bytes(key, Some(yubikey::MgmAlgorithmId::Aes192)).unwrap();
     protected.set_protected(&mut yk).unwrap();
     drop(yk);
     let auto = open(ManagementKey::Auto);
-    auto.generate(ALICE, KeyRole::SelfSigning, &KeyOptions::default()).unwrap();
+    auto.generate(ALICE, KeyRole::SelfSigning, &KeyOptions::default())
+        .unwrap();
     assert_eq!(auto.list_keys(None).unwrap().len(), 2);
 }
 
@@ -285,7 +380,9 @@ fn management_key_default_given_or_pin_protected() {
 fn attestation_verifies_to_the_cards_root_only() {
     let t = TestToken::new(Kind::VirtualYubiKey);
     let store = t.open_yubikey();
-    let generated = store.generate(ALICE, KeyRole::Master, &KeyOptions::default()).unwrap();
+    let generated = store
+        .generate(ALICE, KeyRole::Master, &KeyOptions::default())
+        .unwrap();
     let card_root = attestation::Root::parse(
         "test card",
         &std::fs::read(&t.card.as_ref().unwrap().ca).unwrap(),
@@ -296,18 +393,29 @@ fn attestation_verifies_to_the_cards_root_only() {
     assert_eq!(a.firmware, Some([5, 7, 1]));
     assert_eq!(a.policy, Some([2, 2]), "PIN once, touch always");
     // The test card is not Yubico: with Yubico's roots alone it must not verify.
-    let err = store.attest(&generated, &attestation::yubico_roots()).unwrap_err().to_string();
+    let err = store
+        .attest(&generated, &attestation::yubico_roots())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("does not reach a trusted root"), "{err}");
     // Imported keys have no attestation.
     let imported = store
-        .import(ALICE, KeyRole::SelfSigning, SecretKeyBytes::new([1; 32]), &KeyOptions::default())
+        .import(
+            ALICE,
+            KeyRole::SelfSigning,
+            SecretKeyBytes::new([1; 32]),
+            &KeyOptions::default(),
+        )
         .unwrap();
     let card_root = attestation::Root::parse(
         "test card",
         &std::fs::read(&t.card.as_ref().unwrap().ca).unwrap(),
     )
     .unwrap();
-    let err = store.attest(&imported, &[card_root]).unwrap_err().to_string();
+    let err = store
+        .attest(&imported, &[card_root])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("attests only keys generated on it"), "{err}");
 }
 
@@ -331,14 +439,26 @@ fn cli_on_the_yubikey() {
     let out = ok(t.cli().args([
         "keys", "generate", "--user", ALICE, "--role", "master", "--slot", "88",
     ]));
-    assert!(out.starts_with(&format!("generated the master key of {ALICE}")), "{out}");
+    assert!(
+        out.starts_with(&format!("generated the master key of {ALICE}")),
+        "{out}"
+    );
     let err = fails(t.cli().args([
         "keys", "generate", "--user", ALICE, "--role", "backup", "--slot", "88",
     ]));
     assert!(err.contains("--force"), "{err}");
     let out = ok(t.cli().args([
-        "--json", "keys", "generate", "--user", ALICE, "--role", "self_signing", "--pin-policy",
-        "always", "--touch-policy", "never",
+        "--json",
+        "keys",
+        "generate",
+        "--user",
+        ALICE,
+        "--role",
+        "self_signing",
+        "--pin-policy",
+        "always",
+        "--touch-policy",
+        "never",
     ]));
     let k = json(&out);
     assert_eq!(k["pin_policy"], "always");
@@ -348,11 +468,16 @@ fn cli_on_the_yubikey() {
     // Attestation: against the card's root given with --root, and not against Yubico's.
     let attest = json(&ok(t
         .cli()
-        .args(["--json", "keys", "attest", "--user", ALICE, "--role", "master", "--root"])
+        .args([
+            "--json", "keys", "attest", "--user", ALICE, "--role", "master", "--root",
+        ])
         .arg(&t.card.as_ref().unwrap().ca)));
     assert_eq!(attest["verified"], true);
     assert_eq!(attest["serial"], t.serial());
-    let err = fails(t.cli().args(["keys", "attest", "--user", ALICE, "--role", "master"]));
+    let err = fails(
+        t.cli()
+            .args(["keys", "attest", "--user", ALICE, "--role", "master"]),
+    );
     assert!(err.contains("does not reach a trusted root"), "{err}");
 
     let doctor = json(&ok(t.cli().args(["token", "doctor", "--json"])));
@@ -361,18 +486,34 @@ fn cli_on_the_yubikey() {
     let list = json(&ok(t.cli().args(["keys", "list", "--json"])));
     assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
 
-    ok(t.cli().args(["keys", "delete", "--user", ALICE, "--role", "master", "--yes"]));
+    ok(t.cli().args([
+        "keys", "delete", "--user", ALICE, "--role", "master", "--yes",
+    ]));
     assert_eq!(card_public(t.serial(), 0x88), None);
 
     // A wrong PIN through the CLI: the tries left are named.
     let err = fails(t.cli().env("MXHSM_PIN", "000000").args(["keys", "list"]));
-    assert!(err.contains(&format!("wrong PIN for token \"YubiKey {}\"", t.serial())) && err.contains("2 tries left"), "{err}");
+    assert!(
+        err.contains(&format!("wrong PIN for token \"YubiKey {}\"", t.serial()))
+            && err.contains("2 tries left"),
+        "{err}"
+    );
     // Naming both kinds of token is refused; a missing serial is named.
-    let err = fails(t.cli().args(["--token", "pkcs11:token=x", "--yubikey", "1", "keys", "list"]));
+    let err = fails(t.cli().args([
+        "--token",
+        "pkcs11:token=x",
+        "--yubikey",
+        "1",
+        "keys",
+        "list",
+    ]));
     assert!(err.contains("cannot be used with"), "{err}");
     let err = fails(t.cli().args(["--yubikey", "1", "keys", "list"]));
     assert!(err.contains("no token matches YubiKey serial 1"), "{err}");
-    assert!(err.contains(&t.serial().to_string()), "lists the present ones: {err}");
+    assert!(
+        err.contains(&t.serial().to_string()),
+        "lists the present ones: {err}"
+    );
     let err = fails(t.cli().args(["--yubikey", "12x", "keys", "list"]));
     assert!(err.contains("takes a serial number"), "{err}");
 }
@@ -400,7 +541,9 @@ fn real_yubikey() {
     o.slot = Some(0x94);
     o.force = true;
     o.touch_policy = Some(TouchPolicy::Never);
-    let k = store.generate("@hw-test:localhost", KeyRole::SelfSigning, &o).unwrap();
+    let k = store
+        .generate("@hw-test:localhost", KeyRole::SelfSigning, &o)
+        .unwrap();
     for len in (0..=1100usize).chain([4096, 65536]) {
         let msg = vec![0xa5u8; len];
         verify(&k.public_key, &msg, &store.sign_ed25519(&k, &msg).unwrap());
@@ -408,10 +551,15 @@ fn real_yubikey() {
     let a = store.attest(&k, &attestation::yubico_roots()).unwrap();
     assert_eq!(a.serial, Some(serial));
     o.slot = Some(0x95);
-    let x = store.generate("@hw-test:localhost", KeyRole::Backup, &o).unwrap();
+    let x = store
+        .generate("@hw-test:localhost", KeyRole::Backup, &o)
+        .unwrap();
     let peer = StaticSecret::from([7u8; 32]);
     let s = store.x25519(&x, XPublic::from(&peer).as_bytes()).unwrap();
-    assert_eq!(s.expose(), peer.diffie_hellman(&XPublic::from(x.public_key)).as_bytes());
+    assert_eq!(
+        s.expose(),
+        peer.diffie_hellman(&XPublic::from(x.public_key)).as_bytes()
+    );
     store.delete(&k).unwrap();
     store.delete(&x).unwrap();
 }

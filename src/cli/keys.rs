@@ -125,7 +125,10 @@ fn parse_slot(s: &str) -> Result<u8, String> {
 fn yubikey(store: &Store) -> Result<&YubiKeyStore> {
     match store {
         Store::YubiKey(y) => Ok(y),
-        Store::Pkcs11(_) => bail!("this is for YubiKeys (--yubikey); {} is a PKCS#11 token", store.summary()),
+        Store::Pkcs11(_) => bail!(
+            "this is for YubiKeys (--yubikey); {} is a PKCS#11 token",
+            store.summary()
+        ),
     }
 }
 
@@ -159,8 +162,8 @@ pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
             let y = yubikey(&store)?;
             let mut roots = attestation::yubico_roots();
             for f in &root {
-                let bytes = std::fs::read(f)
-                    .with_context(|| format!("cannot read {}", f.display()))?;
+                let bytes =
+                    std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
                 roots.push(
                     attestation::Root::parse(&f.display().to_string(), &bytes)
                         .map_err(anyhow::Error::msg)?,

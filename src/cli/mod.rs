@@ -15,8 +15,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use mxhsm::config;
-use mxhsm::token::pin::PinSources;
 use mxhsm::config::TokenChoice;
+use mxhsm::token::pin::PinSources;
 use mxhsm::token::pkcs11::Pkcs11Store;
 use mxhsm::token::yubikey::{ManagementKey, YubiKeyOptions, YubiKeyStore};
 use mxhsm::token::{KeyStore, PinRequest, TokenError};
@@ -233,11 +233,8 @@ fn read_management_key(path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<
         .filter(|c| !c.is_whitespace())
         .collect();
     let hex = zeroize::Zeroizing::new(hex);
-    if hex.len() % 2 != 0 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        anyhow::bail!(
-            "the management key in {} is not hex digits",
-            path.display()
-        );
+    if !hex.len().is_multiple_of(2) || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        anyhow::bail!("the management key in {} is not hex digits", path.display());
     }
     let bytes: Vec<u8> = (0..hex.len())
         .step_by(2)

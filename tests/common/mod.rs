@@ -206,7 +206,8 @@ impl TestToken {
 
     /// Opens the virtual YubiKey in this process with the right PIN.
     pub fn open_yubikey(&self) -> mxhsm::token::yubikey::YubiKeyStore {
-        self.open_yubikey_with(&fixed_pin(USER_PIN)).expect("open the YubiKey")
+        self.open_yubikey_with(&fixed_pin(USER_PIN))
+            .expect("open the YubiKey")
     }
 
     pub fn open_yubikey_with(

@@ -32,7 +32,9 @@ fn card_binary() -> PathBuf {
     let p = std::env::var_os("MXHSM_TEST_PIV_CARD")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
             home.join(".cache/mxhsm-dev/piv-card/release/mxhsm-piv-card")
         });
     assert!(
@@ -51,7 +53,9 @@ fn ensure_pcscd() {
         .map(|s| s.success())
         .unwrap_or(false);
     if !running {
-        let status = Command::new("pcscd").status().expect("start pcscd (apt install pcscd vsmartcard-vpcd)");
+        let status = Command::new("pcscd")
+            .status()
+            .expect("start pcscd (apt install pcscd vsmartcard-vpcd)");
         assert!(status.success(), "pcscd did not start");
     }
 }
@@ -61,7 +65,8 @@ impl VirtualCard {
     pub fn start(dir: &Path) -> VirtualCard {
         let guard = CARD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         ensure_pcscd();
-        let serial = 30_000_000 + (std::process::id() % 10_000) * 100 + NEXT.fetch_add(1, Ordering::SeqCst);
+        let serial =
+            30_000_000 + (std::process::id() % 10_000) * 100 + NEXT.fetch_add(1, Ordering::SeqCst);
         let ca = dir.join("card-ca.pem");
         let log = std::fs::File::create(dir.join("card.log")).unwrap();
         let child = Command::new(card_binary())

@@ -48,7 +48,9 @@ impl From<pcsc::Error> for ApduError {
 /// What a PIV status word means, for error messages.
 pub fn describe(sw: u16) -> &'static str {
     match sw {
-        0x6982 => "security status not satisfied: PIN not verified, touch not given, or management key not authenticated",
+        0x6982 => {
+            "security status not satisfied: PIN not verified, touch not given, or management key not authenticated"
+        }
         0x6983 => "authentication method blocked",
         0x6985 => "conditions of use not satisfied",
         0x6a80 => "incorrect data",
@@ -121,9 +123,8 @@ impl RawCard {
             answer = resp.to_vec();
         }
         while sw >> 8 == 0x61 {
-            let (resp, status) = split_sw(
-                tx.transmit(&[0x00, INS_GET_RESPONSE, 0x00, 0x00, 0x00], &mut buf)?,
-            )?;
+            let (resp, status) =
+                split_sw(tx.transmit(&[0x00, INS_GET_RESPONSE, 0x00, 0x00, 0x00], &mut buf)?)?;
             answer.extend_from_slice(resp);
             sw = status;
         }
@@ -163,7 +164,9 @@ pub fn expect_tlv(data: &[u8], tag: u8) -> Option<&[u8]> {
     let (len, rest) = match rest.split_first()? {
         (&n, rest) if n < 0x80 => (n as usize, rest),
         (&0x81, rest) => (*rest.first()? as usize, &rest[1..]),
-        (&0x82, rest) if rest.len() >= 2 => (u16::from_be_bytes([rest[0], rest[1]]) as usize, &rest[2..]),
+        (&0x82, rest) if rest.len() >= 2 => {
+            (u16::from_be_bytes([rest[0], rest[1]]) as usize, &rest[2..])
+        }
         _ => return None,
     };
     (rest.len() == len).then_some(rest)
@@ -175,17 +178,37 @@ mod tests {
 
     #[test]
     fn ber_lengths_round_trip_at_every_boundary() {
-        for n in [0usize, 1, 0x7f, 0x80, 0xfe, 0xff, 0x100, 0x101, 1014, 1015, 0xffff] {
+        for n in [
+            0usize, 1, 0x7f, 0x80, 0xfe, 0xff, 0x100, 0x101, 1014, 1015, 0xffff,
+        ] {
             let mut tlv = vec![0x82];
             push_len(&mut tlv, n);
             tlv.extend(std::iter::repeat_n(7u8, n));
-            assert_eq!(expect_tlv(&tlv, 0x82).map(<[u8]>::len), Some(n), "length {n}");
+            assert_eq!(
+                expect_tlv(&tlv, 0x82).map(<[u8]>::len),
+                Some(n),
+                "length {n}"
+            );
             // The length bytes: 1 below 128, 2 up to 255, 3 from 256 (the crate's bug was 255).
             let hdr = tlv.len() - n - 1;
-            assert_eq!(hdr, if n < 0x80 { 1 } else if n <= 0xff { 2 } else { 3 }, "{n}");
+            assert_eq!(
+                hdr,
+                if n < 0x80 {
+                    1
+                } else if n <= 0xff {
+                    2
+                } else {
+                    3
+                },
+                "{n}"
+            );
         }
         assert_eq!(expect_tlv(&[0x82, 0x02, 1], 0x82), None, "short value");
-        assert_eq!(expect_tlv(&[0x82, 0x01, 1, 2], 0x82), None, "trailing bytes");
+        assert_eq!(
+            expect_tlv(&[0x82, 0x01, 1, 2], 0x82),
+            None,
+            "trailing bytes"
+        );
         assert_eq!(expect_tlv(&[0x81, 0x01, 1], 0x82), None, "other tag");
     }
 }

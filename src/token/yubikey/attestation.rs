@@ -112,8 +112,8 @@ pub fn verify(
     roots: &[Root],
     public_key: &[u8; 32],
 ) -> Result<Attestation, String> {
-    let leaf_cert =
-        Certificate::from_der(leaf).map_err(|e| format!("the slot certificate does not parse: {e}"))?;
+    let leaf_cert = Certificate::from_der(leaf)
+        .map_err(|e| format!("the slot certificate does not parse: {e}"))?;
     let certified = leaf_cert
         .tbs_certificate()
         .subject_public_key_info()
@@ -143,8 +143,9 @@ pub fn verify(
             .iter()
             .find(|r| r.cert.tbs_certificate().subject() == issuer)
         {
-            check_signature(current.1, &root.cert)
-                .map_err(|e| format!("{}: signature by {}: {e}", chain.last().unwrap(), root.name))?;
+            check_signature(current.1, &root.cert).map_err(|e| {
+                format!("{}: signature by {}: {e}", chain.last().unwrap(), root.name)
+            })?;
             check_validity(&root.cert, now)?;
             chain.push(root.cert.tbs_certificate().subject().to_string());
             return Ok(Attestation {
@@ -154,7 +155,8 @@ pub fn verify(
                     let bytes = value.as_bytes();
                     (bytes.len() <= 4).then(|| bytes.iter().fold(0u32, |a, b| (a << 8) | *b as u32))
                 }),
-                firmware: extension(&leaf_cert, OID_YUBICO_FIRMWARE).and_then(|v| v.try_into().ok()),
+                firmware: extension(&leaf_cert, OID_YUBICO_FIRMWARE)
+                    .and_then(|v| v.try_into().ok()),
                 policy: extension(&leaf_cert, OID_YUBICO_POLICY).and_then(|v| v.try_into().ok()),
             });
         }
@@ -213,12 +215,19 @@ fn raw_tbs(cert_der: &[u8]) -> Result<&[u8], String> {
         if n == 0 || n > 4 || d.len() < 2 + n {
             return None;
         }
-        Some((2 + n, d[2..2 + n].iter().fold(0usize, |a, b| (a << 8) | *b as usize)))
+        Some((
+            2 + n,
+            d[2..2 + n]
+                .iter()
+                .fold(0usize, |a, b| (a << 8) | *b as usize),
+        ))
     }
     let (h, _) = header(cert_der).ok_or("bad certificate encoding")?;
     let inner = &cert_der[h..];
     let (th, tl) = header(inner).ok_or("bad certificate encoding")?;
-    inner.get(..th + tl).ok_or_else(|| "truncated certificate".to_string())
+    inner
+        .get(..th + tl)
+        .ok_or_else(|| "truncated certificate".to_string())
 }
 
 /// Checks the signature on `cert_der` with the public key of `issuer`.
@@ -243,7 +252,8 @@ fn check_signature(cert_der: &[u8], issuer: &Certificate) -> Result<(), String> 
         (OID_RSA_SHA256 | OID_RSA_SHA384, OID_RSA) => {
             use rsa::pkcs1::DecodeRsaPublicKey;
             use rsa::signature::Verifier;
-            let pk = rsa::RsaPublicKey::from_pkcs1_der(key).map_err(|e| format!("bad RSA issuer key: {e}"))?;
+            let pk = rsa::RsaPublicKey::from_pkcs1_der(key)
+                .map_err(|e| format!("bad RSA issuer key: {e}"))?;
             let sig = rsa::pkcs1v15::Signature::try_from(sig).map_err(|_| bad())?;
             if sig_alg == OID_RSA_SHA256 {
                 rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(pk).verify(tbs, &sig)

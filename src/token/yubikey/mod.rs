@@ -28,9 +28,9 @@ use yubikey::{MgmAlgorithmId, MgmKey, YubiKey};
 use zeroize::Zeroizing;
 
 use super::{
-    Capabilities, KeyAlgorithm, KeyInfo, KeyLocator, KeyOptions, KeyOrigin, KeyProtection,
-    KeyRole, KeyStore, PinPolicy, PinProvider, PinRequest, PinStatus, SecretKeyBytes,
-    SharedSecret, TokenError, TokenSummary, TouchPolicy, X25519Mechanism, check_user_id,
+    Capabilities, KeyAlgorithm, KeyInfo, KeyLocator, KeyOptions, KeyOrigin, KeyProtection, KeyRole,
+    KeyStore, PinPolicy, PinProvider, PinRequest, PinStatus, SecretKeyBytes, SharedSecret,
+    TokenError, TokenSummary, TouchPolicy, X25519Mechanism, check_user_id,
 };
 use apdu::{ApduError, RawCard};
 use slot_map::{Entry, SlotMap};
@@ -263,8 +263,11 @@ impl YubiKeyStore {
         if card.mgm_authenticated {
             return Ok(());
         }
-        let meta = piv::metadata(&mut card.yk, SlotId::Management(ManagementSlotId::Management))
-            .map_err(|e| self.device_error("reading the management key's metadata", e))?;
+        let meta = piv::metadata(
+            &mut card.yk,
+            SlotId::Management(ManagementSlotId::Management),
+        )
+        .map_err(|e| self.device_error("reading the management key's metadata", e))?;
         let alg = match meta.algorithm {
             SlotAlgorithmId::Management(a) => a,
             _ => MgmAlgorithmId::Aes192,
@@ -287,10 +290,9 @@ impl YubiKeyStore {
             })?,
         };
         card.yk.authenticate(&key).map_err(|e| match e {
-            yubikey::Error::AuthenticationError => TokenError::InvalidInput(format!(
-                "{} refused the management key",
-                self.summary
-            )),
+            yubikey::Error::AuthenticationError => {
+                TokenError::InvalidInput(format!("{} refused the management key", self.summary))
+            }
             e => self.device_error("authenticating with the management key", e),
         })?;
         card.mgm_authenticated = true;
@@ -303,7 +305,9 @@ impl YubiKeyStore {
         match piv::metadata(&mut card.yk, id) {
             Ok(meta) => {
                 let algorithm = match meta.algorithm {
-                    SlotAlgorithmId::Asymmetric(AlgorithmId::Ed25519) => Some(KeyAlgorithm::Ed25519),
+                    SlotAlgorithmId::Asymmetric(AlgorithmId::Ed25519) => {
+                        Some(KeyAlgorithm::Ed25519)
+                    }
                     SlotAlgorithmId::Asymmetric(AlgorithmId::X25519) => Some(KeyAlgorithm::X25519),
                     _ => None,
                 };
@@ -314,7 +318,9 @@ impl YubiKeyStore {
                 Ok(Some(SlotContents {
                     algorithm,
                     public,
-                    policy: meta.policy.and_then(|(p, t)| Some((pin_policy(p)?, touch_policy(t)?))),
+                    policy: meta
+                        .policy
+                        .and_then(|(p, t)| Some((pin_policy(p)?, touch_policy(t)?))),
                     origin: match meta.origin {
                         Some(piv::Origin::Generated) => KeyOrigin::Generated,
                         Some(piv::Origin::Imported) => KeyOrigin::Imported,
@@ -323,7 +329,9 @@ impl YubiKeyStore {
                 }))
             }
             Err(yubikey::Error::NotFound) => Ok(None),
-            Err(e) => Err(self.device_error(&format!("reading the metadata of slot {slot:02x}"), e)),
+            Err(e) => {
+                Err(self.device_error(&format!("reading the metadata of slot {slot:02x}"), e))
+            }
         }
     }
 
@@ -397,7 +405,9 @@ impl YubiKeyStore {
                     return Err(TokenError::InvalidInput(format!(
                         "slot {slot:02x} of {} already holds a key ({}, {}); pass --force to overwrite it",
                         self.summary,
-                        c.algorithm.map(|a| a.to_string()).unwrap_or_else(|| "another algorithm".into()),
+                        c.algorithm
+                            .map(|a| a.to_string())
+                            .unwrap_or_else(|| "another algorithm".into()),
                         c.origin.as_str()
                     )));
                 }
@@ -438,16 +448,28 @@ impl YubiKeyStore {
         let public = match &secret {
             None => {
                 let spki = piv::generate(&mut card.yk, id, alg, piv_pin(pin_p), piv_touch(touch_p))
-                    .map_err(|e| self.device_error(&format!("generating a key in slot {slot:02x}"), e))?;
-                <[u8; 32]>::try_from(spki.subject_public_key.raw_bytes())
-                    .map_err(|_| TokenError::BadTokenData {
+                    .map_err(|e| {
+                        self.device_error(&format!("generating a key in slot {slot:02x}"), e)
+                    })?;
+                <[u8; 32]>::try_from(spki.subject_public_key.raw_bytes()).map_err(|_| {
+                    TokenError::BadTokenData {
                         token: self.summary.to_string(),
                         what: "a generated public key that is not 32 bytes".into(),
-                    })?
+                    }
+                })?
             }
             Some(secret) => {
-                piv::import_cv_key(&mut card.yk, id, alg, secret.expose(), piv_touch(touch_p), piv_pin(pin_p))
-                    .map_err(|e| self.device_error(&format!("importing a key into slot {slot:02x}"), e))?;
+                piv::import_cv_key(
+                    &mut card.yk,
+                    id,
+                    alg,
+                    secret.expose(),
+                    piv_touch(touch_p),
+                    piv_pin(pin_p),
+                )
+                .map_err(|e| {
+                    self.device_error(&format!("importing a key into slot {slot:02x}"), e)
+                })?;
                 secret.public_key(algorithm)
             }
         };
@@ -485,7 +507,12 @@ impl YubiKeyStore {
 
     /// Before using `key`: the slot it names, with a fresh PIN verification when its PIN
     /// policy is "always".
-    fn prepare(&self, card: &mut Card, key: &KeyInfo, algorithm: KeyAlgorithm) -> Result<u8, TokenError> {
+    fn prepare(
+        &self,
+        card: &mut Card,
+        key: &KeyInfo,
+        algorithm: KeyAlgorithm,
+    ) -> Result<u8, TokenError> {
         let KeyLocator::Piv { slot } = key.locator else {
             return Err(TokenError::InvalidInput(format!(
                 "the {} key of {} is not on {}",
@@ -526,8 +553,10 @@ impl YubiKeyStore {
         let contents = self.slot_contents(&mut card, slot)?.ok_or_else(|| {
             TokenError::InvalidInput(format!("slot {slot:02x} of {} is empty", self.summary))
         })?;
-        let (Some(public), true) = (contents.public, contents.algorithm == Some(role.algorithm()))
-        else {
+        let (Some(public), true) = (
+            contents.public,
+            contents.algorithm == Some(role.algorithm()),
+        ) else {
             return Err(TokenError::InvalidInput(format!(
                 "slot {slot:02x} does not hold an {} key, which a {role} key needs",
                 role.algorithm()
@@ -557,7 +586,10 @@ impl YubiKeyStore {
         let leaf = piv::attest(&mut card.yk, slot_id(slot)?).map_err(|e| {
             self.device_error(
                 &format!("attesting slot {slot:02x}"),
-                format!("{e} (a YubiKey attests only keys generated on it; this one is {})", key.origin.as_str()),
+                format!(
+                    "{e} (a YubiKey attests only keys generated on it; this one is {})",
+                    key.origin.as_str()
+                ),
             )
         })?;
         let f9 = card
@@ -591,7 +623,10 @@ struct SlotContents {
 }
 
 fn describe(e: &YubiKeyEntry) -> String {
-    format!("YubiKey serial {} (firmware {}, {})", e.serial, e.firmware, e.reader)
+    format!(
+        "YubiKey serial {} (firmware {}, {})",
+        e.serial, e.firmware, e.reader
+    )
 }
 
 fn release(found: Vec<YubiKey>) {
@@ -606,13 +641,11 @@ fn verify_pin(
     pins: &dyn PinProvider,
 ) -> Result<(SecretString, PinStatus), TokenError> {
     let token = summary.to_string();
-    let retries = yk
-        .get_pin_retries()
-        .map_err(|e| TokenError::Device {
-            token: token.clone(),
-            operation: "reading the PIN retry counter".into(),
-            reason: e.to_string(),
-        })?;
+    let retries = yk.get_pin_retries().map_err(|e| TokenError::Device {
+        token: token.clone(),
+        operation: "reading the PIN retry counter".into(),
+        reason: e.to_string(),
+    })?;
     let status = pin_status(retries);
     if retries == 0 {
         return Err(TokenError::PivPinBlocked { token });
@@ -626,7 +659,9 @@ fn verify_pin(
     if !(6..=8).contains(&len) {
         return Err(TokenError::NoPin {
             token,
-            reason: format!("a PIV PIN has 6 to 8 characters, this one has {len}; nothing was sent to the card"),
+            reason: format!(
+                "a PIV PIN has 6 to 8 characters, this one has {len}; nothing was sent to the card"
+            ),
         });
     }
     match yk.verify_pin(pin.expose_secret().as_bytes()) {
@@ -721,7 +756,10 @@ fn first_tlv(mut data: &[u8], tag: u8) -> Option<&[u8]> {
         let (len, hdr) = match data[1] {
             n if n < 0x80 => (n as usize, 2),
             0x81 => (*data.get(2)? as usize, 3),
-            0x82 => (u16::from_be_bytes([*data.get(2)?, *data.get(3)?]) as usize, 4),
+            0x82 => (
+                u16::from_be_bytes([*data.get(2)?, *data.get(3)?]) as usize,
+                4,
+            ),
             _ => return None,
         };
         let value = data.get(hdr..hdr + len)?;
@@ -755,7 +793,12 @@ impl KeyStore for YubiKeyStore {
         Ok(keys)
     }
 
-    fn generate(&self, user_id: &str, role: KeyRole, options: &KeyOptions) -> Result<KeyInfo, TokenError> {
+    fn generate(
+        &self,
+        user_id: &str,
+        role: KeyRole,
+        options: &KeyOptions,
+    ) -> Result<KeyInfo, TokenError> {
         self.create(user_id, role, options, None)
     }
 
@@ -786,7 +829,9 @@ impl KeyStore for YubiKeyStore {
         vk.verify_strict(message, &ed25519_dalek::Signature::from_bytes(&sig))
             .map_err(|_| TokenError::BadTokenData {
                 token: self.summary.to_string(),
-                what: format!("slot {slot:02x} returned a signature that does not verify with its public key"),
+                what: format!(
+                    "slot {slot:02x} returned a signature that does not verify with its public key"
+                ),
             })?;
         Ok(sig)
     }
@@ -794,12 +839,20 @@ impl KeyStore for YubiKeyStore {
     fn x25519(&self, key: &KeyInfo, peer_public: &[u8; 32]) -> Result<SharedSecret, TokenError> {
         let mut card = self.card();
         let slot = self.prepare(&mut card, key, KeyAlgorithm::X25519)?;
-        let out = piv::decrypt_data(&mut card.yk, peer_public, AlgorithmId::X25519, slot_id(slot)?)
-            .map_err(|e| self.device_error(&format!("X25519 with slot {slot:02x}"), e))?;
-        let bytes: [u8; 32] = out.as_slice().try_into().map_err(|_| TokenError::BadTokenData {
-            token: self.summary.to_string(),
-            what: format!("an X25519 result of {} bytes", out.len()),
-        })?;
+        let out = piv::decrypt_data(
+            &mut card.yk,
+            peer_public,
+            AlgorithmId::X25519,
+            slot_id(slot)?,
+        )
+        .map_err(|e| self.device_error(&format!("X25519 with slot {slot:02x}"), e))?;
+        let bytes: [u8; 32] = out
+            .as_slice()
+            .try_into()
+            .map_err(|_| TokenError::BadTokenData {
+                token: self.summary.to_string(),
+                what: format!("an X25519 result of {} bytes", out.len()),
+            })?;
         SharedSecret::new(bytes)
     }
 

@@ -100,7 +100,10 @@ impl SlotMap {
                 .ok()
                 .and_then(|k| <[u8; 32]>::try_from(k).ok())
                 .ok_or_else(|| bad(format!("slot {slot:02x}: bad public key")))?;
-            let role = e.role.parse().map_err(|_| bad(format!("slot {slot:02x}: bad role")))?;
+            let role = e
+                .role
+                .parse()
+                .map_err(|_| bad(format!("slot {slot:02x}: bad role")))?;
             slots.insert(
                 slot,
                 Entry {
