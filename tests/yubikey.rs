@@ -326,6 +326,34 @@ fn pin_always_keys_are_verified_before_each_use() {
 }
 
 #[test]
+fn touch_is_announced_before_it_is_needed() {
+    let t = TestToken::new(Kind::VirtualYubiKey);
+    let mut store = t.open_yubikey();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    store.set_touch_notice(Box::new(move |k| log.lock().unwrap().push(k.role)));
+    let msk = store
+        .generate(ALICE, KeyRole::Master, &KeyOptions::default())
+        .unwrap();
+    let ssk = store
+        .generate(ALICE, KeyRole::SelfSigning, &KeyOptions::default())
+        .unwrap();
+    let mut never = KeyOptions::default();
+    never.touch_policy = Some(TouchPolicy::Never);
+    let usk = store.generate(ALICE, KeyRole::UserSigning, &never).unwrap();
+    for _ in 0..2 {
+        for k in [&msk, &ssk, &usk] {
+            store.sign_ed25519(k, b"m").unwrap();
+        }
+    }
+    // Always: each time; cached: once within 15 s; never: not at all.
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [KeyRole::Master, KeyRole::SelfSigning, KeyRole::Master]
+    );
+}
+
+#[test]
 fn management_key_default_given_or_pin_protected() {
     let t = TestToken::new(Kind::VirtualYubiKey);
     let open = |mk: ManagementKey| {
@@ -516,6 +544,32 @@ fn cli_on_the_yubikey() {
     );
     let err = fails(t.cli().args(["--yubikey", "12x", "keys", "list"]));
     assert!(err.contains("takes a serial number"), "{err}");
+}
+
+#[test]
+fn several_yubikeys_need_a_serial() {
+    let t = TestToken::new(Kind::VirtualYubiKey);
+    let second = piv::SecondCard::start(t.card.as_ref().unwrap(), t.dir.path(), 424242);
+    let err = fails(t.cli().args(["--yubikey", "any", "keys", "list"]));
+    assert!(
+        err.contains("2 YubiKeys are present")
+            && err.contains(&format!("YubiKey serial {}", t.serial()))
+            && err.contains("YubiKey serial 424242")
+            && err.contains("choose one with --yubikey SERIAL"),
+        "{err}"
+    );
+    // Each by its serial: keys go to the right card.
+    ok(t.cli()
+        .args(["keys", "generate", "--user", ALICE, "--role", "backup"]));
+    let other = ok(t.cli().args(["--yubikey", "424242", "keys", "list"]));
+    assert!(
+        other.starts_with("no mxhsm keys on token \"YubiKey 424242\""),
+        "{other}"
+    );
+    drop(second);
+    // Alone again, `any` finds it.
+    let list = ok(t.cli().args(["--yubikey", "any", "keys", "list"]));
+    assert!(list.contains("backup"), "{list}");
 }
 
 /// On a real YubiKey 5.7+ (destructive for retired slots 94 and 95 only): run with

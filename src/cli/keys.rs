@@ -372,6 +372,15 @@ pub fn read_secret(path: &PathBuf) -> Result<SecretKeyBytes> {
 }
 
 fn protection_summary(k: &KeyInfo) -> String {
+    if let Some((pin, touch)) = k.piv_policy {
+        // A PIV key never leaves the card; what protects its use is the PIN and touch.
+        return format!(
+            "{}, PIN {}, touch {}",
+            k.locator,
+            pin.as_str(),
+            touch.as_str()
+        );
+    }
     let problems = k.protection.problems();
     if problems.is_empty() {
         "sensitive, non-extractable".into()

@@ -208,7 +208,13 @@ fn open_store(global: &GlobalArgs) -> Result<Store> {
                 management_key,
                 slot_map: None,
             };
-            let store = YubiKeyStore::open(options, &pin_sources(global))?;
+            let mut store = YubiKeyStore::open(options, &pin_sources(global))?;
+            store.set_touch_notice(Box::new(|key| {
+                eprintln!(
+                    "touch your YubiKey to use the {} key of {} ({})",
+                    key.role, key.user_id, key.locator
+                );
+            }));
             let before = store.pin_status_before_login();
             if before.retries.is_some_and(|n| n < 3) {
                 eprintln!(

@@ -396,6 +396,35 @@ fn doctor(global: &GlobalArgs) -> Result<ExitCode> {
         }),
     }
     if let Store::YubiKey(y) = &store {
+        // Factory credentials are worth a warning, not a failure: a default management key
+        // lets anyone holding the card replace (not use) its keys; a default PIN lets
+        // anyone holding it use them.
+        match y.factory_defaults() {
+            Ok(defaults) => {
+                let still: Vec<&str> = defaults
+                    .iter()
+                    .filter(|(_, d)| *d == Some(true))
+                    .map(|(what, _)| *what)
+                    .collect();
+                checks.push(Check {
+                    name: "factory credentials".into(),
+                    ok: true,
+                    detail: if still.is_empty() {
+                        "PIN, PUK and management key are changed from the factory defaults".into()
+                    } else {
+                        format!(
+                            "WARNING: still the factory default: {}; change them with ykman piv access change-pin / change-puk / change-management-key --generate --protect",
+                            still.join(", ")
+                        )
+                    },
+                });
+            }
+            Err(e) => checks.push(Check {
+                name: "factory credentials".into(),
+                ok: false,
+                detail: e.to_string(),
+            }),
+        }
         // Slot-map entries the card contradicts are never used; say so.
         match y.audit() {
             Ok(entries) => {

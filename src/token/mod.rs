@@ -584,6 +584,8 @@ pub enum TokenError {
     NoMatchingToken { uri: String, available: Vec<String> },
     #[error("{uri} matches {} tokens ({}); add serial= or token= to choose one", .matches.len(), .matches.join("; "))]
     AmbiguousToken { uri: String, matches: Vec<String> },
+    #[error("{} YubiKeys are present ({}); choose one with --yubikey SERIAL", .present.len(), .present.join("; "))]
+    AmbiguousYubiKey { present: Vec<String> },
     #[error("wrong PIN for {token}{}", status_suffix(.status))]
     WrongPin { token: String, status: PinStatus },
     #[error(

@@ -102,6 +102,54 @@ impl VirtualCard {
     }
 }
 
+/// A second card on vpcd's second reader (port 35964), for as long as it lives. Start it
+/// only while holding a [`VirtualCard`] (which holds the card lock).
+pub struct SecondCard {
+    child: Child,
+    serial: u32,
+}
+
+impl SecondCard {
+    pub fn start(_first: &VirtualCard, dir: &Path, serial: u32) -> SecondCard {
+        let log = std::fs::File::create(dir.join("card2.log")).unwrap();
+        let child = Command::new(card_binary())
+            .args(["--port", "35964", "--serial", &serial.to_string()])
+            .arg("--attestation-ca")
+            .arg(dir.join("card2-ca.pem"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the second virtual card");
+        let start = Instant::now();
+        while !mxhsm::token::yubikey::list_yubikeys()
+            .map(|k| k.iter().any(|k| k.serial == serial))
+            .unwrap_or(false)
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the second card did not appear"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        SecondCard { child, serial }
+    }
+}
+
+impl Drop for SecondCard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10)
+            && mxhsm::token::yubikey::list_yubikeys()
+                .map(|k| k.iter().any(|k| k.serial == self.serial))
+                .unwrap_or(false)
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 impl Drop for VirtualCard {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -144,13 +144,22 @@ pub struct YubiKeyStore {
     /// The PIN the card accepted at open, for keys with PIN policy "always".
     pin: SecretString,
     pin_status_before: PinStatus,
+    touch_notice: Option<Box<TouchNotice>>,
     _process_lock: std::fs::File,
 }
+
+/// Called before an operation that may wait for a touch (the key blinks until touched).
+pub type TouchNotice = dyn Fn(&KeyInfo) + Send + Sync;
+
+/// How long a YubiKey remembers a touch for keys with touch policy "cached".
+const TOUCH_CACHE: std::time::Duration = std::time::Duration::from_secs(15);
 
 struct Card {
     yk: YubiKey,
     raw: RawCard,
     mgm_authenticated: bool,
+    /// When each slot last needed a touch, for the "cached" policy.
+    last_touch: std::collections::HashMap<u8, std::time::Instant>,
 }
 
 impl YubiKeyStore {
@@ -163,10 +172,7 @@ impl YubiKeyStore {
             None if found.len() > 1 => {
                 let names = found.iter().map(|yk| describe(&entry_of(yk))).collect();
                 release(found);
-                return Err(TokenError::AmbiguousToken {
-                    uri: "--yubikey".into(),
-                    matches: names,
-                });
+                return Err(TokenError::AmbiguousYubiKey { present: names });
             }
             None => (!found.is_empty()).then_some(0),
         };
@@ -210,6 +216,7 @@ impl YubiKeyStore {
             yk,
             raw,
             mgm_authenticated: false,
+            last_touch: Default::default(),
         };
         let (pin, pin_status_before) = verify_pin(&mut card.yk, &summary, pins)?;
         Ok(YubiKeyStore {
@@ -226,9 +233,15 @@ impl YubiKeyStore {
             management_key: options.management_key,
             pin,
             pin_status_before,
+            touch_notice: None,
             summary,
             _process_lock: lock,
         })
+    }
+
+    /// Sets what to do before an operation that may wait for a touch (e.g. tell the user).
+    pub fn set_touch_notice(&mut self, notice: Box<TouchNotice>) {
+        self.touch_notice = Some(notice);
     }
 
     /// The serial number.
@@ -347,8 +360,9 @@ impl YubiKeyStore {
                 private: Some(!matches!(contents.policy, Some((PinPolicy::Never, _)))),
                 sensitive: Some(true),
                 extractable: Some(false),
-                always_sensitive: Some(true),
-                never_extractable: Some(true),
+                // As PKCS#11 defines them: an imported key was outside the card once.
+                always_sensitive: Some(contents.origin == KeyOrigin::Generated),
+                never_extractable: Some(contents.origin == KeyOrigin::Generated),
                 local: Some(contents.origin == KeyOrigin::Generated),
             },
             x25519_mechanism: (entry.role.algorithm() == KeyAlgorithm::X25519)
@@ -525,6 +539,20 @@ impl YubiKeyStore {
                 key.role
             )));
         }
+        let touch = match key.piv_policy {
+            Some((_, TouchPolicy::Always)) => true,
+            Some((_, TouchPolicy::Cached)) => card
+                .last_touch
+                .get(&slot)
+                .is_none_or(|t| t.elapsed() >= TOUCH_CACHE),
+            _ => false,
+        };
+        if touch {
+            if let Some(notice) = &self.touch_notice {
+                notice(key);
+            }
+            card.last_touch.insert(slot, std::time::Instant::now());
+        }
         if matches!(key.piv_policy, Some((PinPolicy::Always, _))) {
             card.yk
                 .verify_pin(self.pin.expose_secret().as_bytes())
@@ -535,6 +563,25 @@ impl YubiKeyStore {
 
     fn card_refused(&self, operation: &str, slot: u8, e: ApduError) -> TokenError {
         self.device_error(&format!("{operation} with slot {slot:02x}"), e)
+    }
+
+    /// Whether the PIN, the PUK and the management key are still the factory defaults
+    /// (from the card's metadata; `None` where it does not say).
+    pub fn factory_defaults(&self) -> Result<[(&'static str, Option<bool>); 3], TokenError> {
+        let mut card = self.card();
+        let mut get = |id: ManagementSlotId, what: &str| {
+            piv::metadata(&mut card.yk, SlotId::Management(id))
+                .map(|m| m.default)
+                .map_err(|e| self.device_error(&format!("reading the metadata of the {what}"), e))
+        };
+        Ok([
+            ("PIN", get(ManagementSlotId::Pin, "PIN")?),
+            ("PUK", get(ManagementSlotId::Puk, "PUK")?),
+            (
+                "management key",
+                get(ManagementSlotId::Management, "management key")?,
+            ),
+        ])
     }
 
     /// Records an existing key in `slot` as (`user_id`, `role`) in the slot map, e.g. on a
