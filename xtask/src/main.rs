@@ -239,7 +239,24 @@ fn test(extra: &[String]) -> Result {
     for (k, v) in &envs {
         cmd.env(k, v);
     }
-    run(&mut cmd)
+    run(&mut cmd)?;
+    // A real YubiKey, only when the developer names one (docs/yubikey.md).
+    if std::env::var_os("MXHSM_YUBIKEY_SERIAL").is_some() {
+        run(cargo().args([
+            "test",
+            "--test",
+            "yubikey",
+            "--",
+            "--ignored",
+            "--exact",
+            "real_yubikey",
+        ]))?;
+    } else {
+        println!(
+            "(no MXHSM_YUBIKEY_SERIAL: the real-YubiKey test did not run; see docs/yubikey.md)"
+        );
+    }
+    Ok(())
 }
 
 fn build_mxhsm(release: bool) -> Result<PathBuf> {
