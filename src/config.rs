@@ -56,8 +56,6 @@ pub fn token_choice(token: Option<&str>, yubikey: Option<&str>) -> Result<TokenC
 
 /// Whether a token is configured at all (flags or environment).
 pub fn token_configured(token: Option<&str>, yubikey: Option<&str>) -> bool {
-    token.is_some()
-        || yubikey.is_some()
-        || std::env::var_os(TOKEN_ENV).is_some()
-        || std::env::var_os(YUBIKEY_ENV).is_some()
+    let set = |var: &str| std::env::var_os(var).is_some_and(|v| !v.is_empty());
+    token.is_some() || yubikey.is_some() || set(TOKEN_ENV) || set(YUBIKEY_ENV)
 }

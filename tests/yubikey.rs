@@ -271,7 +271,7 @@ fn wrong_pin_reports_tries_is_sent_once_and_blocks_after_three() {
     let short = fixed_pin("12345");
     let err = t.open_yubikey_with(&short).err().unwrap().to_string();
     assert!(
-        err.contains("6 to 8 characters") && err.contains("nothing was sent"),
+        err.contains("6 to 8 bytes long") && err.contains("nothing was sent"),
         "{err}"
     );
     assert_eq!(t.open_yubikey().pin_status_before_login().retries, Some(3));
@@ -323,6 +323,38 @@ fn pin_always_keys_are_verified_before_each_use() {
     for msg in [&b"one"[..], b"two", b"three"] {
         verify(&k.public_key, msg, &store.sign_ed25519(&k, msg).unwrap());
     }
+}
+
+/// A PIN-always key re-sends the accepted PIN before each use; if the PIN was changed
+/// meanwhile, the card's refusal is reported and the PIN is never sent again.
+#[test]
+fn a_changed_pin_is_not_resent() {
+    let t = TestToken::new(Kind::VirtualYubiKey);
+    let store = t.open_yubikey();
+    let mut o = KeyOptions::default();
+    o.pin_policy = Some(PinPolicy::Always);
+    o.touch_policy = Some(TouchPolicy::Never);
+    let k = store.generate(ALICE, KeyRole::SelfSigning, &o).unwrap();
+    store.sign_ed25519(&k, b"before").unwrap();
+    // Another program changes the PIN (and leaves the card unreset).
+    let mut yk = yubikey::YubiKey::open_by_serial(yubikey::Serial(t.serial())).unwrap();
+    yk.change_pin(piv::PIN.as_bytes(), b"24682468").unwrap();
+    yk.disconnect(pcsc::Disposition::LeaveCard)
+        .map_err(|(_, e)| e)
+        .unwrap();
+    let err = store.sign_ed25519(&k, b"after").unwrap_err();
+    assert!(
+        matches!(&err, TokenError::WrongPin { status, .. } if status.retries == Some(2)),
+        "{err:?}"
+    );
+    let err = store.sign_ed25519(&k, b"again").unwrap_err().to_string();
+    assert!(
+        err.contains("refused on an earlier re-verification"),
+        "{err}"
+    );
+    drop(store);
+    let mut yk = yubikey::YubiKey::open_by_serial(yubikey::Serial(t.serial())).unwrap();
+    assert_eq!(yk.get_pin_retries().unwrap(), 2, "exactly one try was used");
 }
 
 #[test]

@@ -215,11 +215,12 @@ fn open_store(global: &GlobalArgs) -> Result<Store> {
                     key.role, key.user_id, key.locator
                 );
             }));
-            let before = store.pin_status_before_login();
-            if before.retries.is_some_and(|n| n < 3) {
+            let before = store.pin_status_before_login().retries;
+            if let (Some(left), Some(total)) = (before, store.pin_tries_total())
+                && left < u32::from(total)
+            {
                 eprintln!(
-                    "warning: before this PIN the YubiKey had {} tries left (someone entered a wrong PIN)",
-                    before.retries.unwrap_or(0)
+                    "warning: before this PIN the YubiKey had {left} of {total} tries left (someone entered a wrong PIN)"
                 );
             }
             Store::YubiKey(store)

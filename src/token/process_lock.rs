@@ -17,7 +17,8 @@
 //!
 //! A YubiKey forgets a verified PIN and an authenticated management key whenever any
 //! program selects its PIV application, which every new connection does; two mxhsm
-//! processes on one YubiKey would undo each other's PIN. They take turns too, by serial.
+//! processes would undo each other's PIN; and since opening one card means selecting PIV on
+//! every card present, they take turns on all YubiKeys at once.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::hash::{Hash, Hasher};
@@ -58,18 +59,21 @@ pub fn lock_soft_token(module: &Path, config_var: &str) -> Result<File, TokenErr
     )
 }
 
+/// Takes the lock for YubiKeys. One for all of them: opening any card selects the PIV
+/// application of every card present, which would undo another process's PIN.
 #[cfg(feature = "yubikey")]
-/// Takes the lock for the YubiKey with this serial.
-pub fn lock_yubikey(serial: u32) -> Result<File, TokenError> {
-    lock(
-        &format!("mxhsm-yubikey-{serial}.lock"),
-        &format!("YubiKey {serial}"),
-    )
+pub fn lock_yubikeys() -> Result<File, TokenError> {
+    lock("mxhsm-yubikey.lock", "the YubiKeys")
 }
 
-/// Takes the lock file `name` in the temporary directory, for `token` (in messages).
+/// Takes the lock file `name` in the user's runtime directory (else the temporary
+/// directory), for `token` (in messages).
 fn lock(name: &str, token: &str) -> Result<File, TokenError> {
-    let path = std::env::temp_dir().join(name);
+    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(std::path::PathBuf::from)
+        .filter(|d| d.is_absolute() && d.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let path = dir.join(name);
     let err = |reason: String| TokenError::Device {
         token: token.to_string(),
         operation: format!("locking {}", path.display()),

@@ -17,6 +17,16 @@ use std::ffi::CString;
 /// PIV algorithm identifier of Ed25519 keys (YubiKey firmware 5.7).
 pub const ALG_ED25519: u8 = 0xe0;
 
+/// The longest message mxhsm sends to be signed. Matrix events are at most 64 KiB; the
+/// headroom is for JSON that is signed before it is sent. (How much a real YubiKey accepts
+/// in one chained command is checked by the hardware test, not assumed.)
+pub const MAX_MESSAGE: usize = 1 << 20;
+
+/// The longest answer collected with GET RESPONSE (a card that never stops answering
+/// 61 XX must not grow memory for ever).
+const MAX_ANSWER: usize = 64 * 1024;
+
+const INS_VERIFY: u8 = 0x20;
 const INS_GENERAL_AUTHENTICATE: u8 = 0x87;
 const INS_GET_RESPONSE: u8 = 0xc0;
 const INS_MOVE_KEY: u8 = 0xf6;
@@ -75,8 +85,8 @@ impl RawCard {
         Ok(RawCard { card })
     }
 
-    /// A pure Ed25519 signature over `message`, of any length (the card takes up to its
-    /// chaining limit; a YubiKey buffers about 3 KiB per object, and 64 KiB messages sign).
+    /// A pure Ed25519 signature over `message` (at most [`MAX_MESSAGE`] bytes) in one
+    /// chained command.
     pub fn sign_ed25519(&mut self, slot: u8, message: &[u8]) -> Result<[u8; 64], ApduError> {
         // 7C { 82 (empty: the response goes here), 81 message (the challenge) }
         let mut inner = vec![0x82, 0x00, 0x81];
@@ -92,6 +102,17 @@ impl RawCard {
             .map_err(|_| ApduError::Malformed("the signature is not 64 bytes"))
     }
 
+    /// VERIFY the PIV PIN (6 to 8 bytes, padded with FF to 8). Every buffer holding it is
+    /// zeroized. The card answers 90 00, 63 CX (X tries left) or 69 83 (blocked).
+    pub fn verify_pin(&mut self, pin: &[u8]) -> Result<(), ApduError> {
+        if !(1..=8).contains(&pin.len()) {
+            return Err(ApduError::Malformed("a PIN of 1 to 8 bytes"));
+        }
+        let mut data = zeroize::Zeroizing::new([0xffu8; 8]);
+        data[..pin.len()].copy_from_slice(pin);
+        self.command(INS_VERIFY, 0x00, 0x80, &data[..]).map(drop)
+    }
+
     /// Deletes the key in `slot` (needs the management key).
     pub fn delete_key(&mut self, slot: u8) -> Result<(), ApduError> {
         self.command(INS_MOVE_KEY, 0xff, slot, &[]).map(drop)
@@ -101,7 +122,7 @@ impl RawCard {
     /// answer collected with GET RESPONSE while the card says 61 XX.
     fn command(&mut self, ins: u8, p1: u8, p2: u8, data: &[u8]) -> Result<Vec<u8>, ApduError> {
         let tx = self.card.transaction()?;
-        let mut buf = vec![0u8; 258];
+        let mut buf = zeroize::Zeroizing::new(vec![0u8; 258]);
         let chunks: Vec<&[u8]> = if data.is_empty() {
             vec![&[][..]]
         } else {
@@ -111,11 +132,15 @@ impl RawCard {
         let mut sw = 0u16;
         for (i, chunk) in chunks.iter().enumerate() {
             let last = i + 1 == chunks.len();
-            // Shaped like the crate's APDUs (and libykpiv's): Lc always, no Le.
-            let mut apdu = vec![if last { 0x00 } else { 0x10 }, ins, p1, p2];
-            apdu.push(chunk.len() as u8);
-            apdu.extend_from_slice(chunk);
-            let (resp, status) = split_sw(tx.transmit(&apdu, &mut buf)?)?;
+            // Shaped like the crate's APDUs (and libykpiv's): Lc and data, no Le.
+            // Without data, the four header bytes alone (as ykman sends DELETE KEY).
+            let mut apdu =
+                zeroize::Zeroizing::new(vec![if last { 0x00 } else { 0x10 }, ins, p1, p2]);
+            if !chunk.is_empty() {
+                apdu.push(chunk.len() as u8);
+                apdu.extend_from_slice(chunk);
+            }
+            let (resp, status) = split_sw(tx.transmit(&apdu, &mut buf[..])?)?;
             sw = status;
             if !last && sw != 0x9000 {
                 return Err(ApduError::Status(sw));
@@ -124,8 +149,11 @@ impl RawCard {
         }
         while sw >> 8 == 0x61 {
             let (resp, status) =
-                split_sw(tx.transmit(&[0x00, INS_GET_RESPONSE, 0x00, 0x00, 0x00], &mut buf)?)?;
+                split_sw(tx.transmit(&[0x00, INS_GET_RESPONSE, 0x00, 0x00, 0x00], &mut buf[..])?)?;
             answer.extend_from_slice(resp);
+            if answer.len() > MAX_ANSWER {
+                return Err(ApduError::Malformed("an answer longer than 64 KiB"));
+            }
             sw = status;
         }
         drop(tx);
@@ -151,7 +179,10 @@ pub fn push_len(out: &mut Vec<u8>, n: usize) {
         0..=0x7f => out.push(n as u8),
         0x80..=0xff => out.extend_from_slice(&[0x81, n as u8]),
         0x100..=0xffff => out.extend_from_slice(&[0x82, (n >> 8) as u8, n as u8]),
-        _ => out.extend_from_slice(&[0x83, (n >> 16) as u8, (n >> 8) as u8, n as u8]),
+        _ => {
+            assert!(n <= 0xff_ffff, "BER length over 16 MiB");
+            out.extend_from_slice(&[0x83, (n >> 16) as u8, (n >> 8) as u8, n as u8])
+        }
     }
 }
 

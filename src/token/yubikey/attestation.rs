@@ -104,10 +104,13 @@ const OID_YUBICO_FIRMWARE: &str = "1.3.6.1.4.1.41482.3.3";
 const OID_YUBICO_SERIAL: &str = "1.3.6.1.4.1.41482.3.7";
 const OID_YUBICO_POLICY: &str = "1.3.6.1.4.1.41482.3.8";
 
-/// Verifies the slot certificate `leaf` (DER), through `intermediates` (DER: the F9
-/// certificate and any others the card holds), up to one of `roots`, for `public_key`.
+/// Verifies the slot certificate `leaf` (DER) for `public_key`: signed by the card's
+/// attestation certificate `device` (DER, object 5FFF01), which chains through Yubico's
+/// `intermediates` (DER) to one of `roots`. Nothing the card supplies is ever a root, and
+/// the leaf must be signed by the device certificate itself.
 pub fn verify(
     leaf: &[u8],
+    device: &[u8],
     intermediates: &[Vec<u8>],
     roots: &[Root],
     public_key: &[u8; 32],
@@ -122,6 +125,22 @@ pub fn verify(
     if certified != public_key {
         return Err("the attestation certifies a different public key than the slot's".into());
     }
+    let device_cert = Certificate::from_der(device)
+        .map_err(|e| format!("the card's attestation certificate does not parse: {e}"))?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let name = |c: &Certificate| c.tbs_certificate().subject().to_string();
+    if leaf_cert.tbs_certificate().issuer() != device_cert.tbs_certificate().subject() {
+        return Err(format!(
+            "the slot certificate was not issued by the card's attestation certificate \"{}\"",
+            name(&device_cert)
+        ));
+    }
+    check_validity(&leaf_cert, now)?;
+    check_signature(leaf, &device_cert)
+        .map_err(|e| format!("{}: signature by the card: {e}", name(&leaf_cert)))?;
+
     let pool: Vec<(Certificate, &[u8])> = intermediates
         .iter()
         .map(|d| {
@@ -130,52 +149,64 @@ pub fn verify(
                 .map_err(|e| format!("an attestation intermediate does not parse: {e}"))
         })
         .collect::<Result<_, _>>()?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-
-    let mut chain = vec![leaf_cert.tbs_certificate().subject().to_string()];
-    let mut current: (Certificate, &[u8]) = (leaf_cert.clone(), leaf);
-    for _ in 0..8 {
+    let mut chain = vec![name(&leaf_cert), name(&device_cert)];
+    let mut current: (Certificate, &[u8]) = (device_cert, device);
+    for _ in 0..6 {
         check_validity(&current.0, now)?;
-        let issuer = current.0.tbs_certificate().issuer();
-        if let Some(root) = roots
+        let issuer = current.0.tbs_certificate().issuer().clone();
+        // Every root and intermediate with the issuer's name is tried; the signature
+        // decides.
+        let mut failures = Vec::new();
+        for root in roots
             .iter()
-            .find(|r| r.cert.tbs_certificate().subject() == issuer)
+            .filter(|r| r.cert.tbs_certificate().subject() == &issuer)
         {
-            check_signature(current.1, &root.cert).map_err(|e| {
-                format!("{}: signature by {}: {e}", chain.last().unwrap(), root.name)
-            })?;
-            check_validity(&root.cert, now)?;
-            chain.push(root.cert.tbs_certificate().subject().to_string());
-            return Ok(Attestation {
-                chain,
-                serial: extension(&leaf_cert, OID_YUBICO_SERIAL).and_then(|v| {
-                    let value = der::asn1::Uint::from_der(v).ok()?;
-                    let bytes = value.as_bytes();
-                    (bytes.len() <= 4).then(|| bytes.iter().fold(0u32, |a, b| (a << 8) | *b as u32))
-                }),
-                firmware: extension(&leaf_cert, OID_YUBICO_FIRMWARE)
-                    .and_then(|v| v.try_into().ok()),
-                policy: extension(&leaf_cert, OID_YUBICO_POLICY).and_then(|v| v.try_into().ok()),
-            });
+            match check_signature(current.1, &root.cert) {
+                Ok(()) => {
+                    check_validity(&root.cert, now)?;
+                    chain.push(name(&root.cert));
+                    return Ok(Attestation {
+                        chain,
+                        serial: extension(&leaf_cert, OID_YUBICO_SERIAL).and_then(|v| {
+                            let value = der::asn1::Uint::from_der(v).ok()?;
+                            let bytes = value.as_bytes();
+                            (bytes.len() <= 4)
+                                .then(|| bytes.iter().fold(0u32, |a, b| (a << 8) | *b as u32))
+                        }),
+                        firmware: extension(&leaf_cert, OID_YUBICO_FIRMWARE)
+                            .and_then(|v| v.try_into().ok()),
+                        policy: extension(&leaf_cert, OID_YUBICO_POLICY)
+                            .and_then(|v| v.try_into().ok()),
+                    });
+                }
+                Err(e) => failures.push(format!("{}: {e}", root.name)),
+            }
         }
-        // A self-signed certificate that is not one of the roots ends the chain untrusted
-        // (the test card's F9 certificate is one).
-        let self_signed = current.0.tbs_certificate().subject() == issuer;
         let next = pool
             .iter()
-            .find(|(c, _)| c.tbs_certificate().subject() == issuer)
-            .filter(|_| !self_signed);
+            .filter(|(c, _)| c.tbs_certificate().subject() == &issuer)
+            .find(|(c, _)| match check_signature(current.1, c) {
+                Ok(()) => true,
+                Err(e) => {
+                    failures.push(format!("{}: {e}", name(c)));
+                    false
+                }
+            });
         let Some(next) = next else {
-            return Err(format!(
-                "the chain does not reach a trusted root: nothing known issued \"{}\" (issuer \"{issuer}\")",
-                chain.last().unwrap()
-            ));
+            return Err(if failures.is_empty() {
+                format!(
+                    "the chain does not reach a trusted root: nothing known issued \"{}\" (issuer \"{issuer}\")",
+                    chain.last().unwrap()
+                )
+            } else {
+                format!(
+                    "the chain does not reach a trusted root: \"{}\" is signed by none of the certificates named \"{issuer}\" ({})",
+                    chain.last().unwrap(),
+                    failures.join("; ")
+                )
+            });
         };
-        check_signature(current.1, &next.0)
-            .map_err(|e| format!("{}: signature by {}: {e}", chain.last().unwrap(), issuer))?;
-        chain.push(next.0.tbs_certificate().subject().to_string());
+        chain.push(name(&next.0));
         current = (next.0.clone(), next.1);
     }
     Err("the attestation chain is too long".into())
@@ -337,11 +368,10 @@ mod tests {
     }
 
     #[test]
-    fn a_chain_that_reaches_no_root_is_refused() {
+    fn a_leaf_for_another_key_is_refused() {
         let pool = yubico_intermediates();
-        let leaf = pool[0].clone();
         let key: [u8; 32] = [0; 32];
-        let err = verify(&leaf, &pool, &[], &key).unwrap_err();
+        let err = verify(&pool[0], &pool[1], &pool, &[], &key).unwrap_err();
         assert!(err.contains("different public key"), "{err}");
     }
 }

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use yubikey::piv::{self, AlgorithmId, ManagementSlotId, SlotAlgorithmId, SlotId};
 use yubikey::{MgmAlgorithmId, MgmKey, YubiKey};
 use zeroize::Zeroizing;
@@ -34,6 +34,11 @@ use super::{
 };
 use apdu::{ApduError, RawCard};
 use slot_map::{Entry, SlotMap};
+
+/// The factory management key (3DES before firmware 5.7, AES-192 since).
+const DEFAULT_MANAGEMENT_KEY: [u8; 24] = [
+    1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8,
+];
 
 /// The first firmware with Ed25519 and X25519 in PIV.
 pub const MIN_FIRMWARE: (u8, u8) = (5, 7);
@@ -96,8 +101,15 @@ fn pcsc_error(operation: &str, e: yubikey::Error) -> TokenError {
 }
 
 /// Every YubiKey with a PIV application that PC/SC can reach.
+///
+/// Opening a card selects its PIV application, which makes it forget a verified PIN; so
+/// this waits for any other mxhsm process using a YubiKey (see `process_lock`), and fails
+/// if this process has one open.
 pub fn list_yubikeys() -> Result<Vec<YubiKeyEntry>, TokenError> {
-    Ok(open_all()?
+    let _claim = ProcessClaim::take()?;
+    let _lock = super::process_lock::lock_yubikeys()?;
+    let (found, _busy) = open_all()?;
+    Ok(found
         .into_iter()
         .map(|yk| {
             let entry = entry_of(&yk);
@@ -105,6 +117,42 @@ pub fn list_yubikeys() -> Result<Vec<YubiKeyEntry>, TokenError> {
             entry
         })
         .collect())
+}
+
+/// At most one open YubiKey (store or listing) per process: a second would wait for this
+/// process's own lock.
+static OPEN_IN_PROCESS: Mutex<bool> = Mutex::new(false);
+
+struct ProcessClaim;
+
+impl ProcessClaim {
+    fn take() -> Result<ProcessClaim, TokenError> {
+        let mut open = OPEN_IN_PROCESS.lock().unwrap_or_else(|e| e.into_inner());
+        if *open {
+            return Err(TokenError::InvalidInput(
+                "a YubiKey is already open in this process; close it first".into(),
+            ));
+        }
+        *open = true;
+        Ok(ProcessClaim)
+    }
+}
+
+impl Drop for ProcessClaim {
+    fn drop(&mut self) {
+        *OPEN_IN_PROCESS.lock().unwrap_or_else(|e| e.into_inner()) = false;
+    }
+}
+
+/// Runs a `yubikey` crate call, turning a panic on a malformed card answer (the crate
+/// indexes some answers without checking their length) into an error.
+fn unpanicked<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, TokenError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| {
+        TokenError::BadTokenData {
+            token: "the YubiKey".into(),
+            what: format!("a malformed answer to {what}"),
+        }
+    })
 }
 
 fn entry_of(yk: &YubiKey) -> YubiKeyEntry {
@@ -117,7 +165,9 @@ fn entry_of(yk: &YubiKey) -> YubiKeyEntry {
     }
 }
 
-fn open_all() -> Result<Vec<YubiKey>, TokenError> {
+/// Opens every reader holding a card with a PIV application. Also returns the readers that
+/// are in exclusive use by another program.
+fn open_all() -> Result<(Vec<YubiKey>, Vec<String>), TokenError> {
     let mut ctx = match yubikey::reader::Context::open() {
         Ok(c) => c,
         Err(e) => return Err(pcsc_error("listing readers", e)),
@@ -126,11 +176,25 @@ fn open_all() -> Result<Vec<YubiKey>, TokenError> {
         Ok(r) => r,
         Err(yubikey::Error::PcscError {
             inner: Some(pcsc::Error::NoReadersAvailable),
-        }) => return Ok(Vec::new()),
+        }) => return Ok((Vec::new(), Vec::new())),
         Err(e) => return Err(pcsc_error("listing readers", e)),
     };
-    // A reader without a YubiKey (or in exclusive use elsewhere) does not open: skip it.
-    Ok(readers.filter_map(|r| r.open().ok()).collect())
+    let mut found = Vec::new();
+    let mut busy = Vec::new();
+    for reader in readers {
+        // A reader without a YubiKey does not open: skip it.
+        match unpanicked("opening the card", || reader.open()) {
+            Ok(Ok(yk)) => found.push(yk),
+            Ok(Err(yubikey::Error::PcscError {
+                inner: Some(pcsc::Error::SharingViolation),
+            })) => busy.push(format!(
+                "reader {} (in exclusive use by another program, e.g. gpg's scdaemon)",
+                reader.name()
+            )),
+            _ => {}
+        }
+    }
+    Ok((found, busy))
 }
 
 /// A YubiKey's PIV application as a [`KeyStore`].
@@ -141,11 +205,14 @@ pub struct YubiKeyStore {
     serial: u32,
     slot_map: PathBuf,
     management_key: ManagementKey,
-    /// The PIN the card accepted at open, for keys with PIN policy "always".
-    pin: SecretString,
     pin_status_before: PinStatus,
+    /// How many tries the PIN has in all, when the card says.
+    pin_tries_total: Option<u8>,
     touch_notice: Option<Box<TouchNotice>>,
+    /// When each slot last needed a touch, for the "cached" policy.
+    last_touch: Mutex<std::collections::HashMap<u8, std::time::Instant>>,
     _process_lock: std::fs::File,
+    _claim: ProcessClaim,
 }
 
 /// Called before an operation that may wait for a touch (the key blinks until touched).
@@ -158,15 +225,18 @@ struct Card {
     yk: YubiKey,
     raw: RawCard,
     mgm_authenticated: bool,
-    /// When each slot last needed a touch, for the "cached" policy.
-    last_touch: std::collections::HashMap<u8, std::time::Instant>,
+    /// The PIN the card accepted at open, for keys with PIN policy "always"; dropped for
+    /// good after a re-verification fails (the PIN changed), so it is never sent twice.
+    pin: Option<Zeroizing<Vec<u8>>>,
 }
 
 impl YubiKeyStore {
     /// Opens the YubiKey (by serial when given), reads its PIN retry counter and verifies
     /// the PIN from `pins` once.
     pub fn open(options: YubiKeyOptions, pins: &dyn PinProvider) -> Result<Self, TokenError> {
-        let mut found = open_all()?;
+        let claim = ProcessClaim::take()?;
+        let lock = super::process_lock::lock_yubikeys()?;
+        let (mut found, busy) = open_all()?;
         let index = match options.serial {
             Some(serial) => found.iter().position(|yk| yk.serial().0 == serial),
             None if found.len() > 1 => {
@@ -177,7 +247,9 @@ impl YubiKeyStore {
             None => (!found.is_empty()).then_some(0),
         };
         let Some(index) = index else {
-            let available = found.iter().map(|yk| describe(&entry_of(yk))).collect();
+            let mut available: Vec<String> =
+                found.iter().map(|yk| describe(&entry_of(yk))).collect();
+            available.extend(busy);
             release(found);
             return Err(TokenError::NoMatchingToken {
                 uri: match options.serial {
@@ -206,7 +278,6 @@ impl YubiKeyStore {
                 ),
             });
         }
-        let lock = super::process_lock::lock_yubikey(entry.serial)?;
         let raw = RawCard::connect(&entry.reader).map_err(|e| TokenError::Device {
             token: summary.to_string(),
             operation: "connecting".into(),
@@ -216,9 +287,15 @@ impl YubiKeyStore {
             yk,
             raw,
             mgm_authenticated: false,
-            last_touch: Default::default(),
+            pin: None,
         };
-        let (pin, pin_status_before) = verify_pin(&mut card.yk, &summary, pins)?;
+        let pin_tries_total = unpanicked("GET METADATA", || {
+            piv::metadata(&mut card.yk, SlotId::Management(ManagementSlotId::Pin))
+        })?
+        .ok()
+        .and_then(|m| m.retries)
+        .map(|r| r.retry_count);
+        let pin_status_before = verify_pin(&mut card, &summary, pins)?;
         Ok(YubiKeyStore {
             card: Mutex::new(card),
             capabilities: Capabilities {
@@ -231,11 +308,13 @@ impl YubiKeyStore {
                 .slot_map
                 .unwrap_or_else(|| slot_map::default_path(entry.serial)),
             management_key: options.management_key,
-            pin,
             pin_status_before,
+            pin_tries_total,
             touch_notice: None,
+            last_touch: Mutex::new(Default::default()),
             summary,
             _process_lock: lock,
+            _claim: claim,
         })
     }
 
@@ -259,6 +338,11 @@ impl YubiKeyStore {
         self.pin_status_before
     }
 
+    /// How many tries the PIN has when none is used up, if the card says.
+    pub fn pin_tries_total(&self) -> Option<u8> {
+        self.pin_tries_total
+    }
+
     fn card(&self) -> std::sync::MutexGuard<'_, Card> {
         self.card.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -276,10 +360,12 @@ impl YubiKeyStore {
         if card.mgm_authenticated {
             return Ok(());
         }
-        let meta = piv::metadata(
-            &mut card.yk,
-            SlotId::Management(ManagementSlotId::Management),
-        )
+        let meta = unpanicked("GET METADATA", || {
+            piv::metadata(
+                &mut card.yk,
+                SlotId::Management(ManagementSlotId::Management),
+            )
+        })?
         .map_err(|e| self.device_error("reading the management key's metadata", e))?;
         let alg = match meta.algorithm {
             SlotAlgorithmId::Management(a) => a,
@@ -293,11 +379,13 @@ impl YubiKeyStore {
                         bytes.len()
                     ))
                 })?,
-            ManagementKey::Auto if meta.default == Some(true) => MgmKey::get_default(&card.yk)
-                .map_err(|e| self.device_error("using the default management key", e))?,
-            ManagementKey::Auto => MgmKey::get_protected(&mut card.yk).map_err(|_| {
+            ManagementKey::Auto if meta.default == Some(true) => {
+                MgmKey::from_bytes(DEFAULT_MANAGEMENT_KEY, Some(alg))
+                    .map_err(|e| self.device_error("using the default management key", e))?
+            }
+            ManagementKey::Auto => MgmKey::get_protected(&mut card.yk).map_err(|e| {
                 TokenError::InvalidInput(format!(
-                    "{} has a non-default management key that is not PIN-protected on the card; give it with --management-key-file",
+                    "{} has a non-default management key, and no PIN-protected one could be read from the card ({e}); give it with --management-key-file",
                     self.summary
                 ))
             })?,
@@ -315,7 +403,7 @@ impl YubiKeyStore {
     /// What `slot` holds: (algorithm, public key, policy, origin), or `None` when empty.
     fn slot_contents(&self, card: &mut Card, slot: u8) -> Result<Option<SlotContents>, TokenError> {
         let id = slot_id(slot)?;
-        match piv::metadata(&mut card.yk, id) {
+        match unpanicked("GET METADATA", || piv::metadata(&mut card.yk, id))? {
             Ok(meta) => {
                 let algorithm = match meta.algorithm {
                     SlotAlgorithmId::Asymmetric(AlgorithmId::Ed25519) => {
@@ -408,34 +496,41 @@ impl YubiKeyStore {
                     "slot {slot:02x} is not a retired key-management slot (82 to 95)"
                 )));
             }
-            if !options.force {
-                if let Some(e) = map.slots.get(&slot) {
-                    return Err(TokenError::InvalidInput(format!(
+            if !options.force
+                && let Some(c) = self.slot_contents(card, slot)?
+            {
+                let ours = map
+                    .slots
+                    .get(&slot)
+                    .filter(|e| c.public == Some(e.public_key));
+                return Err(TokenError::InvalidInput(match ours {
+                    Some(e) => format!(
                         "slot {slot:02x} of {} holds the {} key of {}; pass --force to overwrite it",
                         self.summary, e.role, e.user_id
-                    )));
-                }
-                if let Some(c) = self.slot_contents(card, slot)? {
-                    return Err(TokenError::InvalidInput(format!(
+                    ),
+                    None => format!(
                         "slot {slot:02x} of {} already holds a key ({}, {}); pass --force to overwrite it",
                         self.summary,
                         c.algorithm
                             .map(|a| a.to_string())
                             .unwrap_or_else(|| "another algorithm".into()),
                         c.origin.as_str()
-                    )));
-                }
+                    ),
+                }));
             }
             return Ok(slot);
         }
+        // A mapped slot that is empty on the card (the card was reset, or the key deleted
+        // by another tool) is free again; its stale entry is replaced.
         for slot in RETIRED_SLOTS {
-            if !map.slots.contains_key(&slot) && self.slot_contents(card, slot)?.is_none() {
+            if self.slot_contents(card, slot)?.is_none() {
                 return Ok(slot);
             }
         }
         Err(TokenError::InvalidInput(format!(
-            "all 20 retired slots of {} are in use; delete a key first",
-            self.summary
+            "all 20 retired slots of {} hold keys; delete one first (the slot map is {})",
+            self.summary,
+            self.slot_map.display()
         )))
     }
 
@@ -491,15 +586,20 @@ impl YubiKeyStore {
         drop(secret);
         // The card's own account of the slot must match what was made, or nothing is kept.
         let contents = self.slot_contents(&mut card, slot)?;
-        let proven = contents
-            .as_ref()
-            .is_some_and(|c| c.public == Some(public) && c.algorithm == Some(algorithm));
-        if !proven {
+        let problem = match &contents {
+            None => Some("it is empty"),
+            Some(c) if c.algorithm != Some(algorithm) => {
+                Some("its metadata shows another algorithm")
+            }
+            Some(c) if c.public != Some(public) => Some("its metadata shows another public key"),
+            Some(_) => None,
+        };
+        if let Some(problem) = problem {
             let _ = card.raw.delete_key(slot);
             return Err(TokenError::BadTokenData {
                 token: self.summary.to_string(),
                 what: format!(
-                    "slot {slot:02x} does not hold the key just {} (its metadata shows another public key); the slot was cleared",
+                    "slot {slot:02x} does not hold the key just {}: {problem}; the slot was cleared",
                     if imported { "imported" } else { "generated" }
                 ),
             });
@@ -519,14 +619,8 @@ impl YubiKeyStore {
         Ok(self.key_info(slot, &entry, contents.as_ref().expect("proven above")))
     }
 
-    /// Before using `key`: the slot it names, with a fresh PIN verification when its PIN
-    /// policy is "always".
-    fn prepare(
-        &self,
-        card: &mut Card,
-        key: &KeyInfo,
-        algorithm: KeyAlgorithm,
-    ) -> Result<u8, TokenError> {
+    /// The slot `key` names, if it is a PIV key of `algorithm`.
+    fn slot_for(&self, key: &KeyInfo, algorithm: KeyAlgorithm) -> Result<u8, TokenError> {
         let KeyLocator::Piv { slot } = key.locator else {
             return Err(TokenError::InvalidInput(format!(
                 "the {} key of {} is not on {}",
@@ -539,26 +633,52 @@ impl YubiKeyStore {
                 key.role
             )));
         }
+        Ok(slot)
+    }
+
+    /// Tells the user (through the touch notice, outside any lock) when using `key` may wait
+    /// for a touch. Returns whether it did.
+    fn announce_touch(&self, key: &KeyInfo, slot: u8) -> bool {
         let touch = match key.piv_policy {
             Some((_, TouchPolicy::Always)) => true,
-            Some((_, TouchPolicy::Cached)) => card
+            Some((_, TouchPolicy::Cached)) => self
                 .last_touch
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
                 .get(&slot)
                 .is_none_or(|t| t.elapsed() >= TOUCH_CACHE),
             _ => false,
         };
-        if touch {
-            if let Some(notice) = &self.touch_notice {
-                notice(key);
-            }
-            card.last_touch.insert(slot, std::time::Instant::now());
+        if touch && let Some(notice) = &self.touch_notice {
+            notice(key);
         }
-        if matches!(key.piv_policy, Some((PinPolicy::Always, _))) {
-            card.yk
-                .verify_pin(self.pin.expose_secret().as_bytes())
-                .map_err(|e| self.device_error("verifying the PIN again (PIN policy always)", e))?;
+        touch
+    }
+
+    /// Records a touch that was given (the operation succeeded).
+    fn touched(&self, slot: u8) {
+        self.last_touch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(slot, std::time::Instant::now());
+    }
+
+    /// For keys with PIN policy "always": the PIN again, right before the use. If the card
+    /// refuses it (the PIN was changed meanwhile), it is forgotten and never sent again.
+    fn reverify(&self, card: &mut Card, key: &KeyInfo) -> Result<(), TokenError> {
+        if !matches!(key.piv_policy, Some((PinPolicy::Always, _))) {
+            return Ok(());
         }
-        Ok(slot)
+        let Some(pin) = card.pin.take() else {
+            return Err(TokenError::NoPin {
+                token: self.summary.to_string(),
+                reason: "the PIN was refused on an earlier re-verification; run the command again"
+                    .into(),
+            });
+        };
+        send_pin(card, &self.summary.to_string(), &pin)?;
+        card.pin = Some(pin);
+        Ok(())
     }
 
     fn card_refused(&self, operation: &str, slot: u8, e: ApduError) -> TokenError {
@@ -620,7 +740,9 @@ impl YubiKeyStore {
         Ok(self.key_info(slot, &entry, &contents))
     }
 
-    /// The attestation of `key` (generated keys only), verified up to one of `roots`.
+    /// The attestation of `key` (generated keys only), verified up to one of `roots`: the
+    /// slot certificate must be signed by this card's attestation certificate (5FFF01), name
+    /// this card's serial, and state the policies the card's metadata reports.
     pub fn attest(
         &self,
         key: &KeyInfo,
@@ -629,33 +751,72 @@ impl YubiKeyStore {
         let KeyLocator::Piv { slot } = key.locator else {
             return Err(TokenError::InvalidInput("not a PIV key".into()));
         };
+        let id = slot_id(slot)?;
         let mut card = self.card();
-        let leaf = piv::attest(&mut card.yk, slot_id(slot)?).map_err(|e| {
-            self.device_error(
-                &format!("attesting slot {slot:02x}"),
+        let leaf = unpanicked("ATTEST", || piv::attest(&mut card.yk, id))?.map_err(|e| {
+            let hint = if key.origin == KeyOrigin::Generated {
+                String::new()
+            } else {
                 format!(
-                    "{e} (a YubiKey attests only keys generated on it; this one is {})",
+                    " (a YubiKey attests only keys generated on it; this one is {})",
                     key.origin.as_str()
-                ),
-            )
+                )
+            };
+            self.device_error(&format!("attesting slot {slot:02x}"), format!("{e}{hint}"))
         })?;
-        let f9 = card
-            .yk
-            .fetch_object(0x005f_ff01)
+        let f9 = unpanicked("GET DATA", || card.yk.fetch_object(0x005f_ff01))?
             .map_err(|e| self.device_error("reading the attestation certificate (5FFF01)", e))?;
-        // The object is 70 <certificate> 71 <info> [FE <LRC>].
-        let f9_cert = first_tlv(&f9, 0x70).ok_or_else(|| TokenError::BadTokenData {
+        drop(card);
+        let bad = |what: String| TokenError::BadTokenData {
             token: self.summary.to_string(),
-            what: "object 5FFF01 holds no certificate".into(),
+            what,
+        };
+        // The object is 70 <certificate> 71 <info> [FE <LRC>].
+        let device =
+            first_tlv(&f9, 0x70).ok_or_else(|| bad("object 5FFF01 holds no certificate".into()))?;
+        let a = attestation::verify(
+            &leaf,
+            device,
+            &attestation::yubico_intermediates(),
+            roots,
+            &key.public_key,
+        )
+        .map_err(|e| {
+            bad(format!(
+                "the attestation of slot {slot:02x} does not verify: {e}"
+            ))
         })?;
-        let mut pool = vec![f9_cert.to_vec()];
-        pool.extend(attestation::yubico_intermediates());
-        attestation::verify(&leaf, &pool, roots, &key.public_key).map_err(|e| {
-            TokenError::BadTokenData {
-                token: self.summary.to_string(),
-                what: format!("the attestation of slot {slot:02x} does not verify: {e}"),
-            }
-        })
+        if a.serial != Some(self.serial) {
+            return Err(bad(format!(
+                "the attestation of slot {slot:02x} names serial {:?}, not this card's {}",
+                a.serial, self.serial
+            )));
+        }
+        let expected = key.piv_policy.map(|(p, t)| [pin_code(p), touch_code(t)]);
+        if a.policy.is_some() && a.policy != expected {
+            return Err(bad(format!(
+                "the attestation of slot {slot:02x} states other policies ({:?}) than the card's metadata ({:?})",
+                a.policy, expected
+            )));
+        }
+        Ok(a)
+    }
+}
+
+/// The PIV encodings of the policies, as in attestation certificates.
+fn pin_code(p: PinPolicy) -> u8 {
+    match p {
+        PinPolicy::Never => 1,
+        PinPolicy::Once => 2,
+        PinPolicy::Always => 3,
+    }
+}
+
+fn touch_code(t: TouchPolicy) -> u8 {
+    match t {
+        TouchPolicy::Never => 1,
+        TouchPolicy::Always => 2,
+        TouchPolicy::Cached => 3,
     }
 }
 
@@ -682,17 +843,20 @@ fn release(found: Vec<YubiKey>) {
     }
 }
 
+/// Reads the retry counter, asks `pins` for the PIN (unless it is blocked) and sends it
+/// once. The card keeps it for keys with PIN policy "always".
 fn verify_pin(
-    yk: &mut YubiKey,
+    card: &mut Card,
     summary: &TokenSummary,
     pins: &dyn PinProvider,
-) -> Result<(SecretString, PinStatus), TokenError> {
+) -> Result<PinStatus, TokenError> {
     let token = summary.to_string();
-    let retries = yk.get_pin_retries().map_err(|e| TokenError::Device {
-        token: token.clone(),
-        operation: "reading the PIN retry counter".into(),
-        reason: e.to_string(),
-    })?;
+    let retries =
+        unpanicked("VERIFY", || card.yk.get_pin_retries())?.map_err(|e| TokenError::Device {
+            token: token.clone(),
+            operation: "reading the PIN retry counter".into(),
+            reason: e.to_string(),
+        })?;
     let status = pin_status(retries);
     if retries == 0 {
         return Err(TokenError::PivPinBlocked { token });
@@ -707,19 +871,32 @@ fn verify_pin(
         return Err(TokenError::NoPin {
             token,
             reason: format!(
-                "a PIV PIN has 6 to 8 characters, this one has {len}; nothing was sent to the card"
+                "a PIV PIN is 6 to 8 bytes long, this one is {len}; nothing was sent to the card"
             ),
         });
     }
-    match yk.verify_pin(pin.expose_secret().as_bytes()) {
-        Ok(()) => Ok((pin, status)),
-        Err(yubikey::Error::WrongPin { tries: 0 }) => Err(TokenError::PivPinBlocked { token }),
-        Err(yubikey::Error::WrongPin { tries }) => Err(TokenError::WrongPin {
-            token,
-            status: pin_status(tries),
+    let pin = Zeroizing::new(pin.expose_secret().as_bytes().to_vec());
+    send_pin(card, &token, &pin)?;
+    card.pin = Some(pin);
+    Ok(status)
+}
+
+/// VERIFY, sent by mxhsm itself from zeroized buffers (the crate would keep a copy of the
+/// PIN in a buffer it never wipes).
+fn send_pin(card: &mut Card, token: &str, pin: &[u8]) -> Result<(), TokenError> {
+    match card.raw.verify_pin(pin) {
+        Ok(()) => Ok(()),
+        Err(ApduError::Status(0x6983)) | Err(ApduError::Status(0x63c0)) => {
+            Err(TokenError::PivPinBlocked {
+                token: token.to_string(),
+            })
+        }
+        Err(ApduError::Status(sw)) if sw & 0xfff0 == 0x63c0 => Err(TokenError::WrongPin {
+            token: token.to_string(),
+            status: pin_status((sw & 0x0f) as u8),
         }),
         Err(e) => Err(TokenError::Device {
-            token,
+            token: token.to_string(),
             operation: "verifying the PIN".into(),
             reason: e.to_string(),
         }),
@@ -860,12 +1037,25 @@ impl KeyStore for YubiKeyStore {
     }
 
     fn sign_ed25519(&self, key: &KeyInfo, message: &[u8]) -> Result<[u8; 64], TokenError> {
+        let slot = self.slot_for(key, KeyAlgorithm::Ed25519)?;
+        if message.len() > apdu::MAX_MESSAGE {
+            return Err(TokenError::InvalidInput(format!(
+                "a message of {} bytes is too long to sign (at most {} bytes)",
+                message.len(),
+                apdu::MAX_MESSAGE
+            )));
+        }
+        let touch = self.announce_touch(key, slot);
         let mut card = self.card();
-        let slot = self.prepare(&mut card, key, KeyAlgorithm::Ed25519)?;
+        self.reverify(&mut card, key)?;
         let sig = card
             .raw
             .sign_ed25519(slot, message)
             .map_err(|e| self.card_refused("signing", slot, e))?;
+        drop(card);
+        if touch {
+            self.touched(slot);
+        }
         // A signature that does not verify is never handed on (it would be published).
         let vk = ed25519_dalek::VerifyingKey::from_bytes(&key.public_key).map_err(|_| {
             TokenError::BadTokenData {
@@ -884,15 +1074,26 @@ impl KeyStore for YubiKeyStore {
     }
 
     fn x25519(&self, key: &KeyInfo, peer_public: &[u8; 32]) -> Result<SharedSecret, TokenError> {
+        let slot = self.slot_for(key, KeyAlgorithm::X25519)?;
+        let touch = self.announce_touch(key, slot);
         let mut card = self.card();
-        let slot = self.prepare(&mut card, key, KeyAlgorithm::X25519)?;
-        let out = piv::decrypt_data(
-            &mut card.yk,
-            peer_public,
-            AlgorithmId::X25519,
-            slot_id(slot)?,
-        )
-        .map_err(|e| self.device_error(&format!("X25519 with slot {slot:02x}"), e))?;
+        self.reverify(&mut card, key)?;
+        let id = slot_id(slot)?;
+        let out = unpanicked("GENERAL AUTHENTICATE", || {
+            piv::decrypt_data(&mut card.yk, peer_public, AlgorithmId::X25519, id)
+        })?
+        .map_err(|e| {
+            let reason = match e {
+                // The crate's name for 69 82 here.
+                yubikey::Error::AuthenticationError => apdu::describe(0x6982).to_string(),
+                e => e.to_string(),
+            };
+            self.device_error(&format!("X25519 with slot {slot:02x}"), reason)
+        })?;
+        drop(card);
+        if touch {
+            self.touched(slot);
+        }
         let bytes: [u8; 32] = out
             .as_slice()
             .try_into()
