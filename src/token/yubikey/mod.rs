@@ -556,10 +556,12 @@ impl YubiKeyStore {
         };
         let public = match &secret {
             None => {
-                let spki = piv::generate(&mut card.yk, id, alg, piv_pin(pin_p), piv_touch(touch_p))
-                    .map_err(|e| {
-                        self.device_error(&format!("generating a key in slot {slot:02x}"), e)
-                    })?;
+                let spki = unpanicked("GENERATE", || {
+                    piv::generate(&mut card.yk, id, alg, piv_pin(pin_p), piv_touch(touch_p))
+                })?
+                .map_err(|e| {
+                    self.device_error(&format!("generating a key in slot {slot:02x}"), e)
+                })?;
                 <[u8; 32]>::try_from(spki.subject_public_key.raw_bytes()).map_err(|_| {
                     TokenError::BadTokenData {
                         token: self.summary.to_string(),
@@ -568,14 +570,16 @@ impl YubiKeyStore {
                 })?
             }
             Some(secret) => {
-                piv::import_cv_key(
-                    &mut card.yk,
-                    id,
-                    alg,
-                    secret.expose(),
-                    piv_touch(touch_p),
-                    piv_pin(pin_p),
-                )
+                unpanicked("IMPORT", || {
+                    piv::import_cv_key(
+                        &mut card.yk,
+                        id,
+                        alg,
+                        secret.expose(),
+                        piv_touch(touch_p),
+                        piv_pin(pin_p),
+                    )
+                })?
                 .map_err(|e| {
                     self.device_error(&format!("importing a key into slot {slot:02x}"), e)
                 })?;
