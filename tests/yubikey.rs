@@ -357,6 +357,85 @@ fn a_changed_pin_is_not_resent() {
     assert_eq!(yk.get_pin_retries().unwrap(), 2, "exactly one try was used");
 }
 
+/// Another program on the card: connects, optionally selects PIV (the card forgets the
+/// PIN) and leaves, resetting the card or not.
+fn other_program(select: bool, reset: bool) {
+    let ctx = pcsc::Context::establish(pcsc::Scope::User).unwrap();
+    let reader = ctx
+        .list_readers_owned()
+        .unwrap()
+        .into_iter()
+        .find(|r| r.to_string_lossy().starts_with("Virtual PCD"))
+        .unwrap();
+    let card = ctx
+        .connect(&reader, pcsc::ShareMode::Shared, pcsc::Protocols::T1)
+        .unwrap();
+    if select {
+        let mut buf = [0u8; 300];
+        let r = card
+            .transmit(
+                &[0x00, 0xa4, 0x04, 0x00, 0x05, 0xa0, 0x00, 0x00, 0x03, 0x08],
+                &mut buf,
+            )
+            .unwrap();
+        assert_eq!(&r[r.len() - 2..], [0x90, 0x00]);
+    }
+    let how = if reset {
+        pcsc::Disposition::ResetCard
+    } else {
+        pcsc::Disposition::LeaveCard
+    };
+    card.disconnect(how).map_err(|(_, e)| e).unwrap();
+}
+
+/// Another program selecting PIV or resetting the card between two uses costs nothing:
+/// mxhsm selects PIV again, re-sends the accepted PIN once and carries on.
+#[test]
+fn another_program_between_uses() {
+    let t = TestToken::new(Kind::VirtualYubiKey);
+    let store = t.open_yubikey();
+    let mut o = KeyOptions::default();
+    o.touch_policy = Some(TouchPolicy::Never);
+    let ssk = store.generate(ALICE, KeyRole::SelfSigning, &o).unwrap();
+    let backup = store.generate(ALICE, KeyRole::Backup, &o).unwrap();
+    let peer = StaticSecret::from([3u8; 32]);
+    let expect = peer.diffie_hellman(&XPublic::from(backup.public_key));
+    for (select, reset) in [(true, false), (false, true), (true, true)] {
+        other_program(select, reset);
+        let sig = store.sign_ed25519(&ssk, b"m").unwrap();
+        verify(&ssk.public_key, b"m", &sig);
+        other_program(select, reset);
+        let got = store
+            .x25519(&backup, XPublic::from(&peer).as_bytes())
+            .unwrap();
+        assert_eq!(got.expose(), expect.as_bytes());
+    }
+    drop(store);
+    assert_eq!(t.open_yubikey().pin_status_before_login().retries, Some(3));
+
+    // If the other program changed the PIN, the old one is sent once, and never again.
+    let store = t.open_yubikey();
+    let mut yk = yubikey::YubiKey::open_by_serial(yubikey::Serial(t.serial())).unwrap();
+    yk.change_pin(piv::PIN.as_bytes(), b"13571357").unwrap();
+    yk.disconnect(pcsc::Disposition::LeaveCard)
+        .map_err(|(_, e)| e)
+        .unwrap();
+    other_program(true, false);
+    let err = store.sign_ed25519(&ssk, b"m").unwrap_err();
+    assert!(
+        matches!(&err, TokenError::WrongPin { status, .. } if status.retries == Some(2)),
+        "{err:?}"
+    );
+    let err = store.sign_ed25519(&ssk, b"m").unwrap_err().to_string();
+    assert!(
+        err.contains("refused on an earlier re-verification"),
+        "{err}"
+    );
+    drop(store);
+    let mut yk = yubikey::YubiKey::open_by_serial(yubikey::Serial(t.serial())).unwrap();
+    assert_eq!(yk.get_pin_retries().unwrap(), 2);
+}
+
 #[test]
 fn touch_is_announced_before_it_is_needed() {
     let t = TestToken::new(Kind::VirtualYubiKey);
@@ -540,11 +619,44 @@ fn cli_on_the_yubikey() {
     );
     assert!(err.contains("does not reach a trusted root"), "{err}");
 
+    // A key put there by "another machine" (another slot map) is shown, then adopted.
+    ok(t.cli()
+        .env("XDG_CONFIG_HOME", t.dir.path().join("elsewhere"))
+        .args([
+            "keys", "generate", "--user", ALICE, "--role", "backup", "--slot", "90",
+        ]));
     let doctor = json(&ok(t.cli().args(["token", "doctor", "--json"])));
     assert_eq!(doctor["ok"], true, "{doctor}");
+    let checks = doctor["checks"].as_array().unwrap();
+    assert!(
+        checks.iter().any(|c| c["name"] == "slot 90"
+            && c["detail"]
+                .as_str()
+                .unwrap()
+                .contains("holds a key mxhsm does not know (x25519, generated)")),
+        "{doctor}"
+    );
+    assert!(
+        checks.iter().any(|c| c["name"] == "factory credentials"
+            && c["detail"]
+                .as_str()
+                .unwrap()
+                .contains("PIN, PUK, management key")),
+        "{doctor}"
+    );
+    ok(t.cli().args([
+        "keys", "adopt", "--user", ALICE, "--role", "backup", "--slot", "90",
+    ]));
+    let err = fails(t.cli().args([
+        "keys", "adopt", "--user", ALICE, "--role", "master", "--slot", "91",
+    ]));
+    assert!(
+        err.contains("slot 91 of") && err.contains("is empty"),
+        "{err}"
+    );
     // The doctor's temporary keys are gone again.
     let list = json(&ok(t.cli().args(["keys", "list", "--json"])));
-    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(list.as_array().unwrap().len(), 3, "{list}");
 
     ok(t.cli().args([
         "keys", "delete", "--user", ALICE, "--role", "master", "--yes",

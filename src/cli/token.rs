@@ -425,6 +425,26 @@ fn doctor(global: &GlobalArgs) -> Result<ExitCode> {
                 detail: e.to_string(),
             }),
         }
+        match y.unmapped_slots() {
+            Ok(slots) => {
+                for (slot, alg, origin) in slots {
+                    checks.push(Check {
+                        name: format!("slot {slot:02x}"),
+                        ok: true,
+                        detail: format!(
+                            "holds a key mxhsm does not know ({}, {}); `mxhsm keys adopt --slot {slot:02x} …` maps it",
+                            alg.map(|a| a.to_string()).unwrap_or_else(|| "another algorithm".into()),
+                            origin.as_str()
+                        ),
+                    });
+                }
+            }
+            Err(e) => checks.push(Check {
+                name: "unmapped slots".into(),
+                ok: false,
+                detail: e.to_string(),
+            }),
+        }
         // Slot-map entries the card contradicts are never used; say so.
         match y.audit() {
             Ok(entries) => {

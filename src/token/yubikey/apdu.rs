@@ -27,6 +27,8 @@ pub const MAX_MESSAGE: usize = 1 << 20;
 const MAX_ANSWER: usize = 64 * 1024;
 
 const INS_VERIFY: u8 = 0x20;
+const INS_SELECT: u8 = 0xa4;
+const AID_PIV: [u8; 5] = [0xa0, 0x00, 0x00, 0x03, 0x08];
 const INS_GENERAL_AUTHENTICATE: u8 = 0x87;
 const INS_GET_RESPONSE: u8 = 0xc0;
 const INS_MOVE_KEY: u8 = 0xf6;
@@ -45,6 +47,19 @@ impl std::fmt::Display for ApduError {
             ApduError::Pcsc(e) => write!(f, "PC/SC: {e}"),
             ApduError::Status(sw) => write!(f, "the card answered {sw:04X} ({})", describe(*sw)),
             ApduError::Malformed(what) => write!(f, "malformed answer: {what}"),
+        }
+    }
+}
+
+impl ApduError {
+    /// Whether the card lost the state mxhsm set up: `Some(true)` when it was reset (by
+    /// another program), `Some(false)` when it no longer has the PIN verified or PIV
+    /// selected (another program selected an application), `None` otherwise.
+    pub fn lost_state(&self) -> Option<bool> {
+        match self {
+            ApduError::Pcsc(pcsc::Error::ResetCard) => Some(true),
+            ApduError::Status(0x6982 | 0x6d00) => Some(false),
+            _ => None,
         }
     }
 }
@@ -111,6 +126,21 @@ impl RawCard {
         let mut data = zeroize::Zeroizing::new([0xffu8; 8]);
         data[..pin.len()].copy_from_slice(pin);
         self.command(INS_VERIFY, 0x00, 0x80, &data[..]).map(drop)
+    }
+
+    /// SELECT the PIV application (clears the PIN and management-key status).
+    pub fn select_piv(&mut self) -> Result<(), ApduError> {
+        self.command(INS_SELECT, 0x04, 0x00, &AID_PIV).map(drop)
+    }
+
+    /// Reconnects after the card was reset, without resetting it again.
+    pub fn reconnect(&mut self) -> Result<(), ApduError> {
+        self.card.reconnect(
+            pcsc::ShareMode::Shared,
+            pcsc::Protocols::T1,
+            pcsc::Disposition::LeaveCard,
+        )?;
+        Ok(())
     }
 
     /// Deletes the key in `slot` (needs the management key).

@@ -673,6 +673,30 @@ impl YubiKeyStore {
         if !matches!(key.piv_policy, Some((PinPolicy::Always, _))) {
             return Ok(());
         }
+        self.resend_pin(card)
+    }
+
+    /// After another program reset the card or selected an application on it: the
+    /// connections back, PIV selected, and the PIN the card accepted at open sent again —
+    /// once: if the card refuses it now (the PIN was changed), it is forgotten.
+    fn recover(&self, card: &mut Card, reset: bool) -> Result<(), TokenError> {
+        let lost = |e: &dyn std::fmt::Display| {
+            self.device_error("getting the card back after another program used it", e)
+        };
+        if reset {
+            // The crate reconnects with a reset of its own; ours then reconnects as is.
+            unpanicked("SELECT", || card.yk.reconnect())?.map_err(|e| lost(&e))?;
+            card.raw.reconnect().map_err(|e| lost(&e))?;
+        } else {
+            card.raw.select_piv().map_err(|e| lost(&e))?;
+        }
+        card.mgm_authenticated = false;
+        self.resend_pin(card)
+    }
+
+    /// Sends the PIN the card accepted at open again. If the card refuses it now (the PIN
+    /// was changed), it is forgotten, so it is never sent a second time.
+    fn resend_pin(&self, card: &mut Card) -> Result<(), TokenError> {
         let Some(pin) = card.pin.take() else {
             return Err(TokenError::NoPin {
                 token: self.summary.to_string(),
@@ -680,13 +704,34 @@ impl YubiKeyStore {
                     .into(),
             });
         };
-        send_pin(card, &self.summary.to_string(), &pin)?;
-        card.pin = Some(pin);
-        Ok(())
+        let result = send_pin(card, &self.summary.to_string(), &pin);
+        if !matches!(
+            result,
+            Err(TokenError::WrongPin { .. } | TokenError::PivPinBlocked { .. })
+        ) {
+            card.pin = Some(pin);
+        }
+        result
     }
 
     fn card_refused(&self, operation: &str, slot: u8, e: ApduError) -> TokenError {
         self.device_error(&format!("{operation} with slot {slot:02x}"), e)
+    }
+
+    /// Retired slots that hold a key but are not in the slot map: (slot, algorithm, origin).
+    /// `keys adopt` can map them.
+    pub fn unmapped_slots(&self) -> Result<Vec<(u8, Option<KeyAlgorithm>, KeyOrigin)>, TokenError> {
+        let map = SlotMap::load(&self.slot_map, self.serial)?;
+        let mut card = self.card();
+        let mut out = Vec::new();
+        for slot in RETIRED_SLOTS {
+            if !map.slots.contains_key(&slot)
+                && let Some(c) = self.slot_contents(&mut card, slot)?
+            {
+                out.push((slot, c.algorithm, c.origin));
+            }
+        }
+        Ok(out)
     }
 
     /// Whether the PIN, the PUK and the management key are still the factory defaults
@@ -1052,10 +1097,13 @@ impl KeyStore for YubiKeyStore {
         let touch = self.announce_touch(key, slot);
         let mut card = self.card();
         self.reverify(&mut card, key)?;
-        let sig = card
-            .raw
-            .sign_ed25519(slot, message)
-            .map_err(|e| self.card_refused("signing", slot, e))?;
+        let mut result = card.raw.sign_ed25519(slot, message);
+        if let Some(reset) = result.as_ref().err().and_then(ApduError::lost_state) {
+            // Another program got between: once more, with the card set up again.
+            self.recover(&mut card, reset)?;
+            result = card.raw.sign_ed25519(slot, message);
+        }
+        let sig = result.map_err(|e| self.card_refused("signing", slot, e))?;
         drop(card);
         if touch {
             self.touched(slot);
@@ -1083,10 +1131,24 @@ impl KeyStore for YubiKeyStore {
         let mut card = self.card();
         self.reverify(&mut card, key)?;
         let id = slot_id(slot)?;
-        let out = unpanicked("GENERAL AUTHENTICATE", || {
-            piv::decrypt_data(&mut card.yk, peer_public, AlgorithmId::X25519, id)
-        })?
-        .map_err(|e| {
+        let agree = |card: &mut Card| {
+            unpanicked("GENERAL AUTHENTICATE", || {
+                piv::decrypt_data(&mut card.yk, peer_public, AlgorithmId::X25519, id)
+            })
+        };
+        let mut result = agree(&mut card)?;
+        let lost = match &result {
+            Err(yubikey::Error::PcscError {
+                inner: Some(pcsc::Error::ResetCard),
+            }) => Some(true),
+            Err(yubikey::Error::AuthenticationError) => Some(false),
+            _ => None,
+        };
+        if let Some(reset) = lost {
+            self.recover(&mut card, reset)?;
+            result = agree(&mut card)?;
+        }
+        let out = result.map_err(|e| {
             let reason = match e {
                 // The crate's name for 69 82 here.
                 yubikey::Error::AuthenticationError => apdu::describe(0x6982).to_string(),
