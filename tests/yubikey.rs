@@ -33,11 +33,8 @@ fn slot_of(k: &mxhsm::token::KeyInfo) -> u8 {
     }
 }
 
-/// What the card itself says is in `slot`: GET METADATA sent here, on a connection of
-/// its own, without selecting the PIV application again (which would make the card forget
-/// the PIN the store under test verified) and left without resetting the card.
-fn card_public(serial: u32, slot: u8) -> Option<Vec<u8>> {
-    let _ = serial; // one virtual card at a time: the vpcd reader is it
+/// A connection of its own to the virtual card's reader (one virtual card at a time).
+fn vpcd_connection() -> pcsc::Card {
     let ctx = pcsc::Context::establish(pcsc::Scope::User).unwrap();
     let reader = ctx
         .list_readers_owned()
@@ -45,9 +42,43 @@ fn card_public(serial: u32, slot: u8) -> Option<Vec<u8>> {
         .into_iter()
         .find(|r| r.to_string_lossy().starts_with("Virtual PCD"))
         .expect("the vpcd reader");
-    let card = ctx
-        .connect(&reader, pcsc::ShareMode::Shared, pcsc::Protocols::T1)
+    ctx.connect(&reader, pcsc::ShareMode::Shared, pcsc::Protocols::T1)
+        .unwrap()
+}
+
+/// Another program changes the PIN (the card keeps it verified and is not reset).
+fn change_pin_elsewhere(serial: u32, new_pin: &[u8]) {
+    let mut yk = yubikey::YubiKey::open_by_serial(yubikey::Serial(serial)).unwrap();
+    yk.change_pin(piv::PIN.as_bytes(), new_pin).unwrap();
+    yk.disconnect(pcsc::Disposition::LeaveCard)
+        .map_err(|(_, e)| e)
         .unwrap();
+}
+
+/// After the PIN changed behind the store's back: the old PIN is sent once (2 tries left),
+/// never again, and the card agrees only one try was used.
+fn old_pin_costs_one_try(t: &TestToken, store: YubiKeyStore, key: &mxhsm::token::KeyInfo) {
+    let err = store.sign_ed25519(key, b"after").unwrap_err();
+    assert!(
+        matches!(&err, TokenError::WrongPin { status, .. } if status.retries == Some(2)),
+        "{err:?}"
+    );
+    let err = store.sign_ed25519(key, b"again").unwrap_err().to_string();
+    assert!(
+        err.contains("refused on an earlier re-verification"),
+        "{err}"
+    );
+    drop(store);
+    let mut yk = yubikey::YubiKey::open_by_serial(yubikey::Serial(t.serial())).unwrap();
+    assert_eq!(yk.get_pin_retries().unwrap(), 2, "exactly one try was used");
+}
+
+/// What the card itself says is in `slot`: GET METADATA sent here, on a connection of
+/// its own, without selecting the PIV application again (which would make the card forget
+/// the PIN the store under test verified) and left without resetting the card.
+fn card_public(serial: u32, slot: u8) -> Option<Vec<u8>> {
+    let _ = serial; // one virtual card at a time: the vpcd reader is it
+    let card = vpcd_connection();
     let mut buf = [0u8; 300];
     let r = card
         .transmit(&[0x00, 0xf7, 0x00, slot, 0x00], &mut buf)
@@ -336,40 +367,14 @@ fn a_changed_pin_is_not_resent() {
     o.touch_policy = Some(TouchPolicy::Never);
     let k = store.generate(ALICE, KeyRole::SelfSigning, &o).unwrap();
     store.sign_ed25519(&k, b"before").unwrap();
-    // Another program changes the PIN (and leaves the card unreset).
-    let mut yk = yubikey::YubiKey::open_by_serial(yubikey::Serial(t.serial())).unwrap();
-    yk.change_pin(piv::PIN.as_bytes(), b"24682468").unwrap();
-    yk.disconnect(pcsc::Disposition::LeaveCard)
-        .map_err(|(_, e)| e)
-        .unwrap();
-    let err = store.sign_ed25519(&k, b"after").unwrap_err();
-    assert!(
-        matches!(&err, TokenError::WrongPin { status, .. } if status.retries == Some(2)),
-        "{err:?}"
-    );
-    let err = store.sign_ed25519(&k, b"again").unwrap_err().to_string();
-    assert!(
-        err.contains("refused on an earlier re-verification"),
-        "{err}"
-    );
-    drop(store);
-    let mut yk = yubikey::YubiKey::open_by_serial(yubikey::Serial(t.serial())).unwrap();
-    assert_eq!(yk.get_pin_retries().unwrap(), 2, "exactly one try was used");
+    change_pin_elsewhere(t.serial(), b"24682468");
+    old_pin_costs_one_try(&t, store, &k);
 }
 
 /// Another program on the card: connects, optionally selects PIV (the card forgets the
 /// PIN) and leaves, resetting the card or not.
 fn other_program(select: bool, reset: bool) {
-    let ctx = pcsc::Context::establish(pcsc::Scope::User).unwrap();
-    let reader = ctx
-        .list_readers_owned()
-        .unwrap()
-        .into_iter()
-        .find(|r| r.to_string_lossy().starts_with("Virtual PCD"))
-        .unwrap();
-    let card = ctx
-        .connect(&reader, pcsc::ShareMode::Shared, pcsc::Protocols::T1)
-        .unwrap();
+    let card = vpcd_connection();
     if select {
         let mut buf = [0u8; 300];
         let r = card
@@ -415,25 +420,9 @@ fn another_program_between_uses() {
 
     // If the other program changed the PIN, the old one is sent once, and never again.
     let store = t.open_yubikey();
-    let mut yk = yubikey::YubiKey::open_by_serial(yubikey::Serial(t.serial())).unwrap();
-    yk.change_pin(piv::PIN.as_bytes(), b"13571357").unwrap();
-    yk.disconnect(pcsc::Disposition::LeaveCard)
-        .map_err(|(_, e)| e)
-        .unwrap();
+    change_pin_elsewhere(t.serial(), b"13571357");
     other_program(true, false);
-    let err = store.sign_ed25519(&ssk, b"m").unwrap_err();
-    assert!(
-        matches!(&err, TokenError::WrongPin { status, .. } if status.retries == Some(2)),
-        "{err:?}"
-    );
-    let err = store.sign_ed25519(&ssk, b"m").unwrap_err().to_string();
-    assert!(
-        err.contains("refused on an earlier re-verification"),
-        "{err}"
-    );
-    drop(store);
-    let mut yk = yubikey::YubiKey::open_by_serial(yubikey::Serial(t.serial())).unwrap();
-    assert_eq!(yk.get_pin_retries().unwrap(), 2);
+    old_pin_costs_one_try(&t, store, &ssk);
 }
 
 #[test]

@@ -554,6 +554,14 @@ impl crate::matrix::backup::X25519Agreement for TokenAgreement<'_> {
     }
 }
 
+/// Milliseconds since the Unix epoch (0 if the clock is before it), for key creation times.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Checks that `user_id` looks like a Matrix user ID (`@localpart:server`), so that labels
 /// on the token stay meaningful.
 pub fn check_user_id(user_id: &str) -> Result<(), TokenError> {

@@ -19,7 +19,6 @@ use std::collections::HashMap;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -71,10 +70,7 @@ fn parse_label(label: &str) -> Option<(KeyRole, &str)> {
 }
 
 fn new_key_id() -> Result<Vec<u8>, TokenError> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let now = super::now_ms();
     let mut random = [0u8; 4];
     getrandom::fill(&mut random)
         .map_err(|e| TokenError::InvalidInput(format!("no randomness: {e}")))?;
@@ -1035,8 +1031,8 @@ mod tests {
         let id = new_key_id().unwrap();
         assert_eq!(id.len(), 15);
         let t = created_from_id(&id).unwrap();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_millis() as u64;
         assert!(now >= t && now - t < 60_000);

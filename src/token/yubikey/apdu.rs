@@ -218,19 +218,25 @@ pub fn push_len(out: &mut Vec<u8>, n: usize) {
 
 /// The value of a single TLV with tag `tag` that fills `data` exactly.
 pub fn expect_tlv(data: &[u8], tag: u8) -> Option<&[u8]> {
-    let (&t, rest) = data.split_first()?;
-    if t != tag {
-        return None;
+    match split_tlv(data)? {
+        (t, value, []) if t == tag => Some(value),
+        _ => None,
     }
+}
+
+/// The first BER-TLV of `data` (one-byte tag, lengths up to 0xFFFF): (tag, value, rest).
+pub fn split_tlv(data: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = data.split_first()?;
     let (len, rest) = match rest.split_first()? {
         (&n, rest) if n < 0x80 => (n as usize, rest),
-        (&0x81, rest) => (*rest.first()? as usize, &rest[1..]),
+        (&0x81, rest) => (*rest.first()? as usize, rest.get(1..)?),
         (&0x82, rest) if rest.len() >= 2 => {
             (u16::from_be_bytes([rest[0], rest[1]]) as usize, &rest[2..])
         }
         _ => return None,
     };
-    (rest.len() == len).then_some(rest)
+    let value = rest.get(..len)?;
+    Some((tag, value, &rest[len..]))
 }
 
 #[cfg(test)]

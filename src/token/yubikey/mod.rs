@@ -20,7 +20,6 @@ pub mod slot_map;
 
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use secrecy::ExposeSecret;
 use yubikey::piv::{self, AlgorithmId, ManagementSlotId, SlotAlgorithmId, SlotId};
@@ -608,12 +607,7 @@ impl YubiKeyStore {
                 ),
             });
         }
-        let entry = Entry {
-            user_id: user_id.to_string(),
-            role,
-            public_key: public,
-            created_ms: now_ms(),
-        };
+        let entry = Entry::new(user_id, role, public);
         map.slots.insert(slot, entry.clone());
         if let Err(e) = map.save(&self.slot_map, self.serial) {
             // Without the map entry nobody would find the key: take it off the card again.
@@ -778,12 +772,7 @@ impl YubiKeyStore {
                 role.algorithm()
             )));
         };
-        let entry = Entry {
-            user_id: user_id.to_string(),
-            role,
-            public_key: public,
-            created_ms: now_ms(),
-        };
+        let entry = Entry::new(user_id, role, public);
         map.slots.insert(slot, entry.clone());
         map.save(&self.slot_map, self.serial)?;
         Ok(self.key_info(slot, &entry, &contents))
@@ -1015,31 +1004,13 @@ fn touch_policy(t: yubikey::TouchPolicy) -> Option<TouchPolicy> {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// The value of the first TLV with `tag` in a sequence of BER-TLVs.
 fn first_tlv(mut data: &[u8], tag: u8) -> Option<&[u8]> {
-    while data.len() >= 2 {
-        let t = data[0];
-        let (len, hdr) = match data[1] {
-            n if n < 0x80 => (n as usize, 2),
-            0x81 => (*data.get(2)? as usize, 3),
-            0x82 => (
-                u16::from_be_bytes([*data.get(2)?, *data.get(3)?]) as usize,
-                4,
-            ),
-            _ => return None,
-        };
-        let value = data.get(hdr..hdr + len)?;
+    while let Some((t, value, rest)) = apdu::split_tlv(data) {
         if t == tag {
             return Some(value);
         }
-        data = &data[hdr + len..];
+        data = rest;
     }
     None
 }

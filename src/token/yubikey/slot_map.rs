@@ -29,6 +29,18 @@ pub struct Entry {
     pub created_ms: u64,
 }
 
+impl Entry {
+    /// A new entry, made now.
+    pub fn new(user_id: &str, role: KeyRole, public_key: [u8; 32]) -> Entry {
+        Entry {
+            user_id: user_id.to_string(),
+            role,
+            public_key,
+            created_ms: crate::token::now_ms(),
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct FileEntry {
     user_id: String,
