@@ -706,7 +706,9 @@ fn several_yubikeys_need_a_serial() {
 }
 
 /// On a real YubiKey 5.7+ (destructive for retired slots 94 and 95 only): run with
-/// MXHSM_YUBIKEY_SERIAL=<serial> MXHSM_PIN=<pin> cargo test --test yubikey -- --ignored
+/// MXHSM_YUBIKEY_SERIAL=<serial> MXHSM_PIN=<pin> cargo xtask test (which adds --ignored for it).
+/// Ignored otherwise because CI has no YubiKey and the test overwrites two slots; the
+/// virtual-card tests above cover the same paths on every run.
 #[test]
 #[ignore = "needs a real YubiKey: set MXHSM_YUBIKEY_SERIAL (see docs/yubikey.md)"]
 fn real_yubikey() {
