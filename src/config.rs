@@ -1,5 +1,6 @@
 //! Where mxhsm finds its token and PIN, from flags and the environment.
 
+pub use crate::token::TokenChoice;
 use crate::token::TokenError;
 use crate::token::pkcs11::Pkcs11Uri;
 
@@ -8,14 +9,6 @@ pub const TOKEN_ENV: &str = "MXHSM_TOKEN";
 
 /// Environment variable with the default YubiKey (a serial number, or `any`).
 pub const YUBIKEY_ENV: &str = "MXHSM_YUBIKEY";
-
-/// Which device the keys are on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenChoice {
-    Pkcs11(Box<Pkcs11Uri>),
-    /// A YubiKey's PIV application, by serial (`None`: the only one present).
-    YubiKey(Option<u32>),
-}
 
 /// Parses a `--yubikey` value: a serial number, or `any` for the only YubiKey present.
 pub fn parse_yubikey(value: &str) -> Result<Option<u32>, TokenError> {

@@ -13,8 +13,11 @@
 //! * [`matrix`] — pure Matrix formats: canonical JSON, signed objects, cross-signing trust.
 #![forbid(unsafe_code)]
 
+pub mod account;
 pub mod config;
 pub mod files;
 pub mod homeserver;
 pub mod matrix;
+pub mod paths;
+pub mod text;
 pub mod token;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
 use common::synapse::{MxhsmUser, Proxy, http};
-use common::{Kind, fails, ok};
+use common::{Kind, exits, fails, ok};
 use serde_json::{Value, json};
 use vodozemac::megolm::{GroupSession, InboundGroupSession, SessionConfig};
 
@@ -157,7 +157,14 @@ fn restore_1000_sessions_and_tampered_ones(kind: Kind) {
     let export = u.token.dir.path().join("keys.txt");
     ok(u.cli()
         .env("MXHSM_EXPORT_PASSPHRASE", "correct horse")
-        .args(["backup", "restore", "--rounds", "1000", "--out"])
+        .args([
+            "backup",
+            "restore",
+            "--rounds",
+            "1000",
+            "--weak-rounds",
+            "--out",
+        ])
         .arg(&export));
     let text = std::fs::read_to_string(&export).unwrap();
     let json = mxhsm::matrix::key_export::decrypt(&text, "correct horse").unwrap();
@@ -237,8 +244,9 @@ fn upload_requires_auth_data_signed_by_our_master_key() {
             "{err}"
         );
         assert!(err.contains("not signed by your master key"), "{err}");
+        // A status that reports a problem exits with 3.
         let status: Value =
-            serde_json::from_str(&ok(u.cli().args(["backup", "status", "--json"]))).unwrap();
+            serde_json::from_str(&exits(3, u.cli().args(["backup", "status", "--json"]))).unwrap();
         assert_eq!(status["master_signature_valid"], false);
         assert_eq!(status["public_key_is_token_key"], false);
         // Restoring from a backup encrypted to another key is refused too.

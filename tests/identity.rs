@@ -171,7 +171,7 @@ fn publish_sign_device_and_user(kind: Kind) {
     // A second device (the phone) is unsigned until we sign it.
     assert_eq!(device_trust(&alice.status(&[]), "PHONE").0, "unsigned");
     let out = ok(alice.cli().args(["sign", "device", "PHONE", "--yes"]));
-    assert!(out.contains("signed device PHONE"), "{out}");
+    assert!(out.contains("signed 1 device(s): PHONE"), "{out}");
     assert_eq!(device_trust(&alice.status(&[]), "PHONE").0, "verified");
     let q = alice.query(&phone_token, me);
     assert!(verifies(
@@ -196,7 +196,7 @@ fn publish_sign_device_and_user(kind: Kind) {
         &B64.encode([1u8; 32]),
     ]));
     assert!(
-        err.contains("not the fingerprint you gave: nothing signed"),
+        err.contains("not the fingerprint given: nothing signed"),
         "{err}"
     );
     // Without a fingerprint and without a terminal to confirm: refused.
@@ -238,14 +238,23 @@ fn signing_all_unsigned_devices_in_one_go() {
     for id in ["DEV1", "DEV2", "DEV3"] {
         phone(alice.synapse, &alice.user, id);
     }
+    // Every unsigned device is listed with its fingerprint, and then asked about: without a
+    // terminal, nothing is signed.
     let err = fails(alice.cli().args(["sign", "devices", "--all-unsigned"]));
     assert!(
-        err.contains("3 unsigned device(s)") && err.contains("pass --yes"),
+        err.contains("3 device(s) of") && err.contains("pass --yes with the device IDs named"),
         "{err}"
     );
+    // --yes signs only devices named on the command line.
+    let err = fails(
+        alice
+            .cli()
+            .args(["sign", "devices", "--all-unsigned", "--yes"]),
+    );
+    assert!(err.contains("name the devices"), "{err}");
     let out = ok(alice
         .cli()
-        .args(["sign", "devices", "--all-unsigned", "--yes"]));
+        .args(["sign", "devices", "DEV1", "DEV2", "DEV3", "--yes"]));
     assert!(
         out.contains("signed 3 device(s): DEV1, DEV2, DEV3"),
         "{out}"
@@ -254,9 +263,7 @@ fn signing_all_unsigned_devices_in_one_go() {
     for id in ["DEV1", "DEV2", "DEV3"] {
         assert_eq!(device_trust(&status, id).0, "verified");
     }
-    let out = ok(alice
-        .cli()
-        .args(["sign", "devices", "--all-unsigned", "--yes"]));
+    let out = ok(alice.cli().args(["sign", "devices", "--all-unsigned"]));
     assert!(out.contains("no unsigned devices"), "{out}");
 }
 
@@ -282,12 +289,18 @@ fn republishing_asks_for_the_password_and_a_wrong_one_changes_nothing() {
             role,
         ]));
     }
-    let err = fails(
-        alice
-            .cli()
-            .env("MXHSM_PASSWORD", "wrong")
-            .args(["identity", "publish"]),
+    // A new master key is a new identity: refused without --replace (exit 4).
+    let err = common::exits_err(4, alice.cli().args(["identity", "publish"]));
+    assert!(
+        err.contains("already publishes the cross-signing identity"),
+        "{err}"
     );
+    let err = fails(alice.cli().env("MXHSM_PASSWORD", "wrong").args([
+        "identity",
+        "publish",
+        "--replace",
+        "--yes",
+    ]));
     assert!(
         err.contains(&format!(
             "wrong password for {}: nothing was changed",
@@ -307,14 +320,16 @@ fn republishing_asks_for_the_password_and_a_wrong_one_changes_nothing() {
             )),
         "{status}"
     );
-    let err = fails(
-        alice
-            .cli()
-            .env_remove("MXHSM_PASSWORD")
-            .args(["identity", "publish"]),
-    );
+    let err = fails(alice.cli().env_remove("MXHSM_PASSWORD").args([
+        "identity",
+        "publish",
+        "--replace",
+        "--yes",
+    ]));
     assert!(err.contains("a password is needed"), "{err}");
-    ok(alice.cli().args(["identity", "publish"]));
+    ok(alice
+        .cli()
+        .args(["identity", "publish", "--replace", "--yes"]));
     let status = alice.status(&[]);
     assert_eq!(status["identity_ok"], true, "{status}");
     assert_ne!(status["master_key"], before);
@@ -371,7 +386,7 @@ fn forged_keys_served_by_the_server_are_untrusted_with_reasons() {
     let (_, _) = phone(alice.synapse, &alice.user, "TABLET");
     ok(alice
         .cli()
-        .args(["sign", "devices", "--all-unsigned", "--yes"]));
+        .args(["sign", "devices", "PHONE", "TABLET", "--yes"]));
     let me = alice.user.user_id.clone();
 
     let with_proxy = |rewrite: Arc<common::synapse::Rewrite>| {
@@ -469,9 +484,17 @@ fn an_interrupted_publish_can_be_rerun() {
             .map(|k| k["public_key"].as_str().unwrap().to_string())
             .collect()
     };
-    let generated = keys(&alice);
-    assert_eq!(generated.len(), 3, "the three keys stay on the token");
+    // The server is asked before anything is made: nothing was generated.
+    assert_eq!(
+        keys(&alice).len(),
+        0,
+        "no key made while the server was unreachable"
+    );
     std::fs::write(alice.session_path(), &session).unwrap();
+    // Keys made, then the upload fails: re-running publishes the same keys.
+    ok(alice.cli().args(["identity", "create", "--no-publish"]));
+    let generated = keys(&alice);
+    assert_eq!(generated.len(), 3);
     let (success, out, err) = output(alice.cli().args(["identity", "create"]));
     assert!(success, "{err}");
     assert!(err.contains("already holds the master key"), "{err}");
@@ -517,8 +540,7 @@ fn retries_and_oauth_delegation() {
     std::fs::write(alice.session_path(), via.to_string()).unwrap();
     let err = fails(alice.cli().args(["identity", "create"]));
     assert!(err.contains("approve resetting your cross-signing keys at https://account.example.org/?action=org.matrix.cross_signing_reset"), "{err}");
-    let status: Value =
-        serde_json::from_str(&ok(alice.cli().args(["identity", "status", "--json"]))).unwrap();
+    let status = alice.status(&[]);
     assert_eq!(
         status["identity_ok"], false,
         "nothing was published: {status}"

@@ -60,7 +60,11 @@ fn generate_all_roles_sign_and_agree(kind: Kind) {
         assert_eq!(p.never_extractable, Some(true));
         assert_eq!(p.always_sensitive, Some(true));
         assert_eq!(p.local, Some(true));
-        assert!(p.problems().is_empty());
+        assert!(
+            p.problems(k.algorithm()).is_empty(),
+            "{:?}",
+            p.problems(k.algorithm())
+        );
     }
     for k in listed
         .iter()

@@ -5,14 +5,13 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use mxhsm::account::login::{self, Credential, CrossSigned, LoginOutcome, LoginRequest};
 use mxhsm::homeserver::session::session_path;
-use mxhsm::homeserver::{Client, Session};
-use mxhsm::matrix::device;
 use secrecy::SecretString;
 use serde_json::json;
-use vodozemac::olm::Account;
 
-use super::{GlobalArgs, output, password};
+use super::output::{self, esc, note, say};
+use super::{GlobalArgs, client_options, open_store, secrets};
 
 #[derive(Debug, Args)]
 pub struct LoginArgs {
@@ -21,165 +20,162 @@ pub struct LoginArgs {
     pub homeserver: String,
     /// The user ID or localpart to log in as.
     #[arg(long)]
-    pub user: String,
+    pub user: Option<String>,
     /// Read the password from this file (its first line). Otherwise $MXHSM_PASSWORD or a
     /// prompt; never from the command line.
     #[arg(long, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
-    /// Log in with an existing access token read from this file instead of a password.
+    /// Log in with an existing access token read from this file instead of a password (of
+    /// a device that has no encryption keys yet).
     #[arg(long, value_name = "FILE", conflicts_with = "password_file")]
     pub access_token_file: Option<PathBuf>,
     /// Device ID to use (default: chosen by the server).
     #[arg(long)]
     pub device_id: Option<String>,
+    /// The device's name, as other clients show it. Default: "mxhsm on <hostname>".
+    #[arg(long)]
+    pub device_name: Option<String>,
+    /// Log out the saved session first when it is another account's, or start a new
+    /// device for this one (the old device is deleted).
+    #[arg(long)]
+    pub replace: bool,
 }
 
 pub fn login(global: &GlobalArgs, args: LoginArgs) -> Result<ExitCode> {
     let path = session_path();
-    let mut session = match &args.access_token_file {
+    let options = client_options(global)?;
+    if args.access_token_file.is_none() && args.user.is_none() {
+        anyhow::bail!("--user is needed for a password login");
+    }
+    let user = args.user.clone();
+    let password_file = args.password_file.clone();
+    let ask = move || {
+        secrets::password(
+            password_file.as_deref(),
+            &format!("Password for {}", user.as_deref().unwrap_or("")),
+        )
+        .map_err(|e| mxhsm::homeserver::HomeserverError::Input(format!("{e:#}")))
+    };
+    let credential = match &args.access_token_file {
         Some(file) => {
             let token = std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read the access token from {}", file.display()))?;
-            let token = SecretString::from(token.trim().to_string());
-            let client = Client::new(&args.homeserver, Some(token.clone()))?;
-            let (user_id, device_id) = client.whoami()?;
-            Session {
-                homeserver: client.homeserver().to_string(),
-                user_id,
-                device_id: device_id
-                    .context("the server does not say which device this access token belongs to")?,
-                access_token: token,
-                olm_account: None,
-            }
+            Credential::AccessToken(SecretString::from(token.trim().to_string()))
         }
-        None => {
-            let pw = password(
-                args.password_file.as_deref(),
-                &format!("Password for {}", args.user),
-            )?;
-            Client::login_password(
-                &args.homeserver,
-                &args.user,
-                &pw,
-                args.device_id.as_deref(),
-                "mxhsm",
-            )?
-        }
+        None => Credential::Password(&ask),
     };
-    // A real device: an Olm account whose keys the server (and other clients) can see.
-    let account = Account::new();
-    let keys = device::device_keys(&account, &session.user_id, &session.device_id)?;
-    let client = Client::for_session(&session)?;
-    client
-        .upload_device_keys(&keys)
-        .context("the device keys of mxhsm's session were not uploaded")?;
-    let pickle = serde_json::to_string(&account.pickle())?;
-    session.olm_account = Some(SecretString::from(pickle));
-    session.save(&path)?;
-    let signed = cross_sign_new_device(global, session)?;
-    let session = Session::load(&path)?;
-    if global.json {
-        output::json(&json!({
-            "user_id": session.user_id,
-            "device_id": session.device_id,
-            "homeserver": session.homeserver,
-            "session_file": path.display().to_string(),
-            "cross_signed": signed,
-        }));
-    } else {
-        println!(
-            "logged in as {} on {} (device {}); session saved in {}",
-            session.user_id,
-            session.homeserver,
-            session.device_id,
-            path.display()
-        );
-        if signed {
-            println!("cross-signed this device with the self-signing key on the token");
+    // A token is opened (without a PIN) only when one is configured: then the new device is
+    // cross-signed at once.
+    let store =
+        if mxhsm::config::token_configured(global.token.as_deref(), global.yubikey.as_deref()) {
+            Some(open_store(global)?)
         } else {
-            println!(
-                "once your identity is on the token, `mxhsm identity publish` (or `mxhsm sign device {}`) cross-signs this device",
-                session.device_id
-            );
-        }
+            None
+        };
+    let request = LoginRequest {
+        homeserver: &args.homeserver,
+        user: args.user.as_deref(),
+        credential,
+        device_id: args.device_id.as_deref(),
+        device_name: args
+            .device_name
+            .clone()
+            .unwrap_or_else(login::default_device_name),
+        replace: args.replace,
+        options: options.clone(),
+    };
+    if mxhsm::homeserver::HomeserverUrl::parse(&args.homeserver, options.insecure_http)?
+        .is_insecure()
+    {
+        note!(
+            "warning: {} is plain http:// to another machine: your password and access token cross the network unencrypted",
+            esc(&args.homeserver)
+        );
+    }
+    let outcome = login::login(request, &path, store)?;
+    match outcome {
+        LoginOutcome::Reused(session) => output::emit(
+            global.json,
+            json!({
+                "user_id": session.user_id, "device_id": session.device_id,
+                "homeserver": session.homeserver, "session_file": path.display().to_string(),
+                "reused": true, "cross_signed": null,
+            }),
+            || {
+                say!(
+                    "already logged in as {} on {} (device {}): kept that session; `mxhsm login --replace` starts a new device",
+                    esc(&session.user_id),
+                    esc(&session.homeserver),
+                    esc(&session.device_id)
+                );
+            },
+        ),
+        LoginOutcome::New {
+            session,
+            replaced,
+            cross_signed,
+        } => output::emit(
+            global.json,
+            json!({
+                "user_id": session.user_id, "device_id": session.device_id,
+                "homeserver": session.homeserver, "session_file": path.display().to_string(),
+                "reused": false,
+                "cross_signed": cross_signed == CrossSigned::Yes,
+                "replaced": replaced.as_ref().map(|o| json!({
+                    "user_id": o.user_id, "device_id": o.device_id, "logged_out": o.logged_out,
+                })),
+            }),
+            || {
+                if let Some(o) = &replaced {
+                    if o.logged_out {
+                        say!(
+                            "logged out the previous session ({} device {}); its device is deleted",
+                            esc(&o.user_id),
+                            esc(&o.device_id)
+                        );
+                    } else {
+                        say!(
+                            "the previous session ({} device {}) had already ended on the server",
+                            esc(&o.user_id),
+                            esc(&o.device_id)
+                        );
+                    }
+                }
+                say!(
+                    "logged in as {} on {} (device {}); session saved in {}",
+                    esc(&session.user_id),
+                    esc(&session.homeserver),
+                    esc(&session.device_id),
+                    path.display()
+                );
+                match cross_signed {
+                    CrossSigned::Yes => {
+                        say!("cross-signed this device with the self-signing key on the token")
+                    }
+                    CrossSigned::NoToken | CrossSigned::NotPublished => say!(
+                        "once your identity is on the token, `mxhsm identity publish` (or `mxhsm sign device {}`) cross-signs this device",
+                        esc(&session.device_id)
+                    ),
+                }
+            },
+        ),
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// When a token is configured and holds the self-signing key the server publishes for
-/// us, signs the new device at once, so that logging in leaves no unverified session.
-fn cross_sign_new_device(global: &GlobalArgs, session: Session) -> Result<bool> {
-    if !mxhsm::config::token_configured(global.token.as_deref(), global.yubikey.as_deref()) {
-        return Ok(false);
-    }
-    let client = Client::for_session(&session)?;
-    let store = super::open_store(global)?;
-    let ctx = super::Ctx {
-        session,
-        client,
-        store,
-    };
-    let user = ctx.session.user_id.clone();
-    let ssk = match ctx
-        .store
-        .find_key(&user, mxhsm::token::KeyRole::SelfSigning)
-    {
-        Ok(k) => k,
-        Err(mxhsm::token::TokenError::KeyNotFound { .. }) => return Ok(false),
-        Err(e) => return Err(e.into()),
-    };
-    let answer = ctx.client.query_keys(&[&user])?;
-    let published = answer
-        .get("self_signing_keys")
-        .and_then(|m| m.get(&user))
-        .and_then(|o| {
-            mxhsm::matrix::cross_signing::parse_key_object(
-                o,
-                &user,
-                mxhsm::matrix::cross_signing::Usage::SelfSigning,
-            )
-            .ok()
-        });
-    if published.map(|k| k.0) != Some(ssk.public_key) {
-        return Ok(false);
-    }
-    let signer = mxhsm::token::TokenSigner {
-        store: &*ctx.store,
-        key: ssk,
-    };
-    let failures = super::identity::sign_own_devices(
-        &ctx,
-        &signer,
-        std::slice::from_ref(&ctx.session.device_id),
-    )?;
-    super::identity::report_failures(&failures)?;
-    Ok(true)
 }
 
 pub fn logout(global: &GlobalArgs) -> Result<ExitCode> {
     let path = session_path();
-    let session = Session::load(&path)?;
-    Client::for_session(&session)?.logout()?;
-    std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
-    if global.json {
-        output::json(&json!({"logged_out": session.user_id, "device_id": session.device_id}));
-    } else {
-        println!(
-            "logged out {} and deleted device {}",
-            session.user_id, session.device_id
-        );
-    }
+    let session = login::logout(&path, &client_options(global)?)?;
+    output::emit(
+        global.json,
+        json!({"logged_out": session.user_id, "device_id": session.device_id}),
+        || {
+            say!(
+                "logged out {} and deleted device {}",
+                esc(&session.user_id),
+                esc(&session.device_id)
+            )
+        },
+    );
     Ok(ExitCode::SUCCESS)
-}
-
-/// The Olm account of the saved session (mxhsm's device key).
-pub fn olm_account(session: &Session) -> Result<Account> {
-    use secrecy::ExposeSecret;
-    let pickle = session
-        .olm_account
-        .as_ref()
-        .context("the session has no Olm device; log in again with `mxhsm login`")?;
-    let pickle: vodozemac::olm::AccountPickle = serde_json::from_str(pickle.expose_secret())
-        .context("the session's Olm account cannot be read")?;
-    Ok(Account::from_pickle(pickle))
 }

@@ -1,18 +1,17 @@
 //! `mxhsm keys generate | import | list | delete`.
 
-use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use base64::Engine;
 use clap::{Args, Subcommand};
 use mxhsm::token::yubikey::{YubiKeyStore, attestation};
-use mxhsm::token::{KeyInfo, KeyOptions, KeyRole, PinPolicy, SecretKeyBytes, TouchPolicy};
+use mxhsm::token::{KeyInfo, KeyOptions, KeyRole, PinPolicy, Store, TouchPolicy};
 use serde_json::json;
-use zeroize::Zeroizing;
 
-use super::{GlobalArgs, Store, open_store, output};
+use super::output::{self, esc, note, say};
+use super::secrets::{confirm, private_key as read_secret};
+use super::{GlobalArgs, open_store};
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -141,8 +140,8 @@ pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
             if let Store::YubiKey(y) = &store {
                 // Say at once whether Yubico vouches for the new key.
                 match y.attest(&key, &attestation::yubico_roots()) {
-                    Ok(a) => eprintln!("attested by Yubico: {}", describe_attestation(&a)),
-                    Err(e) => eprintln!("note: the attestation was not verified: {e}"),
+                    Ok(a) => note!("attested by Yubico: {}", describe_attestation(&a)),
+                    Err(e) => note!("note: the attestation was not verified: {e}"),
                 }
             }
         }
@@ -187,10 +186,10 @@ pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
                     "verified": true,
                 }));
             } else {
-                println!(
+                say!(
                     "the {} key of {} was generated on this YubiKey: {}",
                     key.role,
-                    key.user_id,
+                    esc(&key.user_id),
                     describe_attestation(&a)
                 );
             }
@@ -202,11 +201,13 @@ pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
         }
         KeysCommand::List { user } => {
             let store = open_store(global)?;
+            // Logged in, the listing shows the private keys' protection attributes too.
+            store.login()?;
             let keys = store.list_keys(user.as_deref())?;
             if global.json {
                 output::json(&json!(keys.iter().map(key_json).collect::<Vec<_>>()));
             } else if keys.is_empty() {
-                println!("no mxhsm keys on {}", store.summary());
+                say!("no mxhsm keys on {}", store.summary());
             } else {
                 let rows: Vec<Vec<String>> = keys
                     .iter()
@@ -263,7 +264,7 @@ pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
                         "Destroy the {} key {} of {} on {}? This cannot be undone.",
                         key.role,
                         key.public_key_base64(),
-                        key.user_id,
+                        esc(&key.user_id),
                         store.summary()
                     ),
                     "pass --yes",
@@ -273,11 +274,11 @@ pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
             if global.json {
                 output::json(&json!({"deleted": key_json(&key)}));
             } else {
-                println!(
+                say!(
                     "deleted the {} key {} of {}",
                     key.role,
                     key.public_key_base64(),
-                    key.user_id
+                    esc(&key.user_id)
                 );
             }
         }
@@ -300,74 +301,13 @@ fn report_new_key(global: &GlobalArgs, verb: &str, key: &KeyInfo) {
     if global.json {
         output::json(&key_json(key));
     } else {
-        println!(
+        say!(
             "{verb} the {} key of {} ({}): {}",
             key.role,
-            key.user_id,
+            esc(&key.user_id),
             key.algorithm(),
             key.public_key_base64()
         );
-    }
-}
-
-/// Asks a yes/no question on the terminal; refuses when there is none, saying which flag
-/// (`hint`) answers it for scripts.
-pub fn confirm(question: &str, hint: &str) -> Result<()> {
-    if !std::io::stdin().is_terminal() {
-        bail!("{question}\nrefusing without a terminal to confirm; {hint}");
-    }
-    eprint!("{question} [y/N] ");
-    std::io::stderr().flush().ok();
-    let mut answer = String::new();
-    std::io::stdin().read_line(&mut answer)?;
-    if matches!(answer.trim(), "y" | "Y" | "yes") {
-        Ok(())
-    } else {
-        bail!("cancelled; nothing changed")
-    }
-}
-
-/// Reads a private key from a file or stdin: base64 (padded or not) or 32 raw bytes.
-pub fn read_secret(path: &PathBuf) -> Result<SecretKeyBytes> {
-    let mut raw = Zeroizing::new(Vec::new());
-    if path.as_os_str() == "-" {
-        std::io::stdin()
-            .read_to_end(&mut raw)
-            .context("cannot read the private key from standard input")?;
-    } else {
-        *raw = std::fs::read(path)
-            .with_context(|| format!("cannot read the private key from {}", path.display()))?;
-    }
-    // Base64 first (the secret-storage form); then 32 raw bytes.
-    let decoded = std::str::from_utf8(&raw)
-        .ok()
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .and_then(|t| {
-            base64::engine::general_purpose::STANDARD_NO_PAD
-                .decode(t.trim_end_matches('='))
-                .ok()
-        })
-        .map(Zeroizing::new);
-    if let Some(bytes) = &decoded
-        && bytes.len() == 32
-    {
-        return Ok(SecretKeyBytes::from_slice(bytes)?);
-    }
-    if raw.len() == 32 {
-        return Ok(SecretKeyBytes::from_slice(&raw)?);
-    }
-    match decoded {
-        Some(bytes) => bail!(
-            "{}: the base64 decodes to {} bytes; a private key is 32 bytes",
-            path.display(),
-            bytes.len()
-        ),
-        None => bail!(
-            "{}: not a private key (expected base64 of 32 bytes, or 32 raw bytes; got {} bytes that are neither)",
-            path.display(),
-            raw.len()
-        ),
     }
 }
 
@@ -381,7 +321,7 @@ fn protection_summary(k: &KeyInfo) -> String {
             touch.as_str()
         );
     }
-    let problems = k.protection.problems();
+    let problems = k.protection.problems(k.algorithm());
     if problems.is_empty() {
         "sensitive, non-extractable".into()
     } else {
@@ -410,6 +350,13 @@ pub fn key_json(k: &KeyInfo) -> serde_json::Value {
             "always_sensitive": p.always_sensitive,
             "never_extractable": p.never_extractable,
             "local": p.local,
+            "sign": p.sign,
+            "derive": p.derive,
+            "decrypt": p.decrypt,
+            "unwrap": p.unwrap,
+            "sign_recover": p.sign_recover,
+            "modifiable": p.modifiable,
+            "copyable": p.copyable,
         },
     })
 }

@@ -1,4 +1,6 @@
-//! The command line: one file per command group; output (a table, or `--json`), prompts.
+//! The command line: parse, ask, render. The flows are the library's (`mxhsm::account`);
+//! this module reads secrets ([`secrets`]), renders results ([`output`]), and adds the
+//! advice a user needs to an error ([`advice`]).
 
 mod account;
 mod backup;
@@ -6,21 +8,28 @@ mod identity;
 mod keys;
 mod output;
 mod secret_storage;
+mod secrets;
 mod token;
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use mxhsm::config;
-use mxhsm::config::TokenChoice;
-use mxhsm::token::pin::PinSources;
-use mxhsm::token::pkcs11::Pkcs11Store;
-use mxhsm::token::yubikey::{ManagementKey, YubiKeyOptions, YubiKeyStore};
-use mxhsm::token::{KeyStore, PinRequest, TokenError};
-use secrecy::SecretString;
+use mxhsm::account::{Account, AccountError};
+use mxhsm::homeserver::{ClientOptions, HomeserverError, Session};
+use mxhsm::token::{Store, StoreOptions, TokenChoice, TokenError};
+
+use output::note;
+
+/// Exit codes (also in the README).
+pub mod exit {
+    /// A status command found a problem and reported it.
+    pub const PROBLEM: u8 = 3;
+    /// Refused: doing it would replace something (a published identity, a backup, a
+    /// session) and `--replace` was not given.
+    pub const REFUSED: u8 = 4;
+}
 
 /// Keep a Matrix user's cross-signing and key-backup keys in hardware.
 #[derive(Debug, Parser)]
@@ -50,6 +59,10 @@ pub struct GlobalArgs {
     /// never from the command line.
     #[arg(long, global = true, value_name = "FILE")]
     pub pin_file: Option<PathBuf>,
+    /// Allow plain http:// to a homeserver that is not on this machine. The password and
+    /// access token then cross the network unencrypted.
+    #[arg(long, global = true)]
+    pub insecure_http: bool,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     pub json: bool,
@@ -94,165 +107,121 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// The PIN chain of the CLI: --pin-file, $MXHSM_PIN, then a prompt when a terminal is
-/// attached.
-fn pin_sources(global: &GlobalArgs) -> PinSources {
-    let mut pins = PinSources::non_interactive(global.pin_file.clone());
-    if std::io::stdin().is_terminal() {
-        pins.prompt = Some(Box::new(|req: &PinRequest| {
-            let warning = req
-                .status
-                .describe()
-                .map(|s| format!(" [{s}]"))
-                .unwrap_or_default();
-            rpassword::prompt_password(format!("PIN for {}{warning}: ", req.token))
-                .map(SecretString::from)
-                .map_err(|e| TokenError::NoPin {
-                    token: req.token.clone(),
-                    reason: format!("cannot read from the terminal: {e}"),
-                })
-        }));
+/// Prints an error with the advice that goes with it, and returns the exit code.
+pub fn report(e: &anyhow::Error) -> ExitCode {
+    note!("error: {e:#}");
+    if let Some(hint) = advice(e) {
+        note!("{hint}");
     }
-    pins
+    let refused = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<AccountError>(),
+            Some(
+                AccountError::IdentityExists { .. }
+                    | AccountError::BackupExists { .. }
+                    | AccountError::SessionExists { .. }
+            )
+        )
+    });
+    ExitCode::from(if refused { exit::REFUSED } else { 1 })
 }
 
-/// Environment variable with the account password, for scripts.
-pub const PASSWORD_ENV: &str = "MXHSM_PASSWORD";
-
-/// An account password: from `file`, else $MXHSM_PASSWORD, else a prompt on the terminal.
-fn password(file: Option<&std::path::Path>, prompt: &str) -> Result<SecretString> {
-    if let Some(f) = file {
-        return secret_file(f, "password");
-    }
-    if let Ok(p) = std::env::var(PASSWORD_ENV) {
-        return Ok(SecretString::from(p));
-    }
-    if std::io::stdin().is_terminal() {
-        return Ok(SecretString::from(rpassword::prompt_password(format!(
-            "{prompt}: "
-        ))?));
-    }
-    anyhow::bail!(
-        "a password is needed: pass --password-file, set {PASSWORD_ENV}, or run in a terminal"
-    )
-}
-
-/// A password or passphrase from a file (its first line).
-fn secret_file(path: &std::path::Path, what: &str) -> Result<SecretString> {
-    mxhsm::token::pin::read_secret_line(path, what).map_err(|reason| {
-        anyhow::anyhow!("cannot read the {what} from {}: {reason}", path.display())
-    })
-}
-
-/// An open token of either kind; dereferences to its [`KeyStore`].
-pub enum Store {
-    Pkcs11(Pkcs11Store),
-    YubiKey(YubiKeyStore),
-}
-
-impl std::ops::Deref for Store {
-    type Target = dyn KeyStore;
-    fn deref(&self) -> &Self::Target {
-        match self {
-            Store::Pkcs11(s) => s,
-            Store::YubiKey(s) => s,
+/// What to do next, for the errors where the library cannot know the command to suggest.
+fn advice(e: &anyhow::Error) -> Option<String> {
+    for cause in e.chain() {
+        if let Some(a) = cause.downcast_ref::<AccountError>() {
+            return match a {
+                AccountError::IdentityExists { .. } => Some(
+                    "to move that identity onto the token, run `mxhsm secret-storage import` with your recovery key; to replace it with a new one (every verification of you, the cross-signing of your devices and the trust in your key backup are lost), run the command again with --replace".into(),
+                ),
+                AccountError::NoIdentityOnToken { published: Some(_), .. } => Some(
+                    "`mxhsm secret-storage import` moves the published identity onto this token (you need your recovery key); `mxhsm identity create --replace` makes a new one instead".into(),
+                ),
+                AccountError::NoIdentityOnToken { published: None, .. } => {
+                    Some("run `mxhsm identity create` to make one on the token".into())
+                }
+                AccountError::IdentityNotOurs { .. } => Some(
+                    "run `mxhsm identity status` to see what the server publishes, and `mxhsm identity publish` to publish the token's keys".into(),
+                ),
+                AccountError::BackupExists { .. } => Some(
+                    "`mxhsm backup create --replace` makes a new backup version anyway; the keys in the current one are not copied into it".into(),
+                ),
+                AccountError::NoBackup => {
+                    Some("create one with `mxhsm backup create`".into())
+                }
+                AccountError::SessionExists { .. } => Some(
+                    "`mxhsm login --replace` logs that session out first (its device is deleted), or run `mxhsm logout`".into(),
+                ),
+                AccountError::NoOlmDevice => Some("log in again with `mxhsm login --replace`".into()),
+                _ => None,
+            };
+        }
+        if let Some(h) = cause.downcast_ref::<HomeserverError>() {
+            return match h {
+                HomeserverError::NotLoggedIn { .. } => Some("run `mxhsm login` first".into()),
+                _ => None,
+            };
+        }
+        if let Some(TokenError::KeyNotFound { role, .. }) = cause.downcast_ref::<TokenError>() {
+            return Some(match role {
+                mxhsm::token::KeyRole::Backup => {
+                    "create a backup with its key on the token: `mxhsm backup create`".into()
+                }
+                _ => "see `mxhsm keys list`; `mxhsm identity create` makes the missing keys".into(),
+            });
         }
     }
+    None
 }
 
-/// What the Matrix commands work with: the saved session, a client for it, the token.
-struct Ctx {
-    session: mxhsm::homeserver::Session,
-    client: mxhsm::homeserver::Client,
-    store: Store,
-}
-
-impl Ctx {
-    fn open(global: &GlobalArgs) -> Result<Ctx> {
-        let session =
-            mxhsm::homeserver::Session::load(&mxhsm::homeserver::session::session_path())?;
-        let client = mxhsm::homeserver::Client::for_session(&session)?;
-        let store = open_store(global)?;
-        Ok(Ctx {
-            session,
-            client,
-            store,
-        })
-    }
+/// How to reach the homeserver: the user's flags and environment.
+fn client_options(global: &GlobalArgs) -> Result<ClientOptions> {
+    let mut o = ClientOptions::from_env()?;
+    o.insecure_http = global.insecure_http;
+    Ok(o)
 }
 
 /// The device named by --token / --yubikey or the environment.
 fn token_choice(global: &GlobalArgs) -> Result<TokenChoice, TokenError> {
-    config::token_choice(global.token.as_deref(), global.yubikey.as_deref())
+    mxhsm::config::token_choice(global.token.as_deref(), global.yubikey.as_deref())
 }
 
-/// Opens and logs in to the token named by --token / --yubikey or the environment.
+/// Opens the token named by --token / --yubikey or the environment. The PIN is asked for
+/// when a private key is first used.
 fn open_store(global: &GlobalArgs) -> Result<Store> {
-    let store = match token_choice(global)? {
-        TokenChoice::Pkcs11(uri) => {
-            let store = Pkcs11Store::open(&uri, &pin_sources(global))?;
-            if let Some(warning) = store.pin_status_before_login().describe() {
-                eprintln!(
-                    "warning: before this login the token reported: {warning} (someone entered a wrong PIN)"
-                );
-            }
-            Store::Pkcs11(store)
-        }
-        TokenChoice::YubiKey(serial) => {
-            let management_key = match &global.management_key_file {
-                None => ManagementKey::Auto,
-                Some(f) => ManagementKey::Given(read_management_key(f)?),
-            };
-            let options = YubiKeyOptions {
-                serial,
-                management_key,
-                slot_map: None,
-            };
-            let mut store = YubiKeyStore::open(options, &pin_sources(global))?;
-            store.set_touch_notice(Box::new(|key| {
-                eprintln!(
-                    "touch your YubiKey to use the {} key of {} ({})",
-                    key.role, key.user_id, key.locator
-                );
-            }));
-            let before = store.pin_status_before_login().retries;
-            if let (Some(left), Some(total)) = (before, store.pin_tries_total())
-                && left < u32::from(total)
-            {
-                eprintln!(
-                    "warning: before this PIN the YubiKey had {left} of {total} tries left (someone entered a wrong PIN)"
-                );
-            }
-            Store::YubiKey(store)
-        }
-    };
+    let choice = token_choice(global)?;
+    let mut options = StoreOptions::default();
+    if let Some(f) = &global.management_key_file {
+        options.management_key =
+            mxhsm::token::yubikey::ManagementKey::Given(secrets::management_key(f)?);
+    }
+    let mut store = Store::open(&choice, options, secrets::pins(global.pin_file.clone()))?;
+    if let Store::YubiKey(y) = &mut store {
+        y.set_touch_notice(Box::new(|key| {
+            note!(
+                "touch your YubiKey to use the {} key of {} ({})",
+                key.role,
+                output::esc(&key.user_id),
+                key.locator
+            );
+        }));
+    }
+    if let Some(w) = store.pin_warning() {
+        note!("warning: {w}");
+    }
     Ok(store)
 }
 
-/// A PIV management key from a file: hex (48 or 64 digits, 32 for AES-128), whitespace
-/// ignored.
-fn read_management_key(path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<u8>>> {
-    use secrecy::ExposeSecret;
-    let text = secret_file(path, "management key")?;
-    let hex: String = text
-        .expose_secret()
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect();
-    let hex = zeroize::Zeroizing::new(hex);
-    if !hex.len().is_multiple_of(2) || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        anyhow::bail!("the management key in {} is not hex digits", path.display());
-    }
-    let bytes: Vec<u8> = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("checked hex"))
-        .collect();
-    if ![16, 24, 32].contains(&bytes.len()) {
-        anyhow::bail!(
-            "the management key in {} has {} bytes; PIV management keys have 16, 24 or 32",
-            path.display(),
-            bytes.len()
+/// The saved session, its homeserver client and the token.
+fn open_account(global: &GlobalArgs) -> Result<Account> {
+    let session = Session::load(&mxhsm::homeserver::session::session_path())?;
+    let options = client_options(global)?;
+    if session.insecure_http {
+        note!(
+            "warning: this session talks to {} over plain http://",
+            output::esc(&session.homeserver)
         );
     }
-    Ok(zeroize::Zeroizing::new(bytes))
+    let store = open_store(global)?;
+    Ok(Account::open(session, store, &options)?)
 }

@@ -1,9 +1,36 @@
-//! Human tables and JSON for command output.
+//! Human tables and JSON for command output. Everything printed goes through here or the
+//! `say!`/`note!` macros, which make text safe for a terminal: server- and peer-chosen
+//! strings are escaped by the caller with [`esc`], and whatever is left (a value that
+//! slipped through) is escaped again here, keeping only our own line breaks.
 
-/// Prints rows as a left-aligned table with a header.
+use mxhsm::text;
+
+pub use mxhsm::text::escape as esc;
+
+/// A line on standard output, made terminal-safe.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        println!("{}", mxhsm::text::terminal_safe(&format!($($arg)*)))
+    };
+}
+
+/// A line on standard error, made terminal-safe.
+macro_rules! note {
+    ($($arg:tt)*) => {
+        eprintln!("{}", mxhsm::text::terminal_safe(&format!($($arg)*)))
+    };
+}
+
+pub(crate) use {note, say};
+
+/// Prints rows as a left-aligned table with a header; every cell is escaped.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| esc(c).into_owned()).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             widths[i] = widths[i].max(cell.chars().count());
         }
@@ -17,20 +44,37 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&format!("{c:<w$}  ", w = widths[i]));
             }
         }
-        println!("{}", out.trim_end());
+        say!("{}", out.trim_end());
     };
     line(header.to_vec());
-    for row in rows {
+    for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }
 }
 
-/// Prints a JSON value, pretty.
+/// Prints a JSON value, pretty, with every control or bidi character escaped (the value a
+/// JSON reader gets back is unchanged).
 pub fn json(value: &serde_json::Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).unwrap_or_else(|_| "null".into())
-    );
+    println!("{}", text::json_string(value, true));
+}
+
+/// Prints `value` under `--json`, else runs `human`.
+pub fn emit(json_mode: bool, value: serde_json::Value, human: impl FnOnce()) {
+    if json_mode {
+        json(&value);
+    } else {
+        human();
+    }
+}
+
+/// `AAAA BBBB …`: a key in groups of four for reading aloud.
+pub fn fingerprint(key: &mxhsm::matrix::signed_json::Ed25519PublicKey) -> String {
+    let b = key.to_base64();
+    b.as_bytes()
+        .chunks(4)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `2026-11-28 03:27:36 UTC` from milliseconds since the epoch.

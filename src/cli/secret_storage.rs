@@ -1,7 +1,6 @@
 //! `mxhsm secret-storage import | status`: move a user's existing keys from secret storage
 //! (their recovery key) onto the token.
 
-use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -12,11 +11,12 @@ use mxhsm::matrix::cross_signing::{self, Usage};
 use mxhsm::matrix::secret_storage::{self as ssss, StorageKey};
 use mxhsm::matrix::signed_json::decode_base64;
 use mxhsm::token::{KeyAlgorithm, KeyInfo, KeyOptions, KeyRole, KeyStore, SecretKeyBytes};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use super::{Ctx, GlobalArgs, output};
+use super::output::{self, esc, note, say};
+use super::{GlobalArgs, open_account, secrets};
 
 #[derive(Debug, Subcommand)]
 pub enum SecretStorageCommand {
@@ -55,7 +55,7 @@ fn published(client: &Client, user: &str) -> Result<Vec<(KeyRole, Option<[u8; 32
             .map(|k| k.0)
     };
     let backup = client
-        .backup_version()?
+        .backup_version(None)?
         .and_then(|v| {
             v.pointer("/auth_data/public_key")
                 .and_then(Value::as_str)
@@ -77,36 +77,10 @@ fn published(client: &Client, user: &str) -> Result<Vec<(KeyRole, Option<[u8; 32
     ])
 }
 
-fn read_key_text(file: Option<&PathBuf>) -> Result<SecretString> {
-    let mut text = Zeroizing::new(String::new());
-    match file {
-        Some(p) if p.as_os_str() == "-" => {
-            std::io::stdin()
-                .read_to_string(&mut text)
-                .context("cannot read standard input")?;
-        }
-        Some(p) => {
-            *text = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read {}", p.display()))?;
-        }
-        None if std::io::stdin().is_terminal() => {
-            *text = rpassword::prompt_password("Recovery key or passphrase: ")?;
-        }
-        None => bail!(
-            "the recovery key or passphrase is needed: pass --key-file FILE (or '-' for standard input), or run in a terminal"
-        ),
-    }
-    let trimmed = text.trim_end_matches(['\n', '\r']).to_string();
-    if trimmed.is_empty() {
-        bail!("the recovery key or passphrase is empty");
-    }
-    Ok(SecretString::from(trimmed))
-}
-
 pub fn run(global: &GlobalArgs, cmd: SecretStorageCommand) -> Result<ExitCode> {
-    let ctx = Ctx::open(global)?;
-    let (client, user) = (&ctx.client, ctx.session.user_id.clone());
-    let store: &dyn KeyStore = &*ctx.store;
+    let account = open_account(global)?;
+    let (client, user) = (account.client(), account.user_id().to_string());
+    let store: &dyn KeyStore = &**account.store();
     let default = client
         .account_data(&user, "m.secret_storage.default_key")?
         .and_then(|v| v.get("key").and_then(Value::as_str).map(str::to_string));
@@ -151,9 +125,10 @@ pub fn run(global: &GlobalArgs, cmd: SecretStorageCommand) -> Result<ExitCode> {
             if global.json {
                 output::json(&json!({"default_key": default, "secrets": out}));
             } else {
-                println!(
-                    "secret storage of {user}: default key {}",
-                    default.as_deref().unwrap_or("(none)")
+                say!(
+                    "secret storage of {}: default key {}",
+                    esc(&user),
+                    esc(default.as_deref().unwrap_or("(none)"))
                 );
                 output::table(&["SECRET", "ON SERVER", "ON TOKEN", "PUBLISHED", ""], &rows);
             }
@@ -171,11 +146,12 @@ pub fn run(global: &GlobalArgs, cmd: SecretStorageCommand) -> Result<ExitCode> {
                 })?;
             if description.get("algorithm").and_then(Value::as_str) != Some(ssss::ALGORITHM) {
                 bail!(
-                    "secret storage key {key_id} uses {}, which mxhsm does not know",
-                    description["algorithm"]
+                    "secret storage key {} uses {}, which mxhsm does not know",
+                    esc(&key_id),
+                    esc(&description["algorithm"].to_string())
                 );
             }
-            let text = read_key_text(key_file.as_ref())?;
+            let text = secrets::recovery_key(key_file.as_ref())?;
             let key = match StorageKey::from_recovery_key(text.expose_secret()) {
                 Ok(k) => k,
                 Err(recovery_error) => {
@@ -195,11 +171,14 @@ pub fn run(global: &GlobalArgs, cmd: SecretStorageCommand) -> Result<ExitCode> {
             let mut plan: Vec<(&str, KeyRole, Zeroizing<[u8; 32]>)> = Vec::new();
             for ((name, role), (_, pub_key)) in SECRETS.iter().zip(&published) {
                 let Some(secret) = client.account_data(&user, name)? else {
-                    eprintln!("the server holds no {name}: skipped");
+                    note!("the server holds no {name}: skipped");
                     continue;
                 };
                 let Some(encrypted) = secret.pointer(&format!("/encrypted/{key_id}")) else {
-                    eprintln!("{name} is not encrypted with the default key {key_id}: skipped");
+                    note!(
+                        "{name} is not encrypted with the default key {}: skipped",
+                        esc(&key_id)
+                    );
                     continue;
                 };
                 let bytes = key
@@ -224,7 +203,7 @@ pub fn run(global: &GlobalArgs, cmd: SecretStorageCommand) -> Result<ExitCode> {
                 }
                 if let Some(existing) = current.get(role) {
                     if existing.public_key == derived {
-                        eprintln!(
+                        note!(
                             "the token already holds the {role} key {}: skipped",
                             existing.public_key_base64()
                         );
@@ -262,7 +241,7 @@ pub fn run(global: &GlobalArgs, cmd: SecretStorageCommand) -> Result<ExitCode> {
                     KeyAlgorithm::Ed25519 => "a signature by it verifies",
                     KeyAlgorithm::X25519 => "an agreement with it matches software",
                 };
-                eprintln!(
+                note!(
                     "imported {name} as the {} key {} ({proof})",
                     k.role,
                     k.public_key_base64()
@@ -275,7 +254,7 @@ pub fn run(global: &GlobalArgs, cmd: SecretStorageCommand) -> Result<ExitCode> {
                     removed.push(*name);
                 }
                 if !removed.is_empty() {
-                    eprintln!(
+                    note!(
                         "removed {} from the server: the token is now the only copy of these keys unless you keep your recovery key",
                         removed.join(", ")
                     );
@@ -287,7 +266,7 @@ pub fn run(global: &GlobalArgs, cmd: SecretStorageCommand) -> Result<ExitCode> {
                     "removed_from_server": removed,
                 }));
             } else {
-                println!(
+                say!(
                     "imported {} key(s) onto {}",
                     imported.len(),
                     store.summary()

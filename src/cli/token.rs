@@ -13,7 +13,10 @@ use mxhsm::token::{KeyAlgorithm, KeyInfo, KeyStore};
 use serde_json::json;
 use x25519_dalek::{PublicKey as XPublic, StaticSecret};
 
-use super::{GlobalArgs, Store, open_store, output};
+use mxhsm::token::Store;
+
+use super::output::{self, note, say};
+use super::{GlobalArgs, open_store};
 
 /// Modules `token list` looks for when none is named.
 const WELL_KNOWN_MODULES: &[&str] = &[
@@ -161,14 +164,14 @@ fn list(global: &GlobalArgs, modules: Vec<PathBuf>) -> Result<ExitCode> {
             .filter(|t| t.capabilities.is_some())
             .collect();
         if !usable.is_empty() {
-            println!("\nuse a token with --token '<URI>' or MXHSM_TOKEN:");
+            say!("\nuse a token with --token '<URI>' or MXHSM_TOKEN:");
             for t in usable {
-                println!("  {}", t.uri);
+                say!("  {}", t.uri);
             }
         }
         match &yubikeys {
             Some(Ok(keys)) if !keys.is_empty() => {
-                println!();
+                say!("");
                 let rows: Vec<Vec<String>> = keys
                     .iter()
                     .map(|y| {
@@ -185,9 +188,9 @@ fn list(global: &GlobalArgs, modules: Vec<PathBuf>) -> Result<ExitCode> {
                     })
                     .collect();
                 output::table(&["YUBIKEY", "FIRMWARE", "READER", "CAPABILITIES"], &rows);
-                println!("\nuse a YubiKey with --yubikey SERIAL or MXHSM_YUBIKEY");
+                say!("\nuse a YubiKey with --yubikey SERIAL or MXHSM_YUBIKEY");
             }
-            Some(Err(e)) => println!("\nYubiKeys: {e}"),
+            Some(Err(e)) => say!("\nYubiKeys: {e}"),
             _ => {}
         }
     }
@@ -303,6 +306,7 @@ impl Drop for SessionKey<'_> {
 
 fn doctor(global: &GlobalArgs) -> Result<ExitCode> {
     let store = open_store(global)?;
+    store.login()?;
     let caps = store.capabilities().clone();
     let mut checks = vec![Check {
         name: "capabilities".into(),
@@ -368,7 +372,7 @@ fn doctor(global: &GlobalArgs) -> Result<ExitCode> {
                 });
             }
             for k in &keys {
-                let problems = k.protection.problems();
+                let problems = k.protection.problems(k.algorithm());
                 let mut notes = vec![k.origin.as_str().to_string()];
                 if k.protection.never_extractable == Some(true)
                     && k.protection.always_sensitive == Some(true)
@@ -380,7 +384,11 @@ fn doctor(global: &GlobalArgs) -> Result<ExitCode> {
                     ok: problems.is_empty(),
                     detail: if problems.is_empty() {
                         format!(
-                            "token, private, sensitive, not extractable; {}",
+                            "token, private, sensitive, not extractable, {} only; {}",
+                            match k.algorithm() {
+                                KeyAlgorithm::Ed25519 => "signs",
+                                KeyAlgorithm::X25519 => "derives",
+                            },
                             notes.join(", ")
                         )
                     } else {
@@ -476,7 +484,7 @@ fn doctor(global: &GlobalArgs) -> Result<ExitCode> {
             "checks": checks.iter().map(|c| json!({"name": c.name, "ok": c.ok, "detail": c.detail})).collect::<Vec<_>>(),
         }));
     } else {
-        println!("{}", store.summary());
+        say!("{}", store.summary());
         let rows: Vec<Vec<String>> = checks
             .iter()
             .map(|c| {
@@ -489,7 +497,7 @@ fn doctor(global: &GlobalArgs) -> Result<ExitCode> {
             .collect();
         output::table(&["", "CHECK", "DETAIL"], &rows);
         if failed > 0 {
-            eprintln!("{failed} check(s) failed");
+            note!("{failed} check(s) failed");
         }
     }
     Ok(if failed == 0 {
@@ -574,7 +582,7 @@ fn bench(global: &GlobalArgs, seconds: f64, restore_sessions: usize) -> Result<E
             "restore": restore.as_ref().map(|r| r.to_json()),
         }));
     } else {
-        println!("{} — one thread, one session", store.summary());
+        say!("{} — one thread, one session", store.summary());
         output::table(&["OPERATION", "TOKEN", "SOFTWARE", "TOKEN/SOFTWARE"], &rows);
         if let Some(r) = &restore {
             r.print();
@@ -623,7 +631,7 @@ impl RestoreBench {
     }
 
     fn print(&self) {
-        println!(
+        say!(
             "\nkey-backup restore, {} sessions (decrypt + session-key check), medians of 3 alternating runs",
             self.sessions
         );
@@ -651,7 +659,7 @@ impl RestoreBench {
             &rows,
         );
         let best = self.best();
-        println!(
+        say!(
             "software (vodozemac PkDecryption, 1 thread): {:.0}/s; best restore: {} job(s), {:.0} sessions/s = {:.1} % of the token's best raw agreement rate ({:.0}/s)",
             self.software,
             best.0,
@@ -734,7 +742,7 @@ fn bench_restore(store: &Store, n: usize) -> Result<RestoreBench> {
                 &agreement,
                 &items,
                 jobs,
-                super::backup::software_jobs(),
+                mxhsm::account::restore::software_jobs(),
                 &|| {},
             );
             restores.push(n as f64 / start.elapsed().as_secs_f64());

@@ -2,7 +2,6 @@
 //! a 0600 file under the XDG data directory (`$XDG_DATA_HOME/mxhsm/session.json`, by
 //! default `~/.local/share/mxhsm/session.json`).
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use secrecy::{ExposeSecret, SecretString};
@@ -19,6 +18,8 @@ pub struct Session {
     /// The vodozemac Olm account of mxhsm's device, pickled (unencrypted JSON: the file is
     /// 0600; this is a device key, the cross-signing keys stay on the token).
     pub olm_account: Option<SecretString>,
+    /// The user allowed plain `http://` to a non-loopback homeserver at login.
+    pub insecure_http: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -34,37 +35,38 @@ impl std::fmt::Debug for Session {
 
 /// Where the session file lives.
 pub fn session_path() -> PathBuf {
-    let data = std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| "/".into());
-            home.join(".local/share")
-        });
-    data.join("mxhsm").join("session.json")
+    crate::paths::dir(crate::paths::Base::Data).join("session.json")
 }
 
 impl Session {
-    /// Loads the saved session.
-    pub fn load(path: &Path) -> Result<Session, HomeserverError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            HomeserverError::Input(format!(
-                "not logged in ({}: {e}); run `mxhsm login` first",
-                path.display()
-            ))
-        })?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| {
-            HomeserverError::Input(format!("{} is not valid JSON: {e}", path.display()))
-        })?;
+    /// Loads the saved session; `Ok(None)` when there is none.
+    pub fn load_if_any(path: &Path) -> Result<Option<Session>, HomeserverError> {
+        let file_error = |reason: String| HomeserverError::File {
+            what: "the session file",
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut file = match crate::paths::open_private(path) {
+            Ok(f) => f,
+            Err(crate::paths::PrivateError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(file_error(e.to_string())),
+        };
+        let mut text = zeroize::Zeroizing::new(String::new());
+        std::io::Read::read_to_string(&mut file, &mut text)
+            .map_err(|e| file_error(e.to_string()))?;
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| file_error(format!("not valid JSON: {e}")))?;
         let field = |name: &str| {
             v.get(name)
                 .and_then(Value::as_str)
                 .map(str::to_string)
-                .ok_or_else(|| HomeserverError::Input(format!("{} has no {name}", path.display())))
+                .ok_or_else(|| file_error(format!("it has no {name}")))
         };
-        Ok(Session {
+        Ok(Some(Session {
             homeserver: field("homeserver")?,
             user_id: field("user_id")?,
             device_id: field("device_id")?,
@@ -73,24 +75,42 @@ impl Session {
                 .get("olm_account")
                 .and_then(Value::as_str)
                 .map(|s| SecretString::from(s.to_string())),
+            insecure_http: v
+                .get("insecure_http")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        }))
+    }
+
+    /// Loads the saved session; an error when there is none.
+    pub fn load(path: &Path) -> Result<Session, HomeserverError> {
+        Self::load_if_any(path)?.ok_or_else(|| HomeserverError::NotLoggedIn {
+            path: path.to_path_buf(),
         })
     }
 
     /// Writes the session to a 0600 temporary file and renames it into place.
     pub fn save(&self, path: &Path) -> Result<(), HomeserverError> {
-        let io = |e: std::io::Error| {
-            HomeserverError::Input(format!("cannot write {}: {e}", path.display()))
+        let io = |reason: String| HomeserverError::File {
+            what: "cannot write the session file",
+            path: path.to_path_buf(),
+            reason,
         };
-        let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(io)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+        if path == session_path() {
+            crate::paths::private_dir(crate::paths::Base::Data, None)
+                .map_err(|e| io(e.to_string()))?;
+        } else if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| io(e.to_string()))?;
+        }
         let body = json!({
             "homeserver": self.homeserver,
             "user_id": self.user_id,
             "device_id": self.device_id,
             "access_token": self.access_token.expose_secret(),
             "olm_account": self.olm_account.as_ref().map(|a| a.expose_secret().to_string()),
+            "insecure_http": self.insecure_http,
         });
-        crate::files::write_private(path, body.to_string().as_bytes()).map_err(io)
+        let text = zeroize::Zeroizing::new(body.to_string());
+        crate::files::write_private(path, text.as_bytes()).map_err(|e| io(e.to_string()))
     }
 }

@@ -24,6 +24,12 @@ const HEADER: &str = "-----BEGIN MEGOLM SESSION DATA-----";
 const FOOTER: &str = "-----END MEGOLM SESSION DATA-----";
 /// Element's default, and the spec's "at least 100,000" with room to spare.
 pub const DEFAULT_ROUNDS: u32 = 500_000;
+/// Fewer rounds than this make the passphrase cheap to guess; mxhsm writes such a file only
+/// when asked to explicitly (`--weak-rounds`), for tests.
+pub const MIN_ROUNDS: u32 = 100_000;
+/// The most rounds mxhsm runs to open a file: a damaged or hostile file could otherwise
+/// ask for four billion.
+pub const MAX_ROUNDS: u32 = 50_000_000;
 const VERSION: u8 = 1;
 /// Base64 characters per armour line (element-web wraps 96 raw bytes a line).
 const LINE: usize = 128;
@@ -46,6 +52,8 @@ pub enum KeyExportError {
     NotJson,
     #[error("zero PBKDF2 rounds")]
     Rounds,
+    #[error("the file asks for {0} PBKDF2 rounds, more than the {max} mxhsm runs", max = MAX_ROUNDS)]
+    TooManyRounds(u32),
     #[error("no randomness: {0}")]
     Random(String),
 }
@@ -87,6 +95,9 @@ pub fn decrypt(armoured: &str, passphrase: &str) -> Result<Zeroizing<String>, Ke
     let rounds = u32::from_be_bytes(data[33..37].try_into().unwrap_or([0; 4]));
     if rounds == 0 {
         return Err(KeyExportError::Rounds);
+    }
+    if rounds > MAX_ROUNDS {
+        return Err(KeyExportError::TooManyRounds(rounds));
     }
     let (signed, mac) = data.split_at(data.len() - 32);
     let k = keys(passphrase, salt, rounds);

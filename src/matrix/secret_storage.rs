@@ -28,6 +28,12 @@ pub const SELF_SIGNING: &str = "m.cross_signing.self_signing";
 pub const USER_SIGNING: &str = "m.cross_signing.user_signing";
 pub const BACKUP: &str = "m.megolm_backup.v1";
 
+/// The most PBKDF2 iterations mxhsm runs for a passphrase key. The count comes from the
+/// server (the key description in account data): without a cap a malicious server could
+/// make mxhsm spin for days. Clients use 500,000; twenty times that takes about half a
+/// minute here.
+pub const MAX_PBKDF2_ITERATIONS: u64 = 10_000_000;
+
 const RECOVERY_PREFIX: [u8; 2] = [0x8b, 0x01];
 /// The Bitcoin base58 alphabet (no 0, O, I, l).
 const BASE58: &str = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
@@ -46,6 +52,11 @@ pub enum SecretStorageError {
     Length(usize),
     #[error("the key description is not usable: {0}")]
     KeyDescription(String),
+    #[error(
+        "the passphrase key asks for {0} PBKDF2 iterations, more than the {max} mxhsm runs (clients use 500,000): refusing a description that would keep mxhsm busy for hours",
+        max = MAX_PBKDF2_ITERATIONS
+    )]
+    TooManyIterations(u64),
     #[error("the recovery key or passphrase is wrong (the key check fails)")]
     WrongKey,
     #[error("the encrypted secret {0} is malformed: {1}")]
@@ -149,8 +160,11 @@ impl StorageKey {
         let iterations = p
             .get("iterations")
             .and_then(Value::as_u64)
-            .filter(|i| (1..=u32::MAX as u64).contains(i))
+            .filter(|i| *i >= 1)
             .ok_or_else(|| SecretStorageError::KeyDescription("bad iterations".into()))?;
+        if iterations > MAX_PBKDF2_ITERATIONS {
+            return Err(SecretStorageError::TooManyIterations(iterations));
+        }
         if let Some(bits) = p.get("bits").and_then(Value::as_u64)
             && bits != 256
         {
@@ -312,6 +326,22 @@ mod tests {
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn pbkdf2_iterations_from_the_server_are_capped() {
+        let d = json!({"algorithm": ALGORITHM, "passphrase": {"algorithm": "m.pbkdf2", "salt": "s", "iterations": MAX_PBKDF2_ITERATIONS + 1}});
+        let start = std::time::Instant::now();
+        assert_eq!(
+            StorageKey::from_passphrase("pw", &d).unwrap_err(),
+            SecretStorageError::TooManyIterations(MAX_PBKDF2_ITERATIONS + 1)
+        );
+        assert!(start.elapsed().as_secs() < 1, "refused before any work");
+        let d = json!({"algorithm": ALGORITHM, "passphrase": {"algorithm": "m.pbkdf2", "salt": "s", "iterations": u64::MAX}});
+        assert!(matches!(
+            StorageKey::from_passphrase("pw", &d),
+            Err(SecretStorageError::TooManyIterations(_))
+        ));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 pub mod pin;
 pub mod pkcs11;
 mod process_lock;
+pub mod store;
 #[cfg(feature = "yubikey")]
 pub mod yubikey;
 
@@ -23,6 +24,7 @@ use std::str::FromStr;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 pub use pin::{PinProvider, PinRequest, PinStatus};
+pub use store::{Store, StoreOptions, TokenChoice};
 
 /// What a key is for in Matrix's key infrastructure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -197,11 +199,53 @@ pub struct KeyProtection {
     pub always_sensitive: Option<bool>,
     pub never_extractable: Option<bool>,
     pub local: Option<bool>,
+    /// What the key may be used for (`CKA_SIGN`, `CKA_DERIVE`, …) and whether the object
+    /// can be changed or copied. PIV keys have no such attributes (`None`).
+    pub sign: Option<bool>,
+    pub derive: Option<bool>,
+    pub decrypt: Option<bool>,
+    pub unwrap: Option<bool>,
+    pub sign_recover: Option<bool>,
+    pub modifiable: Option<bool>,
+    pub copyable: Option<bool>,
 }
 
 impl KeyProtection {
-    /// Problems a security audit must flag: anything that would let the private key out.
-    pub fn problems(&self) -> Vec<&'static str> {
+    /// Problems a security audit must flag for a key of `algorithm`: anything that would
+    /// let the private key out, and any use beyond the one its role needs.
+    pub fn problems(&self, algorithm: KeyAlgorithm) -> Vec<&'static str> {
+        let mut out = self.exposure_problems();
+        let own_use_only = match algorithm {
+            KeyAlgorithm::Ed25519 => [
+                (
+                    self.derive,
+                    "CKA_DERIVE is true (an Ed25519 key only signs)",
+                ),
+                (self.decrypt, "CKA_DECRYPT is true"),
+            ],
+            KeyAlgorithm::X25519 => [
+                (self.sign, "CKA_SIGN is true (an X25519 key only derives)"),
+                (self.decrypt, "CKA_DECRYPT is true"),
+            ],
+        };
+        for (attr, problem) in own_use_only.into_iter().chain([
+            (self.unwrap, "CKA_UNWRAP is true"),
+            (self.sign_recover, "CKA_SIGN_RECOVER is true"),
+            (
+                self.modifiable,
+                "CKA_MODIFIABLE is true (its attributes can be changed)",
+            ),
+            (self.copyable, "CKA_COPYABLE is true (it can be copied)"),
+        ]) {
+            if attr == Some(true) {
+                out.push(problem);
+            }
+        }
+        out
+    }
+
+    /// Problems that would let the private key out.
+    fn exposure_problems(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
         if self.token != Some(true) {
             out.push("not a token (persistent) object");

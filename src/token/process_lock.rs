@@ -22,6 +22,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::hash::{Hash, Hasher};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -47,44 +48,61 @@ pub fn soft_token_config_var(module: &Path) -> Option<&'static str> {
 /// processes. The lock is released when the returned file is dropped.
 pub fn lock_soft_token(module: &Path, config_var: &str) -> Result<File, TokenError> {
     let conf = std::env::var_os(config_var).unwrap_or_default();
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    module.hash(&mut h);
-    Path::new(&conf)
-        .canonicalize()
-        .unwrap_or_else(|_| conf.clone().into())
-        .hash(&mut h);
     lock(
-        &format!("mxhsm-token-{:016x}.lock", h.finish()),
+        &soft_token_lock_name(module, Path::new(&conf)),
         &module.display().to_string(),
     )
+}
+
+/// The lock file's name for (`module`, `conf`). Both paths are canonicalised first, so two
+/// spellings of one module (`/usr/lib/./x.so`, a symlink to it) share one lock.
+pub(crate) fn soft_token_lock_name(module: &Path, conf: &Path) -> String {
+    let canonical = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    canonical(module).hash(&mut h);
+    canonical(conf).hash(&mut h);
+    format!("token-{:016x}.lock", h.finish())
 }
 
 /// Takes the lock for YubiKeys. One for all of them: opening any card selects the PIV
 /// application of every card present, which would undo another process's PIN.
 #[cfg(feature = "yubikey")]
 pub fn lock_yubikeys() -> Result<File, TokenError> {
-    lock("mxhsm-yubikey.lock", "the YubiKeys")
+    lock("yubikey.lock", "the YubiKeys")
 }
 
-/// Takes the lock file `name` in the user's runtime directory (else the temporary
-/// directory), for `token` (in messages).
+/// Takes the lock file `name` in mxhsm's private lock directory (`$XDG_RUNTIME_DIR/mxhsm/
+/// locks`, else `~/.cache/mxhsm/locks`; 0700, ours), for `token` (in messages). The file
+/// is opened without following symbolic links and must belong to us: nobody else can point
+/// it elsewhere or hold it to stop us.
 fn lock(name: &str, token: &str) -> Result<File, TokenError> {
-    let dir = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(std::path::PathBuf::from)
-        .filter(|d| d.is_absolute() && d.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
-    let path = dir.join(name);
-    let err = |reason: String| TokenError::Device {
+    let err = |operation: String, reason: String| TokenError::Device {
         token: token.to_string(),
-        operation: format!("locking {}", path.display()),
+        operation,
         reason,
     };
+    let dir = crate::paths::private_dir(crate::paths::Base::Runtime, Some("locks"))
+        .map_err(|e| err("making the lock directory".into(), e.to_string()))?;
+    let path = dir.join(name);
+    let locking = || format!("locking {}", path.display());
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(&path)
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(locking(), e.to_string()))?;
+    let owner = file
+        .metadata()
+        .map_err(|e| err(locking(), e.to_string()))?
+        .uid();
+    if owner != crate::paths::my_uid() {
+        return Err(err(
+            locking(),
+            format!("the lock file belongs to user {owner}, not to you"),
+        ));
+    }
     let start = Instant::now();
     loop {
         match file.try_lock() {
@@ -93,12 +111,48 @@ fn lock(name: &str, token: &str) -> Result<File, TokenError> {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(TryLockError::WouldBlock) => {
-                return Err(err(format!(
-                    "another mxhsm process has used this token for over {} s",
-                    WAIT.as_secs()
-                )));
+                return Err(err(
+                    locking(),
+                    format!(
+                        "another mxhsm process has used this token for over {} s",
+                        WAIT.as_secs()
+                    ),
+                ));
             }
-            Err(TryLockError::Error(e)) => return Err(err(e.to_string())),
+            Err(TryLockError::Error(e)) => return Err(err(locking(), e.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_spellings_of_a_module_share_a_lock() {
+        let dir = std::env::temp_dir().join(format!("mxhsm-lock-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let module = dir.join("libsofthsm2.so");
+        std::fs::write(&module, b"").unwrap();
+        let link = dir.join("link.so");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&module, &link).unwrap();
+        let conf = dir.join("softhsm2.conf");
+        std::fs::write(&conf, b"").unwrap();
+        let name = soft_token_lock_name(&module, &conf);
+        for other in [
+            dir.join("sub/../libsofthsm2.so"),
+            dir.join("./libsofthsm2.so"),
+            link,
+        ] {
+            assert_eq!(
+                soft_token_lock_name(&other, &conf),
+                name,
+                "{}",
+                other.display()
+            );
+        }
+        assert_ne!(soft_token_lock_name(&module, &dir.join("other.conf")), name);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

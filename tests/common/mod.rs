@@ -289,6 +289,40 @@ pub fn output(cmd: &mut Command) -> (bool, String, String) {
     )
 }
 
+/// Runs a command; returns (exit code, stdout, stderr).
+pub fn run(cmd: &mut Command) -> (i32, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().expect("run mxhsm");
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+/// Runs a command that must exit with `code`; returns stdout.
+pub fn exits(code: i32, cmd: &mut Command) -> String {
+    let (got, out, err) = run(cmd);
+    assert_eq!(
+        got, code,
+        "exit code of {cmd:?}\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    out
+}
+
+/// Runs a command that must exit with `code`; returns stderr.
+pub fn exits_err(code: i32, cmd: &mut Command) -> String {
+    let (got, out, err) = run(cmd);
+    assert_eq!(
+        got, code,
+        "exit code of {cmd:?}\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    err
+}
+
 /// Runs a command that must succeed; returns stdout.
 pub fn ok(cmd: &mut Command) -> String {
     let (success, out, err) = output(cmd);

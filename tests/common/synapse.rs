@@ -327,12 +327,24 @@ impl MxhsmUser {
         self.token.dir.path().join("data/mxhsm/session.json")
     }
 
+    /// `identity status --json`, which exits with 0, or 3 when it reports a problem.
     pub fn status(&self, extra: &[&str]) -> Value {
-        let out = ok(self
-            .cli()
-            .args(["identity", "status", "--json"])
-            .args(extra));
-        serde_json::from_str(&out).unwrap()
+        let (code, out, err) = super::run(
+            self.cli()
+                .args(["identity", "status", "--json"])
+                .args(extra),
+        );
+        assert!(
+            code == 0 || code == 3,
+            "identity status exited {code}: {err}"
+        );
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            v["problems"] == true,
+            code == 3,
+            "exit code follows problems: {v}"
+        );
+        v
     }
 
     pub fn query(&self, token: &str, user: &str) -> Value {

@@ -18,7 +18,7 @@ pub mod uri;
 use std::collections::HashMap;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -262,9 +262,14 @@ pub struct Pkcs11Store {
     pin_status_before_login: PinStatus,
     /// Held while this store lives, for software tokens (see `process_lock`).
     _process_lock: Option<std::fs::File>,
-    /// Open sessions, reused; the first one carries the login and is never closed (closing
-    /// an application's last session logs it out).
+    /// Open sessions, reused; the first one is never closed (closing an application's last
+    /// session logs it out).
     pool: Mutex<Vec<Session>>,
+    login: Mutex<LoginState>,
+    /// The URI's `pin-source`, read at login.
+    pin_source: Option<PathBuf>,
+    /// Where the PIN comes from when the store logs in by itself (see `open_lazy`).
+    pins: Option<Arc<dyn PinProvider>>,
     /// Private-key handles by `CKA_ID`, so repeated operations skip `C_FindObjects`.
     handles: Mutex<HashMap<Vec<u8>, ObjectHandle>>,
 }
@@ -275,6 +280,25 @@ impl std::fmt::Debug for Pkcs11Store {
             .field("summary", &self.summary)
             .field("capabilities", &self.capabilities)
             .finish_non_exhaustive()
+    }
+}
+
+/// Where the login stands. A refused PIN is never sent twice.
+enum LoginState {
+    Pending { protected_path: bool },
+    Done,
+    Refused(String),
+}
+
+/// The PIN source of a store opened without one.
+struct NoPins;
+
+impl PinProvider for NoPins {
+    fn pin(&self, request: &PinRequest) -> Result<secrecy::SecretString, TokenError> {
+        Err(TokenError::NoPin {
+            token: request.token.clone(),
+            reason: "this store was opened without a PIN source".into(),
+        })
     }
 }
 
@@ -304,13 +328,27 @@ impl Drop for PooledSession<'_> {
 }
 
 impl Pkcs11Store {
-    /// Opens the one token `uri` selects and logs in.
+    /// Opens the one token `uri` selects and logs in at once with a PIN from `pins`.
     ///
     /// Tokens are filtered by the URI before anything is sent to them, so a PIN never
     /// reaches the wrong token. The PIN comes from the URI's `pin-source`, else from
     /// `pins`; it is sent once. A wrong PIN is an error that says what the token reports
     /// about its retry counter.
     pub fn open(uri: &Pkcs11Uri, pins: &dyn PinProvider) -> Result<Self, TokenError> {
+        let store = Self::connect(uri, None)?;
+        store.login_with(pins)?;
+        Ok(store)
+    }
+
+    /// Opens the one token `uri` selects without logging in: public objects (the public
+    /// halves of mxhsm's keys) can be read at once, and the PIN is asked for from `pins`
+    /// only when a private key is first needed. So a command checks everything it can
+    /// before it asks for a PIN.
+    pub fn open_lazy(uri: &Pkcs11Uri, pins: Arc<dyn PinProvider>) -> Result<Self, TokenError> {
+        Self::connect(uri, Some(pins))
+    }
+
+    fn connect(uri: &Pkcs11Uri, pins: Option<Arc<dyn PinProvider>>) -> Result<Self, TokenError> {
         let path = resolve_module_path(uri)?;
         let process_lock = soft_token_lock(&path)?;
         let ctx = load_module(&path)?;
@@ -346,49 +384,8 @@ impl Pkcs11Store {
                 });
             }
         };
-        let token = summary.to_string();
         let status = pin_status(&tinfo);
-        if status.locked {
-            return Err(TokenError::PinLocked { token });
-        }
         let session = ctx.open_rw_session(slot).map_err(dev("C_OpenSession"))?;
-        if tinfo.login_required() {
-            let login = if tinfo.protected_authentication_path() {
-                // A PIN pad on the device: the PIN is entered there.
-                session.login(UserType::User, None)
-            } else {
-                let pin = match &uri.pin_source {
-                    Some(p) => read_pin_file(p)?,
-                    None => pins.pin(&PinRequest {
-                        token: token.clone(),
-                        status,
-                    })?,
-                };
-                session.login(UserType::User, Some(&pin))
-            };
-            match login {
-                Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-                Err(CkError::Pkcs11(RvError::PinIncorrect, _))
-                | Err(CkError::Pkcs11(RvError::PinInvalid, _))
-                | Err(CkError::Pkcs11(RvError::PinLenRange, _)) => {
-                    let after = ctx
-                        .get_token_info(slot)
-                        .map(|i| pin_status(&i))
-                        .unwrap_or_default();
-                    if after.locked {
-                        return Err(TokenError::PinLocked { token });
-                    }
-                    return Err(TokenError::WrongPin {
-                        token,
-                        status: after,
-                    });
-                }
-                Err(CkError::Pkcs11(RvError::PinLocked, _)) => {
-                    return Err(TokenError::PinLocked { token });
-                }
-                Err(e) => return Err(dev("C_Login")(e)),
-            }
-        }
         let capabilities = probe(&ctx, slot, &tinfo).map_err(dev("C_GetMechanismList"))?;
         Ok(Pkcs11Store {
             ctx,
@@ -396,10 +393,105 @@ impl Pkcs11Store {
             summary,
             capabilities,
             pin_status_before_login: status,
+            login: Mutex::new(if tinfo.login_required() {
+                LoginState::Pending {
+                    protected_path: tinfo.protected_authentication_path(),
+                }
+            } else {
+                LoginState::Done
+            }),
+            pin_source: uri.pin_source.clone(),
+            pins,
             _process_lock: process_lock,
             pool: Mutex::new(vec![session]),
             handles: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Logs in with the PIN from the provider given to [`Pkcs11Store::open_lazy`], unless
+    /// that was done already.
+    pub fn login(&self) -> Result<(), TokenError> {
+        match self.pins.clone() {
+            Some(p) => self.login_with(&*p),
+            None => self.login_with(&NoPins),
+        }
+    }
+
+    /// Whether the session is logged in (or the token needs no login).
+    pub fn is_logged_in(&self) -> bool {
+        matches!(
+            *self.login.lock().unwrap_or_else(|e| e.into_inner()),
+            LoginState::Done
+        )
+    }
+
+    /// Logs in once with a PIN from `pins` (the URI's `pin-source` first). A refused PIN
+    /// is remembered: it is never sent a second time by this store.
+    pub fn login_with(&self, pins: &dyn PinProvider) -> Result<(), TokenError> {
+        let mut state = self.login.lock().unwrap_or_else(|e| e.into_inner());
+        let protected_path = match &*state {
+            LoginState::Done => return Ok(()),
+            LoginState::Refused(reason) => {
+                return Err(TokenError::NoPin {
+                    token: self.summary.to_string(),
+                    reason: reason.clone(),
+                });
+            }
+            LoginState::Pending { protected_path } => *protected_path,
+        };
+        let token = self.summary.to_string();
+        let status = self.pin_status_before_login;
+        if status.locked {
+            return Err(TokenError::PinLocked { token });
+        }
+        let session = self.session()?;
+        let login = if protected_path {
+            // A PIN pad on the device: the PIN is entered there.
+            session.login(UserType::User, None)
+        } else {
+            let pin = match &self.pin_source {
+                Some(p) => read_pin_file(p)?,
+                None => pins.pin(&PinRequest {
+                    token: token.clone(),
+                    status,
+                })?,
+            };
+            session.login(UserType::User, Some(&pin))
+        };
+        let refused = |state: &mut LoginState, e: TokenError| {
+            *state = LoginState::Refused(format!(
+                "the token refused the PIN earlier ({e}); it is not sent again"
+            ));
+            Err(e)
+        };
+        match login {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {
+                *state = LoginState::Done;
+                Ok(())
+            }
+            Err(CkError::Pkcs11(RvError::PinIncorrect, _))
+            | Err(CkError::Pkcs11(RvError::PinInvalid, _))
+            | Err(CkError::Pkcs11(RvError::PinLenRange, _)) => {
+                let after = self
+                    .ctx
+                    .get_token_info(self.slot)
+                    .map(|i| pin_status(&i))
+                    .unwrap_or_default();
+                let e = if after.locked {
+                    TokenError::PinLocked { token }
+                } else {
+                    TokenError::WrongPin {
+                        token,
+                        status: after,
+                    }
+                };
+                refused(&mut state, e)
+            }
+            Err(CkError::Pkcs11(RvError::PinLocked, _)) => {
+                refused(&mut state, TokenError::PinLocked { token })
+            }
+            Err(e) => Err(self.dev("C_Login")(e)),
+        }
     }
 
     /// The initialised tokens `uri` selects, and a description of every one present.
@@ -557,6 +649,13 @@ impl Pkcs11Store {
                     AttributeType::AlwaysSensitive,
                     AttributeType::NeverExtractable,
                     AttributeType::Local,
+                    AttributeType::Sign,
+                    AttributeType::Derive,
+                    AttributeType::Decrypt,
+                    AttributeType::Unwrap,
+                    AttributeType::SignRecover,
+                    AttributeType::Modifiable,
+                    AttributeType::Copyable,
                 ],
             )
             .map_err(self.dev("C_GetAttributeValue"))?;
@@ -578,6 +677,13 @@ impl Pkcs11Store {
                 Attribute::AlwaysSensitive(b) => p.always_sensitive = Some(b),
                 Attribute::NeverExtractable(b) => p.never_extractable = Some(b),
                 Attribute::Local(b) => p.local = Some(b),
+                Attribute::Sign(b) => p.sign = Some(b),
+                Attribute::Derive(b) => p.derive = Some(b),
+                Attribute::Decrypt(b) => p.decrypt = Some(b),
+                Attribute::Unwrap(b) => p.unwrap = Some(b),
+                Attribute::SignRecover(b) => p.sign_recover = Some(b),
+                Attribute::Modifiable(b) => p.modifiable = Some(b),
+                Attribute::Copyable(b) => p.copyable = Some(b),
                 _ => {}
             }
         }
@@ -649,6 +755,82 @@ impl Pkcs11Store {
         }))
     }
 
+    /// A key as its public-key object shows it (before login): no protection attributes.
+    fn public_key_info(
+        &self,
+        session: &Session,
+        public: ObjectHandle,
+    ) -> Result<Option<KeyInfo>, TokenError> {
+        let attrs = session
+            .get_attributes(
+                public,
+                &[
+                    AttributeType::Label,
+                    AttributeType::Id,
+                    AttributeType::KeyType,
+                    AttributeType::EcParams,
+                    AttributeType::EcPoint,
+                    AttributeType::Local,
+                ],
+            )
+            .map_err(self.dev("C_GetAttributeValue"))?;
+        let (mut label, mut id, mut key_type, mut curve, mut point, mut local) =
+            (None, None, None, None, None, None);
+        for a in attrs {
+            match a {
+                Attribute::Label(v) => label = String::from_utf8(v).ok(),
+                Attribute::Id(v) => id = Some(v),
+                Attribute::KeyType(t) => key_type = Some(t),
+                Attribute::EcParams(v) => curve = ec::curve_from_params(&v),
+                Attribute::EcPoint(v) => point = ec::decode_point(&v),
+                Attribute::Local(b) => local = Some(b),
+                _ => {}
+            }
+        }
+        let Some(label) = label else { return Ok(None) };
+        let Some((role, user_id)) = parse_label(&label) else {
+            return Ok(None);
+        };
+        let expected_curve = match role.algorithm() {
+            KeyAlgorithm::Ed25519 => Curve::Ed25519,
+            KeyAlgorithm::X25519 => Curve::X25519,
+        };
+        if curve != Some(expected_curve) {
+            return Err(self.bad_data(format!(
+                "the {role} key {label:?} is not on curve {expected_curve:?}"
+            )));
+        }
+        let public_key = point.ok_or_else(|| {
+            self.bad_data(format!(
+                "no readable public key (CKA_EC_POINT) for {label:?}"
+            ))
+        })?;
+        let id = id.unwrap_or_default();
+        Ok(Some(KeyInfo {
+            user_id: user_id.to_string(),
+            role,
+            created_ms: created_from_id(&id),
+            public_key,
+            origin: match local {
+                Some(true) => KeyOrigin::Generated,
+                Some(false) => KeyOrigin::Imported,
+                None => KeyOrigin::Unknown,
+            },
+            protection: KeyProtection::default(),
+            x25519_mechanism: match (role.algorithm(), key_type) {
+                (KeyAlgorithm::X25519, Some(KeyType::EC_MONTGOMERY)) => {
+                    Some(X25519Mechanism::Montgomery)
+                }
+                (KeyAlgorithm::X25519, Some(KeyType::EC_EDWARDS)) => {
+                    Some(X25519Mechanism::SoftHsmEdwards)
+                }
+                _ => None,
+            },
+            locator: KeyLocator::Pkcs11 { id, label },
+            piv_policy: None,
+        }))
+    }
+
     /// Checks that the token holds the private key of `expected` (after an import): a
     /// signature that verifies, or an agreement that matches software.
     fn prove(&self, key: &KeyInfo, expected_public: &[u8; 32]) -> Result<(), TokenError> {
@@ -704,10 +886,6 @@ impl Pkcs11Store {
             _ => Mechanism::EccEdwardsKeyPairGen,
         };
         let label = label.as_bytes().to_vec();
-        let usage = match algorithm {
-            KeyAlgorithm::Ed25519 => Attribute::Sign(true),
-            KeyAlgorithm::X25519 => Attribute::Derive(true),
-        };
         let mut public = vec![
             Attribute::Token(persistent),
             Attribute::Private(false),
@@ -716,10 +894,8 @@ impl Pkcs11Store {
             Attribute::Label(label.clone()),
             Attribute::Id(id.clone()),
         ];
-        if algorithm == KeyAlgorithm::Ed25519 {
-            public.push(Attribute::Verify(true));
-        }
-        let private = [
+        public.extend(public_usage(algorithm));
+        let mut private = vec![
             Attribute::Token(persistent),
             Attribute::Private(true),
             Attribute::Sensitive(true),
@@ -727,17 +903,19 @@ impl Pkcs11Store {
             Attribute::KeyType(key_type),
             Attribute::Label(label),
             Attribute::Id(id),
-            usage,
         ];
-        session
-            .generate_key_pair(&mechanism, &public, &private)
-            .map_err(self.dev("C_GenerateKeyPair"))
+        private.extend(private_usage(algorithm));
+        with_optional_attributes(&public, &private, |public, private| {
+            session.generate_key_pair(&mechanism, public, private)
+        })
+        .map_err(self.dev("C_GenerateKeyPair"))
     }
 
     /// Generates a temporary key pair as session objects (`CKA_TOKEN` = false): it is gone
     /// when mxhsm exits, or at once with [`KeyStore::delete`]. For self-tests and
     /// benchmarks; nothing persistent is touched.
     pub fn generate_session_key(&self, algorithm: KeyAlgorithm) -> Result<KeyInfo, TokenError> {
+        self.login()?;
         let session = self.session()?;
         let (role, label) = match algorithm {
             KeyAlgorithm::Ed25519 => (KeyRole::Master, "mxhsm-selftest:ed25519"),
@@ -800,6 +978,100 @@ impl Pkcs11Store {
     }
 }
 
+/// What a private key may do: sign (Ed25519) or derive (X25519), and nothing else —
+/// decryption, unwrapping, signing with recovery are switched off explicitly rather than
+/// left to the token's defaults (SoftHSM sets some of them), and the object can be neither
+/// modified nor copied.
+fn private_usage(algorithm: KeyAlgorithm) -> [Attribute; 7] {
+    let ed = algorithm == KeyAlgorithm::Ed25519;
+    [
+        Attribute::Sign(ed),
+        Attribute::Derive(!ed),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+        Attribute::SignRecover(false),
+        Attribute::Modifiable(false),
+        Attribute::Copyable(false),
+    ]
+}
+
+/// What a public key may do: verify (Ed25519), nothing for X25519.
+fn public_usage(algorithm: KeyAlgorithm) -> [Attribute; 6] {
+    [
+        Attribute::Verify(algorithm == KeyAlgorithm::Ed25519),
+        Attribute::Encrypt(false),
+        Attribute::Wrap(false),
+        Attribute::VerifyRecover(false),
+        Attribute::Derive(false),
+        Attribute::Modifiable(false),
+    ]
+}
+
+/// Attributes that only restrict a key further, which a token may not know (CKA_COPYABLE
+/// came with PKCS#11 2.40) or may refuse to set at creation. Dropped, in stages, only when
+/// the token refuses the template; the doctor reports what the key ended up with.
+fn optional_stage(a: &Attribute) -> Option<u8> {
+    match a {
+        Attribute::Copyable(_) => Some(1),
+        Attribute::Modifiable(_) => Some(2),
+        Attribute::Decrypt(false)
+        | Attribute::Unwrap(false)
+        | Attribute::SignRecover(false)
+        | Attribute::Encrypt(false)
+        | Attribute::Wrap(false)
+        | Attribute::VerifyRecover(false)
+        | Attribute::Derive(false)
+        | Attribute::Sign(false)
+        | Attribute::Verify(false) => Some(3),
+        _ => None,
+    }
+}
+
+/// Runs `create` with the full templates; if the token refuses an attribute, again with
+/// the optional ones left out stage by stage. Copies holding `CKA_VALUE` are zeroized.
+fn with_optional_attributes<T>(
+    public: &[Attribute],
+    private: &[Attribute],
+    create: impl Fn(&[Attribute], &[Attribute]) -> Result<T, CkError>,
+) -> Result<T, CkError> {
+    let first = match create(public, private) {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
+    let refused_attribute = |e: &CkError| {
+        matches!(
+            e,
+            CkError::Pkcs11(
+                RvError::AttributeTypeInvalid
+                    | RvError::AttributeValueInvalid
+                    | RvError::AttributeReadOnly
+                    | RvError::TemplateInconsistent,
+                _
+            )
+        )
+    };
+    if !refused_attribute(&first) {
+        return Err(first);
+    }
+    for stage in 1..=3u8 {
+        let keep = |a: &&Attribute| optional_stage(a).is_none_or(|s| s > stage);
+        let public: Vec<Attribute> = public.iter().filter(keep).cloned().collect();
+        let mut private: Vec<Attribute> = private.iter().filter(keep).cloned().collect();
+        let result = create(&public, &private);
+        for a in private.iter_mut() {
+            if let Attribute::Value(v) = a {
+                v.zeroize();
+            }
+        }
+        match result {
+            Ok(v) => return Ok(v),
+            Err(e) if refused_attribute(&e) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(first)
+}
+
 impl KeyStore for Pkcs11Store {
     fn summary(&self) -> &TokenSummary {
         &self.summary
@@ -810,6 +1082,15 @@ impl KeyStore for Pkcs11Store {
     }
 
     fn list_keys(&self, user_id: Option<&str>) -> Result<Vec<KeyInfo>, TokenError> {
+        // Before login only the public halves are visible (CKA_PRIVATE = false): enough to
+        // know which keys exist and their public keys; the protection attributes of the
+        // private halves are read once logged in.
+        let logged_in = self.is_logged_in();
+        let class = if logged_in {
+            ObjectClass::PRIVATE_KEY
+        } else {
+            ObjectClass::PUBLIC_KEY
+        };
         let session = self.session()?;
         let handles = match user_id {
             Some(user) => {
@@ -819,7 +1100,7 @@ impl KeyStore for Pkcs11Store {
                     all.extend(
                         session
                             .find_objects(&[
-                                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                                Attribute::Class(class),
                                 Attribute::Label(key_label(user, role).into_bytes()),
                             ])
                             .map_err(self.dev("C_FindObjects"))?,
@@ -828,12 +1109,17 @@ impl KeyStore for Pkcs11Store {
                 all
             }
             None => session
-                .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+                .find_objects(&[Attribute::Class(class)])
                 .map_err(self.dev("C_FindObjects"))?,
         };
         let mut keys = Vec::new();
         for h in handles {
-            if let Some(k) = self.key_info(&session, h)? {
+            let key = if logged_in {
+                self.key_info(&session, h)?
+            } else {
+                self.public_key_info(&session, h)?
+            };
+            if let Some(k) = key {
                 keys.push(k);
             }
         }
@@ -850,6 +1136,8 @@ impl KeyStore for Pkcs11Store {
         _options: &KeyOptions,
     ) -> Result<KeyInfo, TokenError> {
         check_user_id(user_id)?;
+        self.key_params(role.algorithm())?;
+        self.login()?;
         let session = self.session()?;
         let label = key_label(user_id, role);
         let (_, private) =
@@ -874,10 +1162,9 @@ impl KeyStore for Pkcs11Store {
         let public_key = secret.public_key(algorithm);
         let label = key_label(user_id, role);
         let id = new_key_id()?;
-        let usage = match algorithm {
-            KeyAlgorithm::Ed25519 => Attribute::Sign(true),
-            KeyAlgorithm::X25519 => Attribute::Derive(true),
-        };
+        // The PIN before the secret goes into a template (an early return must not skip
+        // the zeroizing below).
+        self.login()?;
         let mut private = vec![
             Attribute::Class(ObjectClass::PRIVATE_KEY),
             Attribute::KeyType(key_type),
@@ -889,17 +1176,23 @@ impl KeyStore for Pkcs11Store {
             Attribute::Extractable(false),
             Attribute::Label(label.clone().into_bytes()),
             Attribute::Id(id.clone()),
-            usage,
         ];
+        private.extend(private_usage(algorithm));
         drop(secret);
-        let session = self.session()?;
-        let created = session.create_object(&private);
+        let created = self.session().and_then(|session| {
+            with_optional_attributes(&[], &private, |_, private| {
+                session.create_object(private).map(|h| (h, h))
+            })
+            .map(|(h, _)| h)
+            .map_err(self.dev("C_CreateObject (private key)"))
+        });
         for a in private.iter_mut() {
             if let Attribute::Value(v) = a {
                 v.zeroize();
             }
         }
-        let priv_handle = created.map_err(self.dev("C_CreateObject (private key)"))?;
+        let priv_handle = created?;
+        let session = self.session()?;
         let mut public = vec![
             Attribute::Class(ObjectClass::PUBLIC_KEY),
             Attribute::KeyType(key_type),
@@ -910,16 +1203,15 @@ impl KeyStore for Pkcs11Store {
             Attribute::Label(label.clone().into_bytes()),
             Attribute::Id(id.clone()),
         ];
-        if algorithm == KeyAlgorithm::Ed25519 {
-            public.push(Attribute::Verify(true));
-        }
-        let checked = session
-            .create_object(&public)
-            .map_err(self.dev("C_CreateObject (public key)"))
-            .and_then(|_| {
-                self.key_info(&session, priv_handle)?
-                    .ok_or_else(|| self.bad_data("the imported key cannot be read back".into()))
-            });
+        public.extend(public_usage(algorithm));
+        let checked = with_optional_attributes(&public, &[], |public, _| {
+            session.create_object(public).map(|h| (h, h))
+        })
+        .map_err(self.dev("C_CreateObject (public key)"))
+        .and_then(|_| {
+            self.key_info(&session, priv_handle)?
+                .ok_or_else(|| self.bad_data("the imported key cannot be read back".into()))
+        });
         drop(session);
         let checked = checked.and_then(|key| self.prove(&key, &public_key).map(|_| key));
         if checked.is_err() {
@@ -938,6 +1230,7 @@ impl KeyStore for Pkcs11Store {
                 key.role
             )));
         }
+        self.login()?;
         let session = self.session()?;
         let handle = self.private_handle(&session, key)?;
         let sig = session
@@ -947,9 +1240,21 @@ impl KeyStore for Pkcs11Store {
                 message,
             )
             .map_err(self.dev("C_Sign (EdDSA)"))?;
-        sig.as_slice()
+        let sig: [u8; 64] = sig
+            .as_slice()
             .try_into()
-            .map_err(|_| self.bad_data(format!("an Ed25519 signature of {} bytes", sig.len())))
+            .map_err(|_| self.bad_data(format!("an Ed25519 signature of {} bytes", sig.len())))?;
+        // A signature that does not verify is never handed on (it would be published).
+        let vk = ed25519_dalek::VerifyingKey::from_bytes(&key.public_key)
+            .map_err(|_| self.bad_data("an invalid Ed25519 public key".into()))?;
+        vk.verify_strict(message, &ed25519_dalek::Signature::from_bytes(&sig))
+            .map_err(|_| {
+                self.bad_data(format!(
+                    "the {} key of {} made a signature that does not verify with its public key",
+                    key.role, key.user_id
+                ))
+            })?;
+        Ok(sig)
     }
 
     fn x25519(&self, key: &KeyInfo, peer_public: &[u8; 32]) -> Result<SharedSecret, TokenError> {
@@ -959,6 +1264,7 @@ impl KeyStore for Pkcs11Store {
                 key.role
             )));
         }
+        self.login()?;
         let session = self.session()?;
         let handle = self.private_handle(&session, key)?;
         // Raw 32-byte peer key: Kryoptic refuses the DER form, ykcs11 needs exactly 32.
@@ -996,6 +1302,7 @@ impl KeyStore for Pkcs11Store {
         let KeyLocator::Pkcs11 { id, label } = &key.locator else {
             return Err(TokenError::InvalidInput("not a PKCS#11 key".into()));
         };
+        self.login()?;
         let session = self.session()?;
         if self.destroy_pair(&session, id, label)? == 0 {
             return Err(TokenError::KeyNotFound {

@@ -19,7 +19,7 @@ pub mod attestation;
 pub mod slot_map;
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use secrecy::ExposeSecret;
 use yubikey::piv::{self, AlgorithmId, ManagementSlotId, SlotAlgorithmId, SlotId};
@@ -208,6 +208,8 @@ pub struct YubiKeyStore {
     /// How many tries the PIN has in all, when the card says.
     pin_tries_total: Option<u8>,
     touch_notice: Option<Box<TouchNotice>>,
+    /// Where the PIN comes from when the store verifies it by itself (see `open_lazy`).
+    pins: Option<Arc<dyn PinProvider>>,
     /// When each slot last needed a touch, for the "cached" policy.
     last_touch: Mutex<std::collections::HashMap<u8, std::time::Instant>>,
     _process_lock: std::fs::File,
@@ -224,15 +226,88 @@ struct Card {
     yk: YubiKey,
     raw: RawCard,
     mgm_authenticated: bool,
-    /// The PIN the card accepted at open, for keys with PIN policy "always"; dropped for
-    /// good after a re-verification fails (the PIN changed), so it is never sent twice.
+    /// The PIN the card accepted, for keys with PIN policy "always"; dropped for good
+    /// after a re-verification fails (the PIN changed), so it is never sent twice.
     pin: Option<Zeroizing<Vec<u8>>>,
+    pin_state: PinState,
+}
+
+/// Whether the PIN was verified yet. A refused PIN is never sent again by this store.
+enum PinState {
+    Pending,
+    Verified,
+    Refused(String),
 }
 
 impl YubiKeyStore {
     /// Opens the YubiKey (by serial when given), reads its PIN retry counter and verifies
     /// the PIN from `pins` once.
     pub fn open(options: YubiKeyOptions, pins: &dyn PinProvider) -> Result<Self, TokenError> {
+        let store = Self::connect(options, None)?;
+        store.verify_pin_with(pins)?;
+        Ok(store)
+    }
+
+    /// Opens the YubiKey without verifying the PIN: keys can be listed at once (the card's
+    /// metadata needs no PIN), and the PIN is asked for from `pins` only when a key is
+    /// first used, so a command checks everything it can before it asks.
+    pub fn open_lazy(
+        options: YubiKeyOptions,
+        pins: Arc<dyn PinProvider>,
+    ) -> Result<Self, TokenError> {
+        Self::connect(options, Some(pins))
+    }
+
+    /// Verifies the PIN now, with `pins` (unless verified already).
+    pub fn verify_pin_with(&self, pins: &dyn PinProvider) -> Result<(), TokenError> {
+        let mut card = self.card();
+        self.ensure_pin_with(&mut card, pins)
+    }
+
+    /// Verifies the PIN from the provider given to [`YubiKeyStore::open_lazy`] (unless
+    /// verified already).
+    pub fn verify_pin(&self) -> Result<(), TokenError> {
+        let mut card = self.card();
+        self.ensure_pin(&mut card)
+    }
+
+    fn ensure_pin(&self, card: &mut Card) -> Result<(), TokenError> {
+        match self.pins.clone() {
+            Some(p) => self.ensure_pin_with(card, &*p),
+            None => self.ensure_pin_with(card, &NoPins),
+        }
+    }
+
+    fn ensure_pin_with(&self, card: &mut Card, pins: &dyn PinProvider) -> Result<(), TokenError> {
+        match &card.pin_state {
+            PinState::Verified => return Ok(()),
+            PinState::Refused(reason) => {
+                return Err(TokenError::NoPin {
+                    token: self.summary.to_string(),
+                    reason: reason.clone(),
+                });
+            }
+            PinState::Pending => {}
+        }
+        match verify_pin(card, &self.summary, pins) {
+            Ok(_) => {
+                card.pin_state = PinState::Verified;
+                Ok(())
+            }
+            Err(e @ (TokenError::WrongPin { .. } | TokenError::PivPinBlocked { .. })) => {
+                card.pin_state = PinState::Refused(format!(
+                    "the card refused the PIN earlier ({e}); it is not sent again"
+                ));
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn connect(
+        options: YubiKeyOptions,
+        pins: Option<Arc<dyn PinProvider>>,
+    ) -> Result<Self, TokenError> {
         let claim = ProcessClaim::take()?;
         let lock = super::process_lock::lock_yubikeys()?;
         let (mut found, busy) = open_all()?;
@@ -287,6 +362,7 @@ impl YubiKeyStore {
             raw,
             mgm_authenticated: false,
             pin: None,
+            pin_state: PinState::Pending,
         };
         let pin_tries_total = unpanicked("GET METADATA", || {
             piv::metadata(&mut card.yk, SlotId::Management(ManagementSlotId::Pin))
@@ -294,8 +370,16 @@ impl YubiKeyStore {
         .ok()
         .and_then(|m| m.retries)
         .map(|r| r.retry_count);
-        let pin_status_before = verify_pin(&mut card, &summary, pins)?;
+        let retries = unpanicked("VERIFY", || card.yk.get_pin_retries())?.map_err(|e| {
+            TokenError::Device {
+                token: summary.to_string(),
+                operation: "reading the PIN retry counter".into(),
+                reason: e.to_string(),
+            }
+        })?;
+        let pin_status_before = pin_status(retries);
         Ok(YubiKeyStore {
+            pins,
             card: Mutex::new(card),
             capabilities: Capabilities {
                 ed25519: true,
@@ -451,6 +535,7 @@ impl YubiKeyStore {
                 always_sensitive: Some(contents.origin == KeyOrigin::Generated),
                 never_extractable: Some(contents.origin == KeyOrigin::Generated),
                 local: Some(contents.origin == KeyOrigin::Generated),
+                ..KeyProtection::default()
             },
             x25519_mechanism: (entry.role.algorithm() == KeyAlgorithm::X25519)
                 .then_some(X25519Mechanism::Piv),
@@ -547,6 +632,7 @@ impl YubiKeyStore {
         let mut card = self.card();
         let mut map = SlotMap::load(&self.slot_map, self.serial)?;
         let slot = self.choose_slot(&mut card, &map, options)?;
+        self.ensure_pin(&mut card)?;
         self.authenticate(&mut card)?;
         let id = slot_id(slot)?;
         let alg = match algorithm {
@@ -841,6 +927,18 @@ impl YubiKeyStore {
     }
 }
 
+/// The PIN source of a store opened without one.
+struct NoPins;
+
+impl PinProvider for NoPins {
+    fn pin(&self, request: &PinRequest) -> Result<secrecy::SecretString, TokenError> {
+        Err(TokenError::NoPin {
+            token: request.token.clone(),
+            reason: "this store was opened without a PIN source".into(),
+        })
+    }
+}
+
 /// The PIV encodings of the policies, as in attestation certificates.
 fn pin_code(p: PinPolicy) -> u8 {
     match p {
@@ -1065,6 +1163,7 @@ impl KeyStore for YubiKeyStore {
                 apdu::MAX_MESSAGE
             )));
         }
+        self.ensure_pin(&mut self.card())?;
         let touch = self.announce_touch(key, slot);
         let mut card = self.card();
         self.reverify(&mut card, key)?;
@@ -1098,6 +1197,7 @@ impl KeyStore for YubiKeyStore {
 
     fn x25519(&self, key: &KeyInfo, peer_public: &[u8; 32]) -> Result<SharedSecret, TokenError> {
         let slot = self.slot_for(key, KeyAlgorithm::X25519)?;
+        self.ensure_pin(&mut self.card())?;
         let touch = self.announce_touch(key, slot);
         let mut card = self.card();
         self.reverify(&mut card, key)?;
@@ -1157,6 +1257,7 @@ impl KeyStore for YubiKeyStore {
             // Already gone: only the map entry is left to remove.
             None => {}
             Some(c) if c.public == Some(key.public_key) => {
+                self.ensure_pin(&mut card)?;
                 self.authenticate(&mut card)?;
                 card.raw
                     .delete_key(slot)

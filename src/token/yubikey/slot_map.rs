@@ -65,16 +65,7 @@ pub struct SlotMap {
 
 /// The default place of the map for the YubiKey with `serial`.
 pub fn default_path(serial: u32) -> PathBuf {
-    let config = std::env::var_os("XDG_CONFIG_HOME")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .unwrap_or_else(|| {
-            std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| "/".into())
-                .join(".config")
-        });
-    config.join("mxhsm").join(format!("yubikey-{serial}.json"))
+    crate::paths::dir(crate::paths::Base::Config).join(format!("yubikey-{serial}.json"))
 }
 
 impl SlotMap {

@@ -1,0 +1,428 @@
+//! Server-side key backup with the backup key on the token: create a version, check it,
+//! upload sessions into it. Restoring is in [`super::restore`].
+//!
+//! `create` never drops a current backup for a new one unless asked (`replace`, after a
+//! callback saw the version and its key count); a current backup that already uses the
+//! token's key is kept, with its `auth_data` re-signed when it is not signed by our master
+//! key. Every new version and every upload is read back.
+
+use std::path::Path;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+use super::sign::own_keys;
+use super::{Account, AccountError, PublishedIdentity};
+use crate::homeserver::HomeserverError;
+use crate::matrix::backup;
+use crate::matrix::device::DeviceSigner;
+use crate::matrix::key_export;
+use crate::matrix::signed_json::{Ed25519PublicKey, encode_base64};
+use crate::token::{
+    KeyInfo, KeyOptions, KeyRole, KeyStore, SecretKeyBytes, TokenError, TokenSigner,
+};
+
+/// Sessions per `PUT /room_keys/keys` request.
+const UPLOAD_BATCH: usize = 500;
+
+/// The current backup version as the server describes it, judged against the token.
+#[derive(Debug, Clone)]
+pub struct BackupStatus {
+    pub version: String,
+    pub algorithm: String,
+    pub count: u64,
+    /// The backup's public key as `auth_data` gives it (untrusted text).
+    pub public_key: String,
+    /// Whether `auth_data` carries a valid signature of the token's master key (`Err`: why
+    /// not).
+    pub signed_by_master: Result<(), String>,
+    /// The token's backup key, if it has one.
+    pub token_key: Option<[u8; 32]>,
+}
+
+impl BackupStatus {
+    pub fn is_token_key(&self) -> bool {
+        self.token_key
+            .is_some_and(|k| encode_base64(&k) == self.public_key.trim_end_matches('='))
+    }
+
+    /// Whether the backup is not fully ours (a problem to report).
+    pub fn has_problems(&self) -> bool {
+        self.signed_by_master.is_err() || !self.is_token_key()
+    }
+}
+
+/// The version string and the whole description of the current backup.
+fn current_version(account: &Account) -> Result<Option<(String, Value)>, AccountError> {
+    let Some(v) = account.client().backup_version(None)? else {
+        return Ok(None);
+    };
+    let version = v
+        .get("version")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            AccountError::Homeserver(HomeserverError::BadResponse {
+                endpoint: "GET /room_keys/version".into(),
+                reason: "no version".into(),
+            })
+        })?
+        .to_string();
+    Ok(Some((version, v)))
+}
+
+fn describe(account: &Account, version: String, v: &Value) -> Result<BackupStatus, AccountError> {
+    let me = account.user_id();
+    let store = account.store();
+    let master = Ed25519PublicKey(store.find_key(me, KeyRole::Master)?.public_key);
+    let auth = v.get("auth_data").cloned().unwrap_or(Value::Null);
+    let token_key = match store.find_key(me, KeyRole::Backup) {
+        Ok(k) => Some(k.public_key),
+        Err(TokenError::KeyNotFound { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(BackupStatus {
+        version,
+        algorithm: v
+            .get("algorithm")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        count: v.get("count").and_then(Value::as_u64).unwrap_or(0),
+        public_key: auth
+            .get("public_key")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        signed_by_master: backup::verify_auth_data(me, &auth, &master)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        token_key,
+    })
+}
+
+/// The current backup, judged against the token; `None` when the server has none.
+pub fn status(account: &Account) -> Result<Option<BackupStatus>, AccountError> {
+    match current_version(account)? {
+        None => Ok(None),
+        Some((version, v)) => describe(account, version, &v).map(Some),
+    }
+}
+
+/// A backup `create` would drop, shown before anything is done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupReplacement {
+    pub version: String,
+    pub count: u64,
+    pub public_key: String,
+    /// Whether its `auth_data` is signed by our master key (clients trust it today).
+    pub trusted: bool,
+}
+
+/// What [`create`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    pub version: String,
+    pub public_key: [u8; 32],
+    /// The current backup already used the token's key: no new version.
+    pub reused: bool,
+    /// Its `auth_data` was signed again by our master key (it was not validly signed).
+    pub resigned: bool,
+    /// How the token's backup key came to be.
+    pub key_source: super::identity::KeySource,
+    pub replaced: Option<BackupReplacement>,
+}
+
+/// Creates a backup version whose key is on the token (generated, or `import`ed), with
+/// `auth_data` signed by the master key on the token and by mxhsm's device; or keeps the
+/// current one when it already uses the token's key.
+pub fn create(
+    account: &Account,
+    import: Option<SecretKeyBytes>,
+    replace: bool,
+    confirm_replace: &mut dyn FnMut(&BackupReplacement) -> Result<(), AccountError>,
+) -> Result<Created, AccountError> {
+    let me = account.user_id().to_string();
+    let store: &dyn KeyStore = &**account.store();
+    // A backup is trusted through our master key: it must be published, and ours.
+    let answer = account.client().query_keys(&[&me])?;
+    let own = own_keys(account, &answer)?;
+    if PublishedIdentity::from_query(&answer, &me).master != Some(own.master) {
+        return Err(AccountError::IdentityNotOurs {
+            user_id: me.clone(),
+            problems: vec![
+                "the server does not publish the token's master key, so clients could not trust the backup's auth_data".into(),
+            ],
+        });
+    }
+    let token_key = match store.find_key(&me, KeyRole::Backup) {
+        Ok(k) => Some(k),
+        Err(TokenError::KeyNotFound { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    if import.is_some() && token_key.is_some() {
+        return Err(AccountError::Refused(format!(
+            "the token already holds a backup key for {}; delete it before importing another",
+            crate::text::escape(&me)
+        )));
+    }
+    let current = current_version(account)?;
+    let mut replaced = None;
+    if let Some((version, v)) = &current {
+        let status = describe(account, version.clone(), v)?;
+        if status.is_token_key() {
+            let key = token_key.ok_or(AccountError::Cancelled)?;
+            let mut resigned = false;
+            if status.signed_by_master.is_err() {
+                let auth = signed_auth_data(account, &key)?;
+                account
+                    .client()
+                    .update_backup_version(version, backup::ALGORITHM, &auth)?;
+                read_back(account, version, &key.public_key, &own.master)?;
+                resigned = true;
+            }
+            return Ok(Created {
+                version: version.clone(),
+                public_key: key.public_key,
+                reused: true,
+                resigned,
+                key_source: super::identity::KeySource::Existing,
+                replaced: None,
+            });
+        }
+        let r = BackupReplacement {
+            version: version.clone(),
+            count: status.count,
+            public_key: status.public_key.clone(),
+            trusted: status.signed_by_master.is_ok(),
+        };
+        if !replace {
+            return Err(AccountError::BackupExists {
+                version: r.version,
+                count: r.count,
+                public_key: r.public_key,
+            });
+        }
+        confirm_replace(&r)?;
+        replaced = Some(r);
+    }
+    let (key, key_source) = match (token_key, import) {
+        (Some(k), None) => (k, super::identity::KeySource::Existing),
+        (None, Some(secret)) => (
+            store.import(&me, KeyRole::Backup, secret, &KeyOptions::default())?,
+            super::identity::KeySource::Imported,
+        ),
+        (None, None) => (
+            store.generate(&me, KeyRole::Backup, &KeyOptions::default())?,
+            super::identity::KeySource::Generated,
+        ),
+        (Some(_), Some(_)) => unreachable!("refused above"),
+    };
+    let auth = signed_auth_data(account, &key)?;
+    let version = account
+        .client()
+        .create_backup_version(backup::ALGORITHM, &auth)?;
+    read_back(account, &version, &key.public_key, &own.master)?;
+    Ok(Created {
+        version,
+        public_key: key.public_key,
+        reused: false,
+        resigned: false,
+        key_source,
+        replaced,
+    })
+}
+
+/// `auth_data` for `key`, signed by the master key on the token and by mxhsm's device.
+fn signed_auth_data(account: &Account, key: &KeyInfo) -> Result<Value, AccountError> {
+    let me = account.user_id();
+    let store: &dyn KeyStore = &**account.store();
+    let master = TokenSigner {
+        store,
+        key: store.find_key(me, KeyRole::Master)?,
+    };
+    let (olm, _) = account.own_device_keys()?;
+    let device = DeviceSigner(&olm);
+    Ok(backup::auth_data(
+        me,
+        &key.public_key,
+        &master,
+        Some((account.device_id(), &device)),
+    )?)
+}
+
+/// The version must now be served with our key, signed by our master key.
+fn read_back(
+    account: &Account,
+    version: &str,
+    public_key: &[u8; 32],
+    master: &Ed25519PublicKey,
+) -> Result<(), AccountError> {
+    let served = account.client().backup_version(Some(version))?;
+    let ok = served.as_ref().is_some_and(|v| {
+        v.get("algorithm").and_then(Value::as_str) == Some(backup::ALGORITHM)
+            && v.get("auth_data").is_some_and(|a| {
+                backup::verify_auth_data(account.user_id(), a, master).ok() == Some(*public_key)
+            })
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(AccountError::ReadBack(format!(
+            "backup version {version} is not served with the token's key and our master key's signature"
+        )))
+    }
+}
+
+/// The format of a key file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFormat {
+    /// The encrypted `MEGOLM SESSION DATA` file Element and other clients import.
+    Export,
+    /// The plain JSON array of sessions (unencrypted).
+    Json,
+}
+
+/// What [`upload`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uploaded {
+    pub version: String,
+    pub sessions: usize,
+}
+
+/// Puts the sessions of `file` into the current backup, after checking that its
+/// `auth_data` is signed by our master key and encrypted to the token's backup key (when
+/// the token has one). `progress` is told the sessions uploaded so far.
+pub fn upload(
+    account: &Account,
+    file: &Path,
+    format: FileFormat,
+    passphrase: &dyn Fn() -> Result<SecretString, AccountError>,
+    progress: &dyn Fn(usize, usize),
+) -> Result<Uploaded, AccountError> {
+    let me = account.user_id();
+    let store = account.store();
+    let (version, v) = current_version(account)?.ok_or(AccountError::NoBackup)?;
+    let master = Ed25519PublicKey(store.find_key(me, KeyRole::Master)?.public_key);
+    let auth = v.get("auth_data").cloned().unwrap_or(Value::Null);
+    let public = backup::verify_auth_data(me, &auth, &master).map_err(|e| {
+        AccountError::Refused(format!(
+            "refusing to upload: the auth_data of backup version {} is not signed by your master key {master} ({}); the server may have swapped in another backup key",
+            crate::text::escape(&version),
+            crate::text::escape(&e.to_string())
+        ))
+    })?;
+    if let Ok(k) = store.find_key(me, KeyRole::Backup)
+        && k.public_key != public
+    {
+        return Err(AccountError::Refused(format!(
+            "refusing to upload: backup version {} is encrypted to {}, not to the token's backup key {}",
+            crate::text::escape(&version),
+            encode_base64(&public),
+            k.public_key_base64()
+        )));
+    }
+    let text = Zeroizing::new(
+        std::fs::read_to_string(file).map_err(|e| AccountError::file("cannot read", file, e))?,
+    );
+    let json_text = match format {
+        FileFormat::Export => key_export::decrypt(&text, passphrase()?.expose_secret())?,
+        FileFormat::Json => text,
+    };
+    let sessions: Vec<Value> = serde_json::from_str(&json_text)
+        .map_err(|e| AccountError::file("is not a JSON array of sessions:", file, e))?;
+    let mut rooms = serde_json::Map::new();
+    let mut batch_last: Option<(String, String, Value)> = None;
+    let mut count = 0usize;
+    let total = sessions.len();
+    let put = |rooms: &mut serde_json::Map<String, Value>,
+               last: &mut Option<(String, String, Value)>|
+     -> Result<(), AccountError> {
+        if rooms.is_empty() {
+            return Ok(());
+        }
+        account
+            .client()
+            .put_backup_keys(&version, &Value::Object(std::mem::take(rooms)))?;
+        // Read back one session of the batch: the server must serve what we sent, or the
+        // copy it kept because it starts at the same or an earlier message (the spec's
+        // merge rule).
+        if let Some((room, session, entry)) = last.take() {
+            let served = account.client().backup_session(&version, &room, &session)?;
+            let index = |e: &Value| e.get("first_message_index").and_then(Value::as_u64);
+            let kept = served.as_ref().is_some_and(|s| {
+                s.get("session_data") == entry.get("session_data")
+                    || index(s).is_some_and(|i| Some(i) <= index(&entry))
+            });
+            if !kept {
+                return Err(AccountError::ReadBack(format!(
+                    "session {session} of room {room} is not in backup version {version} as uploaded"
+                )));
+            }
+        }
+        Ok(())
+    };
+    for (i, s) in sessions.iter().enumerate() {
+        let field = |name: &str| {
+            s.get(name).and_then(Value::as_str).ok_or_else(|| {
+                AccountError::Input(format!("session {i} in {} has no {name}", file.display()))
+            })
+        };
+        let room_id = field("room_id")?;
+        let session_id = field("session_id")?;
+        let session_key = field("session_key")?;
+        let exported =
+            vodozemac::megolm::ExportedSessionKey::from_base64(session_key.trim_end_matches('='))
+                .map_err(|e| {
+                AccountError::Input(format!(
+                    "session {} in {}: {e}",
+                    crate::text::escape(session_id),
+                    file.display()
+                ))
+            })?;
+        let inbound = vodozemac::megolm::InboundGroupSession::import(
+            &exported,
+            vodozemac::megolm::SessionConfig::version_1(),
+        );
+        if inbound.session_id() != session_id.trim_end_matches('=') {
+            return Err(AccountError::Input(format!(
+                "session {} in {}: its session key belongs to {}",
+                crate::text::escape(session_id),
+                file.display(),
+                inbound.session_id()
+            )));
+        }
+        let plaintext = Zeroizing::new(backup::backup_plaintext(s)?);
+        let data = backup::encrypt(&public, &plaintext)?.to_json();
+        let _ = &data;
+        let forwarded = s
+            .get("forwarding_curve25519_key_chain")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        let entry = json!({
+            "first_message_index": inbound.first_known_index(),
+            "forwarded_count": forwarded,
+            "is_verified": false,
+            "session_data": data,
+        });
+        rooms
+            .entry(room_id.to_string())
+            .or_insert_with(|| json!({"sessions": {}}))["sessions"][session_id] = entry;
+        batch_last = Some((
+            room_id.to_string(),
+            session_id.to_string(),
+            rooms[room_id]["sessions"][session_id].clone(),
+        ));
+        count += 1;
+        if count.is_multiple_of(UPLOAD_BATCH) {
+            put(&mut rooms, &mut batch_last)?;
+            progress(count, total);
+        }
+    }
+    put(&mut rooms, &mut batch_last)?;
+    progress(count, total);
+    Ok(Uploaded {
+        version,
+        sessions: count,
+    })
+}
