@@ -330,7 +330,96 @@ fn wrong_pin_is_sent_once_and_names_the_token(kind: Kind) {
     t.open();
 }
 
+/// Every private key may do exactly what its role needs: read back with cryptoki directly
+/// (not through mxhsm), generated and imported keys alike have CKA_SIGN or CKA_DERIVE and
+/// nothing else, and can be neither modified nor copied.
+fn key_templates_are_explicit(kind: Kind) {
+    use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+    let t = TestToken::new(kind);
+    let store = t.open();
+    let seed = SecretKeyBytes::new([42u8; 32]);
+    for role in KeyRole::ALL {
+        store.generate(ALICE, role, &KeyOptions::default()).unwrap();
+    }
+    store
+        .import(
+            "@bob:localhost",
+            KeyRole::Master,
+            seed.clone(),
+            &KeyOptions::default(),
+        )
+        .unwrap();
+    store
+        .import(
+            "@bob:localhost",
+            KeyRole::Backup,
+            seed,
+            &KeyOptions::default(),
+        )
+        .unwrap();
+    drop(store);
+    let ctx = mxhsm::token::pkcs11::load_module(&t.module).unwrap();
+    let slot = ctx
+        .get_slots_with_initialized_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label() == t.label)
+        .unwrap();
+    let session = ctx.open_ro_session(slot).unwrap();
+    session
+        .login(
+            cryptoki::session::UserType::User,
+            Some(&cryptoki::types::AuthPin::new(common::USER_PIN.into())),
+        )
+        .unwrap();
+    let keys = session
+        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+        .unwrap();
+    assert_eq!(keys.len(), 6);
+    for h in keys {
+        let attrs = session
+            .get_attributes(
+                h,
+                &[
+                    AttributeType::Label,
+                    AttributeType::Sign,
+                    AttributeType::Derive,
+                    AttributeType::Decrypt,
+                    AttributeType::Unwrap,
+                    AttributeType::SignRecover,
+                    AttributeType::Modifiable,
+                    AttributeType::Copyable,
+                ],
+            )
+            .unwrap();
+        let label = attrs
+            .iter()
+            .find_map(|a| match a {
+                Attribute::Label(l) => Some(String::from_utf8_lossy(l).into_owned()),
+                _ => None,
+            })
+            .unwrap();
+        let backup = label.starts_with("mxhsm:backup:");
+        for a in &attrs {
+            let (name, value, want) = match a {
+                Attribute::Sign(v) => ("CKA_SIGN", *v, !backup),
+                Attribute::Derive(v) => ("CKA_DERIVE", *v, backup),
+                Attribute::Decrypt(v) => ("CKA_DECRYPT", *v, false),
+                Attribute::Unwrap(v) => ("CKA_UNWRAP", *v, false),
+                Attribute::SignRecover(v) => ("CKA_SIGN_RECOVER", *v, false),
+                Attribute::Modifiable(v) => ("CKA_MODIFIABLE", *v, false),
+                Attribute::Copyable(v) => ("CKA_COPYABLE", *v, false),
+                _ => continue,
+            };
+            assert_eq!(value, want, "{name} of {label} on {kind:?}");
+        }
+        // All seven usage attributes were reported (both tokens know them).
+        assert_eq!(attrs.len(), 8, "{label}: {attrs:?}");
+    }
+}
+
 per_pkcs11_token!(
+    key_templates_are_explicit,
     generate_all_roles_sign_and_agree,
     imported_seed_signs_like_dalek_and_js_sdk,
     imported_x25519_matches_rfc7748,

@@ -115,6 +115,19 @@ fn replacement(
     })
 }
 
+/// mxhsm's own device must be served as its Olm account made it: a server that swapped its
+/// keys is caught before anything is made or uploaded.
+fn check_own_device(account: &Account, answer: &Value) -> Result<(), AccountError> {
+    if let Some(served) = answer
+        .get("device_keys")
+        .and_then(|d| d.get(account.user_id()))
+        .and_then(|d| d.get(account.device_id()))
+    {
+        super::sign::own_device_object(account, served)?;
+    }
+    Ok(())
+}
+
 /// Refuses, or asks, when the server publishes a master key that is not `token_master`.
 fn check_replace(
     account: &Account,
@@ -156,6 +169,7 @@ pub fn create(
     let me = account.user_id().to_string();
     let store: &dyn KeyStore = &**account.store();
     let answer = account.client().query_keys(&[&me])?;
+    check_own_device(account, &answer)?;
     let published = PublishedIdentity::from_query(&answer, &me);
     let current = store.current_keys(&me)?;
     let on_token = |role: KeyRole| current.get(&role).map(|k| Ed25519PublicKey(k.public_key));
@@ -267,6 +281,7 @@ pub fn publish(
     let me = account.user_id().to_string();
     let store: &dyn KeyStore = &**account.store();
     let answer = account.client().query_keys(&[&me])?;
+    check_own_device(account, &answer)?;
     let published = PublishedIdentity::from_query(&answer, &me);
     let own = own_keys(account, &answer)?;
     let replaced = check_replace(

@@ -483,17 +483,32 @@ pub fn restore(
         .map_err(|e| AccountError::file("cannot make", &dir, e))?;
     let spool = dir.join("backup.json");
     let spool_version = dir.join("version");
-    // The download, unless an interrupted run of the same version left it complete.
+    // The download, unless an interrupted run of the same version left it complete. A
+    // file there that is not ours (another user's, a link) is refused, not used.
+    let ours = |p: &Path| match paths::open_private(p) {
+        Ok(f) => Ok(Some(f)),
+        Err(paths::PrivateError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(AccountError::Refused(format!(
+            "{e}; remove {} to start the restore again",
+            dir.display()
+        ))),
+    };
+    let saved_version = match ours(&spool_version)? {
+        Some(mut f) => {
+            let mut s = String::new();
+            f.read_to_string(&mut s)
+                .map_err(|e| AccountError::file("cannot read", &spool_version, e))?;
+            Some(s)
+        }
+        None => None,
+    };
     let saved = options.resume
-        && paths::open_private(&spool_version)
-            .ok()
-            .and_then(|mut f| {
-                let mut s = String::new();
-                f.read_to_string(&mut s).ok()?;
-                Some(s == version)
-            })
-            .unwrap_or(false)
-        && paths::open_private(&spool).is_ok();
+        && saved_version.as_deref() == Some(version.as_str())
+        && ours(&spool)?.is_some();
     if !saved {
         let _ = std::fs::remove_file(dir.join("progress"));
         let spool_path = spool.clone();

@@ -169,9 +169,9 @@ pub fn sign_devices(
     confirm: &mut ConfirmDevices<'_>,
 ) -> Result<SignedDevices, AccountError> {
     let me = account.user_id();
-    let ssk = token_key(account, KeyRole::SelfSigning)?;
     let answer = account.client().query_keys(&[me])?;
     let own = own_keys(account, &answer)?;
+    let ssk = token_key(account, KeyRole::SelfSigning)?;
     require_published(account, &own, &answer, KeyRole::SelfSigning)?;
     let all = candidates(account, &own, &answer);
     let mut outcome = SignedDevices::default();
@@ -240,7 +240,7 @@ pub fn sign_devices(
 
 /// mxhsm's own device object to sign: made from its Olm account, after checking that the
 /// server's copy (`served`) is the same device.
-fn own_device_object(account: &Account, served: &Value) -> Result<Value, AccountError> {
+pub(crate) fn own_device_object(account: &Account, served: &Value) -> Result<Value, AccountError> {
     let (_, local) = account.own_device_keys()?;
     let ours = signable_bytes(&local)?;
     let theirs = signable_bytes(served)?;
@@ -376,9 +376,9 @@ pub fn sign_user(
         return Err(AccountError::SignSelf(user_id.to_string()));
     }
     crate::token::check_user_id(user_id)?;
-    let usk = token_key(account, KeyRole::UserSigning)?;
     let answer = account.client().query_keys(&[me, user_id])?;
     let own = own_keys(account, &answer)?;
+    let usk = token_key(account, KeyRole::UserSigning)?;
     require_published(account, &own, &answer, KeyRole::UserSigning)?;
     let object = answer
         .get("master_keys")

@@ -7,6 +7,9 @@
 //! under a lock. The modules come from `cargo xtask test` (MXHSM_TEST_*_MODULE).
 #![allow(dead_code)]
 
+pub mod backups;
+pub mod clients;
+pub mod hostile;
 pub mod piv;
 pub mod synapse;
 

@@ -285,6 +285,18 @@ fn serve(
     }
 }
 
+/// Restores the session file when dropped.
+pub struct Via<'a> {
+    user: &'a MxhsmUser,
+    saved: String,
+}
+
+impl Drop for Via<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.user.session_path(), &self.saved);
+    }
+}
+
 /// A user of mxhsm: a token, a Synapse account, a session directory.
 pub struct MxhsmUser {
     pub token: TestToken,
@@ -325,6 +337,29 @@ impl MxhsmUser {
 
     pub fn session_path(&self) -> std::path::PathBuf {
         self.token.dir.path().join("data/mxhsm/session.json")
+    }
+
+    /// The saved session, as JSON.
+    pub fn session(&self) -> Value {
+        serde_json::from_str(&std::fs::read_to_string(self.session_path()).unwrap()).unwrap()
+    }
+
+    /// The access token and device ID of the saved session.
+    pub fn access(&self) -> (String, String) {
+        let s = self.session();
+        (
+            s["access_token"].as_str().unwrap().to_string(),
+            s["device_id"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Points the saved session at `url` (a hostile proxy) until the guard is dropped.
+    pub fn via(&self, url: &str) -> Via<'_> {
+        let saved = std::fs::read_to_string(self.session_path()).unwrap();
+        let mut s: Value = serde_json::from_str(&saved).unwrap();
+        s["homeserver"] = json!(url);
+        std::fs::write(self.session_path(), s.to_string()).unwrap();
+        Via { user: self, saved }
     }
 
     /// `identity status --json`, which exits with 0, or 3 when it reports a problem.

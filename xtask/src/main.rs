@@ -41,6 +41,10 @@ pub const APT_PACKAGES: &[&str] = &[
     "pcscd",
     "vsmartcard-vpcd",
     "libpcsclite-dev",
+    // GNU time: the peak memory of a command (the bounded-answer test, restore-memory);
+    // openssl: the private CA of the TLS test.
+    "time",
+    "openssl",
 ];
 
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
