@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use base64::Engine;
 use mxhsm::token::pin::PinSources;
 use mxhsm::token::{PinProvider, PinRequest, SecretKeyBytes, TokenError};
 use secrecy::{ExposeSecret, SecretString};
@@ -134,37 +133,7 @@ pub fn private_key(path: &Path) -> Result<SecretKeyBytes> {
         *raw = std::fs::read(path)
             .with_context(|| format!("cannot read the private key from {}", path.display()))?;
     }
-    // Base64 first (the secret-storage form); then 32 raw bytes.
-    let decoded = std::str::from_utf8(&raw)
-        .ok()
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .and_then(|t| {
-            base64::engine::general_purpose::STANDARD_NO_PAD
-                .decode(t.trim_end_matches('='))
-                .ok()
-        })
-        .map(Zeroizing::new);
-    if let Some(bytes) = &decoded
-        && bytes.len() == 32
-    {
-        return Ok(SecretKeyBytes::from_slice(bytes)?);
-    }
-    if raw.len() == 32 {
-        return Ok(SecretKeyBytes::from_slice(&raw)?);
-    }
-    match decoded {
-        Some(bytes) => bail!(
-            "{}: the base64 decodes to {} bytes; a private key is 32 bytes",
-            path.display(),
-            bytes.len()
-        ),
-        None => bail!(
-            "{}: not a private key (expected base64 of 32 bytes, or 32 raw bytes; got {} bytes that are neither)",
-            path.display(),
-            raw.len()
-        ),
-    }
+    SecretKeyBytes::parse(&raw).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// A PIV management key from a file: hex (48 or 64 digits, 32 for AES-128), whitespace

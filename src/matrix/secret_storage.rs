@@ -142,6 +142,16 @@ impl StorageKey {
         passphrase: &str,
         description: &Value,
     ) -> Result<Self, SecretStorageError> {
+        Self::from_passphrase_with_limit(passphrase, description, MAX_PBKDF2_ITERATIONS)
+    }
+
+    /// [`StorageKey::from_passphrase`], refusing more than `max_iterations` (the fuzz
+    /// targets keep it small).
+    pub fn from_passphrase_with_limit(
+        passphrase: &str,
+        description: &Value,
+        max_iterations: u64,
+    ) -> Result<Self, SecretStorageError> {
         let p = description.get("passphrase").ok_or_else(|| {
             SecretStorageError::KeyDescription(
                 "this key has no passphrase; use the recovery key".into(),
@@ -162,7 +172,7 @@ impl StorageKey {
             .and_then(Value::as_u64)
             .filter(|i| *i >= 1)
             .ok_or_else(|| SecretStorageError::KeyDescription("bad iterations".into()))?;
-        if iterations > MAX_PBKDF2_ITERATIONS {
+        if iterations > max_iterations {
             return Err(SecretStorageError::TooManyIterations(iterations));
         }
         if let Some(bits) = p.get("bits").and_then(Value::as_u64)

@@ -423,6 +423,40 @@ impl SecretKeyBytes {
         &self.0
     }
 
+    /// A private key as a key file holds it: base64 (padded or not, surrounding whitespace
+    /// ignored, as secret storage writes it) or exactly 32 raw bytes.
+    pub fn parse(raw: &[u8]) -> Result<Self, TokenError> {
+        use base64::Engine;
+        let decoded = std::str::from_utf8(raw)
+            .ok()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .and_then(|t| {
+                base64::engine::general_purpose::STANDARD_NO_PAD
+                    .decode(t.trim_end_matches('='))
+                    .ok()
+            })
+            .map(zeroize::Zeroizing::new);
+        if let Some(bytes) = &decoded
+            && bytes.len() == 32
+        {
+            return Self::from_slice(bytes);
+        }
+        if raw.len() == 32 {
+            return Self::from_slice(raw);
+        }
+        Err(TokenError::InvalidInput(match decoded {
+            Some(bytes) => format!(
+                "the base64 decodes to {} bytes; a private key is 32 bytes",
+                bytes.len()
+            ),
+            None => format!(
+                "not a private key (expected base64 of 32 bytes, or 32 raw bytes; got {} bytes that are neither)",
+                raw.len()
+            ),
+        }))
+    }
+
     /// The public key that belongs to this secret, for a key of `algorithm`.
     pub fn public_key(&self, algorithm: KeyAlgorithm) -> [u8; 32] {
         match algorithm {

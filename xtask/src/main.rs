@@ -9,6 +9,7 @@
 //! * then fmt, clippy and the test suite with the test tokens' locations in the environment.
 
 mod demo;
+mod fuzz;
 mod piv;
 mod synapse;
 mod tokens;
@@ -59,9 +60,10 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("restore-memory") => restore_memory(&args[1..]),
         Some("piv-check") => piv::check(&cache_dir(), &target_dir()),
+        Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("setup") => setup().map(|_| ()),
         _ => Err(
-            "usage: cargo xtask <test [-- cargo test args] | demo | bench | restore-memory [--sessions N] | piv-check | setup>"
+            "usage: cargo xtask <test [-- cargo test args] | demo | bench | restore-memory [--sessions N] | piv-check | fuzz [--seconds N] [TARGET…] | setup>"
                 .into(),
         ),
     };
@@ -87,7 +89,7 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| root().join("target"))
 }
 
-fn cache_dir() -> PathBuf {
+pub fn cache_dir() -> PathBuf {
     if let Some(d) = env::var_os("MXHSM_CACHE_DIR") {
         return PathBuf::from(d);
     }
@@ -226,6 +228,7 @@ fn test(extra: &[String]) -> Result {
         "-D",
         "warnings",
     ]))?;
+    let extra_is_empty = extra.is_empty();
     let extra = extra.iter().skip_while(|a| *a == "--");
     let mut cmd = cargo();
     cmd.args(["test", "--workspace"]);
@@ -244,6 +247,22 @@ fn test(extra: &[String]) -> Result {
         cmd.env(k, v);
     }
     run(&mut cmd)?;
+    // Every library builds without the YubiKey backend, for users who have no PC/SC.
+    run(cargo().args(["build", "--lib", "--no-default-features"]))?;
+    // A short run of every fuzz target: one that stops building, or finds something at
+    // once, fails the suite. Long runs: `cargo xtask fuzz --seconds 600`.
+    if extra_is_empty {
+        let smoke = fuzz::run_targets(
+            &fuzz::TARGETS
+                .iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>(),
+            3,
+        )?;
+        for o in smoke {
+            println!("fuzz smoke: {} ran {} inputs", o.target, o.runs);
+        }
+    }
     // A real YubiKey, only when the developer names one (docs/yubikey.md).
     if std::env::var_os("MXHSM_YUBIKEY_SERIAL").is_some() {
         run(cargo().args([

@@ -111,10 +111,7 @@ impl RawCard {
         push_len(&mut data, inner.len());
         data.extend_from_slice(&inner);
         let answer = self.command(INS_GENERAL_AUTHENTICATE, ALG_ED25519, slot, &data)?;
-        let body = expect_tlv(&answer, 0x7c).ok_or(ApduError::Malformed("no 7C template"))?;
-        let sig = expect_tlv(body, 0x82).ok_or(ApduError::Malformed("no 82 response"))?;
-        sig.try_into()
-            .map_err(|_| ApduError::Malformed("the signature is not 64 bytes"))
+        parse_signature(&answer)
     }
 
     /// VERIFY the PIV PIN (6 to 8 bytes, padded with FF to 8). Every buffer holding it is
@@ -195,7 +192,16 @@ impl RawCard {
     }
 }
 
-fn split_sw(r: &[u8]) -> Result<(&[u8], u16), ApduError> {
+/// The signature in a GENERAL AUTHENTICATE answer: `7C { 82 <64 bytes> }`, nothing more.
+pub fn parse_signature(answer: &[u8]) -> Result<[u8; 64], ApduError> {
+    let body = expect_tlv(answer, 0x7c).ok_or(ApduError::Malformed("no 7C template"))?;
+    let sig = expect_tlv(body, 0x82).ok_or(ApduError::Malformed("no 82 response"))?;
+    sig.try_into()
+        .map_err(|_| ApduError::Malformed("the signature is not 64 bytes"))
+}
+
+/// An answer's data and status word (its last two bytes).
+pub fn split_sw(r: &[u8]) -> Result<(&[u8], u16), ApduError> {
     if r.len() < 2 {
         return Err(ApduError::Malformed("answer shorter than a status word"));
     }

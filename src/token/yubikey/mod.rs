@@ -1103,7 +1103,8 @@ fn touch_policy(t: yubikey::TouchPolicy) -> Option<TouchPolicy> {
 }
 
 /// The value of the first TLV with `tag` in a sequence of BER-TLVs.
-fn first_tlv(mut data: &[u8], tag: u8) -> Option<&[u8]> {
+/// The value of the first TLV with `tag` in a sequence of TLVs (the object 5FFF01).
+pub fn first_tlv(mut data: &[u8], tag: u8) -> Option<&[u8]> {
     while let Some((t, value, rest)) = apdu::split_tlv(data) {
         if t == tag {
             return Some(value);
