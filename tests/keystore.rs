@@ -111,7 +111,7 @@ fn generate_all_roles_sign_and_agree(kind: Kind) {
 
 /// The js-sdk's Alice master key seed, imported, reproduces the published SSK signature
 /// byte for byte, and ed25519-dalek's signature with the same seed
-/// (reference/matrix-crypto.md §1-bis).
+/// (docs/vectors.md).
 fn imported_seed_signs_like_dalek_and_js_sdk(kind: Kind) {
     let t = TestToken::new(kind);
     let store = t.open();
@@ -501,7 +501,7 @@ fn missing_module_and_unmatched_uri_are_clear_and_ask_no_pin() {
 }
 
 /// The js-sdk's Alice seeds imported on the token: mxhsm's signed JSON reproduces the
-/// published signatures byte for byte (reference/matrix-crypto.md §1-bis).
+/// published signatures byte for byte (docs/vectors.md).
 fn published_cross_signing_signatures_from_the_token(kind: Kind) {
     use mxhsm::matrix::cross_signing::{Usage, identity_objects, key_object};
     use mxhsm::matrix::signed_json::{Ed25519PublicKey, sign_json, signature};

@@ -6,6 +6,7 @@ use libfuzzer_sys::fuzz_target;
 use mxhsm::account::PublishedIdentity;
 use mxhsm::matrix::cross_signing::{OwnKeys, Trust, evaluate};
 use mxhsm::matrix::signed_json::Ed25519PublicKey;
+use mxhsm::token::{KeyAlgorithm, SecretKeyBytes};
 
 const ME: &str = "@alice:localhost";
 
@@ -13,13 +14,16 @@ fuzz_target!(|data: &[u8]| {
     let Ok(answer) = serde_json::from_slice::<serde_json::Value>(data) else {
         return;
     };
-    // Keys no fuzzer can sign with: nothing in the input can verify against them, so every
-    // device and user must come out unverified.
+    // Keys whose private halves nothing in the corpus was ever signed with: nothing in the
+    // input can verify against them, so every device and user must come out unverified.
+    let key = |seed: u8| {
+        Ed25519PublicKey(SecretKeyBytes::new([seed; 32]).public_key(KeyAlgorithm::Ed25519))
+    };
     let own = OwnKeys {
         user_id: ME.into(),
-        master: Ed25519PublicKey::from_base64("J+5An10v1vzZpAXTYFokD1/PEVccFnLC61EfRXit0UY").unwrap(),
-        self_signing: Ed25519PublicKey::from_base64("aU2+2CyXQTCuDcmWW0EL2bhJ6PdjFW2LbAsbHqf02AY").ok(),
-        user_signing: None,
+        master: key(0x5a),
+        self_signing: Some(key(0x5b)),
+        user_signing: Some(key(0x5c)),
     };
     let report = evaluate(&own, &answer);
     for d in &report.devices {
@@ -28,6 +32,10 @@ fuzz_target!(|data: &[u8]| {
     for u in &report.users {
         assert!(!matches!(u.trust, Trust::Verified), "{u:?}");
     }
+    // The published-identity reader never panics, and never calls a key signed by a master
+    // key it did not see.
     let p = PublishedIdentity::from_query(&answer, ME);
-    assert!(p.self_signing.is_none() && p.user_signing.is_none());
+    if p.master.is_none() {
+        assert!(p.self_signing.is_none() && p.user_signing.is_none());
+    }
 });

@@ -1,5 +1,5 @@
 //! Server-side key backup, `m.megolm_backup.v1.curve25519-aes-sha2` (spec e2e module,
-//! "Server-side key backups"; reference/matrix-crypto.md §2).
+//! "Server-side key backups"; docs/vectors.md).
 //!
 //! Decryption does the one step that needs the backup key — X25519 with the session's
 //! ephemeral key — through an [`X25519Agreement`] (the token's ECDH), and everything else
@@ -440,7 +440,7 @@ mod tests {
         .unwrap()
     }
 
-    /// Vector (a), matrix-js-sdk test data (reference/matrix-crypto.md §2.3).
+    /// Vector (a), matrix-js-sdk test data (docs/vectors.md).
     pub const JS_CIPHERTEXT: &str = "r6HRk2/Im2yJe5cLP8R81aVjFWjYWPHpw7TVxphiSK1cdIDZTTK57r6MfU+0i/mTPn+/PosT74OvYwCnehy2dyqqks+Ev+uBKw3TAo0HCv7W3Rmq9XtqxikG9ts7XtcjFEkx37+qRaXtikcu0+CmUf+I5X6KStwNXb+CPnN2CGgwpn8g5+xEgSjE904QFrte4s9ygfqymgszgF7kzNICYF5g2GTlss8pdu/GLnh52AKvtT6FcqE5LC74N07BDWUycMHMMMw43F7z5GhzEnoWOXlbz+M4eTGrCYuhvcmQGNbdgzYqEXPm1z4xFhVgs84kFCtNeUc+AHZWfC2zynZ++4tpmfCYYpYEfYwQNo9Ks7o+Mh2PtAo9/GIU4xAK/uG0vizEiNYt/1QAxwgrmDxjdRe5TH4pPUtLMktRDyZKeUHJmYZA7pcLtpVatXhXmVEQLFLDc/uusxaBxFXYkx7BQnNRoa1BE1yXRxud94s6vMsI/auhn95TG58Z0Rz9psRT4HzgDKeHf/uVbdfKR9O3gqxlB4mzZAyTCqHhUQERmGiISC2FeuKkAwVk/ZxXiFqSTUCizwXcczGbzEbC+pBJTi6jX5Pa2yI9cT5C8xaGGUzEaKdNWukcs73uvXoFl/5y0Y29PkfE8UlPWpN4kZn7hrcOllcqqV9ZMH+rBbGViIw0yZ6yQUciEJzO8Gk3yz36lIT30VhCgKXMu+kELEPTRSVXqEQkCXBcfNOhgl3LIso";
 
     #[test]

@@ -6,7 +6,7 @@
 //! devices.
 //!
 //! Everything in a `/keys/query` answer is untrusted. Synapse stores master-key and device
-//! self-signatures without checking them (reference/synapse.md), so every link is checked
+//! self-signatures without checking them (docs/synapse.md), so every link is checked
 //! here with a signature against a key that is itself already trusted.
 
 use std::collections::BTreeMap;

@@ -1,5 +1,5 @@
 //! The key-export file, `-----BEGIN MEGOLM SESSION DATA-----` (spec e2e module, "Key
-//! exports"; reference/matrix-crypto.md §5), which Element and other clients import.
+//! exports"; docs/vectors.md), which Element and other clients import.
 //!
 //! `K ‖ K' = PBKDF2-HMAC-SHA-512(passphrase, salt, rounds, 64)`; the JSON array of sessions
 //! is encrypted with AES-256-CTR under `K` and an IV whose bit 63 is cleared; the body

@@ -1,5 +1,5 @@
 //! Secret storage (SSSS), `m.secret_storage.v1.aes-hmac-sha2` (spec "Secrets";
-//! reference/matrix-crypto.md §3–4): the recovery key, passphrase keys, the key check, and
+//! docs/vectors.md): the recovery key, passphrase keys, the key check, and
 //! the encrypted secrets (cross-signing seeds, the backup key) clients keep in account data.
 //!
 //! Per secret: `HKDF-SHA-256(key, salt = 32 zero bytes, info = secret name, 64)` gives an

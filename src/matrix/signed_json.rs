@@ -277,7 +277,7 @@ mod tests {
         );
     }
 
-    /// The js-sdk's published cross-signing signatures (reference/matrix-crypto.md §1-bis),
+    /// The js-sdk's published cross-signing signatures (docs/vectors.md),
     /// made with software keys here; the token tests make them on SoftHSM and Kryoptic.
     #[test]
     fn js_sdk_vectors() {

@@ -105,7 +105,7 @@ impl fmt::Display for KeyAlgorithm {
     }
 }
 
-/// How a PKCS#11 token does X25519 (see `../shared/reference/tokens.md` §0.1).
+/// How a PKCS#11 token does X25519 (docs/tokens.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum X25519Mechanism {
     /// `CKM_EC_MONTGOMERY_KEY_PAIR_GEN` + `CKK_EC_MONTGOMERY` + `CKM_ECDH1_DERIVE`.

@@ -1,5 +1,5 @@
 //! A real Synapse for end-to-end tests: one per test binary, on 127.0.0.1 with SQLite
-//! (reference/synapse.md), from the venv `cargo xtask test` installs
+//! (docs/synapse.md), from the venv `cargo xtask test` installs
 //! (MXHSM_TEST_SYNAPSE_PYTHON). A watchdog stops it by its PID when the test process ends.
 //!
 //! Also a small rewriting proxy: a "malicious homeserver" that serves what the real Synapse

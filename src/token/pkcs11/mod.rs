@@ -8,7 +8,7 @@
 //! * `CKA_ID` = `"mx" ‖ 0x01 ‖ creation time in ms (u64 BE) ‖ 4 random bytes`, which makes
 //!   each generation of a role unique and orders them (the newest is current).
 //!
-//! Token quirks handled here, each documented in `../shared/reference/tokens.md`:
+//! Token quirks handled here, each described in docs/tokens.md:
 //! SoftHSM's X25519 only as an EC_EDWARDS key with curve25519 parameters; three
 //! `CKA_EC_POINT` encodings; raw 32-byte ECDH peer keys (Kryoptic refuses DER).
 

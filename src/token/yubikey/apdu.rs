@@ -3,7 +3,7 @@
 //! `yubikey` 0.9.0-rc.0 cannot sign every message Matrix produces: its GENERAL
 //! AUTHENTICATE builder panics on a message of exactly 255 bytes (it counts two length
 //! bytes where the TLV writer uses three) and refuses anything over 1014 bytes (a fixed
-//! 1024-byte buffer); see `../shared/reference/tokens.md` §0.4. Its transaction type is
+//! 1024-byte buffer); see docs/tokens.md. Its transaction type is
 //! private, so these commands go through a second shared connection to the same reader.
 //! The card's security status (PIN verified, management key authenticated) belongs to the
 //! card, not to a connection, so what the crate's connection verified holds here too, as
