@@ -406,3 +406,74 @@ fn doctor_and_bench_without_x25519() {
     assert_eq!(results[0]["operation"], "ed25519 sign");
     assert!(results[0]["ratio"].as_f64().unwrap() > 0.0);
 }
+
+/// A key another tool made with the token's default template (on SoftHSM: decrypt, unwrap,
+/// sign-recover, modifiable, copyable) under mxhsm's label is flagged by the doctor, while
+/// mxhsm's own keys pass.
+#[test]
+fn doctor_flags_keys_with_more_uses_than_their_role() {
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::Attribute;
+    let t = TestToken::new(Kind::SoftHsm);
+    ok(t.cli()
+        .args(["keys", "generate", "--user", ALICE, "--role", "master"]));
+    let ctx = mxhsm::token::pkcs11::load_module(&t.module).unwrap();
+    let slot = ctx
+        .get_slots_with_initialized_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label() == t.label)
+        .unwrap();
+    let session = ctx.open_rw_session(slot).unwrap();
+    session
+        .login(
+            cryptoki::session::UserType::User,
+            Some(&cryptoki::types::AuthPin::new(USER_PIN.into())),
+        )
+        .unwrap();
+    let label = b"mxhsm:self_signing:@alice:localhost".to_vec();
+    let id = b"mx\x01\x00\x00\x01\x90\x00\x00\x00\x00abcd".to_vec();
+    let oid = vec![0x06, 0x03, 0x2b, 0x65, 0x70];
+    session
+        .generate_key_pair(
+            &Mechanism::EccEdwardsKeyPairGen,
+            &[
+                Attribute::Token(true),
+                Attribute::EcParams(oid),
+                Attribute::Label(label.clone()),
+                Attribute::Id(id.clone()),
+            ],
+            &[
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Sign(true),
+                Attribute::Label(label),
+                Attribute::Id(id),
+            ],
+        )
+        .unwrap();
+    drop(session);
+    let doctor = json(&crate::common::exits(
+        1,
+        t.cli().args(["token", "doctor", "--json"]),
+    ));
+    assert_eq!(doctor["ok"], false, "{doctor}");
+    let checks = doctor["checks"].as_array().unwrap();
+    let weak = checks
+        .iter()
+        .find(|c| c["name"].as_str().unwrap().contains("self_signing"))
+        .unwrap();
+    assert_eq!(weak["ok"], false, "{weak}");
+    let detail = weak["detail"].as_str().unwrap();
+    eprintln!("doctor on a default-template key: {detail}");
+    for attr in ["CKA_DECRYPT", "CKA_MODIFIABLE", "CKA_COPYABLE"] {
+        assert!(detail.contains(attr), "{detail}");
+    }
+    let ours = checks
+        .iter()
+        .find(|c| c["name"].as_str().unwrap().contains(" master "))
+        .unwrap();
+    assert_eq!(ours["ok"], true, "{ours}");
+}

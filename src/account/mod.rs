@@ -23,6 +23,7 @@ pub mod backup;
 pub mod identity;
 pub mod login;
 pub mod restore;
+pub mod secret_storage;
 pub mod sign;
 
 use serde_json::Value;
@@ -161,6 +162,8 @@ pub enum AccountError {
     Backup(#[from] BackupError),
     #[error(transparent)]
     KeyExport(#[from] KeyExportError),
+    #[error(transparent)]
+    SecretStorage(#[from] crate::matrix::secret_storage::SecretStorageError),
     #[error("the session has no Olm device (it was made by an older mxhsm, or damaged)")]
     NoOlmDevice,
     #[error(

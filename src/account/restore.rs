@@ -647,6 +647,71 @@ impl Mode0700 for std::fs::DirBuilder {
     }
 }
 
+/// The keys of one room, restored into memory.
+#[derive(Debug)]
+pub struct RoomRestore {
+    pub version: String,
+    pub keys: Vec<backup::RoomKey>,
+    /// (session, why) for every session that failed its checks.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Restores the backed-up sessions of one room (`GET /room_keys/keys/{room}`) with the
+/// token's backup key, into memory: nothing is written anywhere.
+pub fn restore_room(account: &Account, room_id: &str) -> Result<RoomRestore, AccountError> {
+    let me = account.user_id();
+    let store: &dyn KeyStore = &**account.store();
+    let key = store.find_key(me, KeyRole::Backup)?;
+    let (version, v) = account
+        .client()
+        .backup_version(None)?
+        .and_then(|v| Some((v.get("version")?.as_str()?.to_string(), v)))
+        .ok_or(AccountError::NoBackup)?;
+    let public = v
+        .pointer("/auth_data/public_key")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .trim_end_matches('=');
+    if public != key.public_key_base64() {
+        return Err(AccountError::Refused(format!(
+            "backup version {} is encrypted to {}, not to the token's backup key {}",
+            crate::text::escape(&version),
+            crate::text::escape(public),
+            key.public_key_base64()
+        )));
+    }
+    let room = account.client().backup_room(&version, room_id)?;
+    let room: DumpRoom = serde_json::from_value(room).map_err(|e| {
+        AccountError::Refused(format!(
+            "the server's backup of the room is not what the spec describes: {}",
+            crate::text::escape(&e.to_string())
+        ))
+    })?;
+    let items: Vec<BackedUpSession> = room
+        .sessions
+        .into_iter()
+        .map(|(session_id, s)| BackedUpSession {
+            room_id: room_id.to_string(),
+            session_id,
+            session_data: s.session_data,
+        })
+        .collect();
+    let agreement = TokenAgreement { store, key };
+    let results = backup::restore_all(&agreement, &items, 1, software_jobs(), &|| {});
+    let mut out = RoomRestore {
+        version,
+        keys: Vec::new(),
+        failed: Vec::new(),
+    };
+    for (item, r) in items.iter().zip(results) {
+        match r {
+            Ok(k) => out.keys.push(k),
+            Err(e) => out.failed.push((item.session_id.clone(), e.to_string())),
+        }
+    }
+    Ok(out)
+}
+
 /// Threads for the software part of a restore (HKDF, AES, the session check).
 pub fn software_jobs() -> usize {
     std::thread::available_parallelism()

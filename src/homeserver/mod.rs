@@ -874,6 +874,24 @@ impl Client {
         }
     }
 
+    /// `GET /room_keys/keys/{room}?version=V`: the backed-up sessions of one room,
+    /// `{"sessions": {session: KeyBackupData}}` (an unknown room has none).
+    pub fn backup_room(&self, version: &str, room_id: &str) -> Result<Value, HomeserverError> {
+        let path = format!(
+            "/room_keys/keys/{}?version={}",
+            path_segment(room_id),
+            path_segment(version)
+        );
+        let limit = Limit::KeysQuery.bytes();
+        match self.exchange(Method::Get, &path, None, Repeat::Safe, limit, &mut |b| {
+            parse_json(b, limit)
+        })? {
+            Ok(v) => check(Method::Get, &path, 200, v),
+            Err((404, _)) => Ok(json!({"sessions": {}})),
+            Err((status, v)) => check(Method::Get, &path, status, v),
+        }
+    }
+
     /// `GET /room_keys/keys/{room}/{session}?version=V`: one backed-up session, or `None`.
     pub fn backup_session(
         &self,
