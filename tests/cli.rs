@@ -417,20 +417,7 @@ fn doctor_flags_keys_with_more_uses_than_their_role() {
     let t = TestToken::new(Kind::SoftHsm);
     ok(t.cli()
         .args(["keys", "generate", "--user", ALICE, "--role", "master"]));
-    let ctx = mxhsm::token::pkcs11::load_module(&t.module).unwrap();
-    let slot = ctx
-        .get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| ctx.get_token_info(*s).unwrap().label() == t.label)
-        .unwrap();
-    let session = ctx.open_rw_session(slot).unwrap();
-    session
-        .login(
-            cryptoki::session::UserType::User,
-            Some(&cryptoki::types::AuthPin::new(USER_PIN.into())),
-        )
-        .unwrap();
+    let session = t.raw_session();
     let label = b"mxhsm:self_signing:@alice:localhost".to_vec();
     let id = b"mx\x01\x00\x00\x01\x90\x00\x00\x00\x00abcd".to_vec();
     let oid = vec![0x06, 0x03, 0x2b, 0x65, 0x70];

@@ -9,7 +9,6 @@ use std::process::Command;
 use common::clients::verifies;
 use common::synapse::MxhsmUser;
 use common::{Kind, ok};
-use serde_json::Value;
 
 /// An example's binary (cargo builds the examples with the tests).
 fn example(name: &str) -> Command {
@@ -20,18 +19,6 @@ fn example(name: &str) -> Command {
         .join(name);
     assert!(bin.exists(), "{} was not built", bin.display());
     Command::new(bin)
-}
-
-fn token_key(u: &MxhsmUser, role: &str) -> String {
-    let keys: Value = serde_json::from_str(&ok(u.cli().args(["keys", "list", "--json"]))).unwrap();
-    keys.as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["role"] == role)
-        .unwrap()["public_key"]
-        .as_str()
-        .unwrap()
-        .to_string()
 }
 
 #[test]
@@ -59,7 +46,7 @@ fn a_bot_signs_its_new_device_with_the_hsm() {
     let q = bot.query(&checker, &bot.user.user_id);
     let device = &q["device_keys"][&bot.user.user_id]["BOTDEVICE"];
     assert!(
-        verifies(device, &bot.user.user_id, &token_key(&bot, "self_signing")),
+        verifies(device, &bot.user.user_id, &bot.token_key("self_signing")),
         "{device}"
     );
 }

@@ -19,26 +19,6 @@ use common::synapse::{MxhsmUser, http};
 use common::{Kind, exits, exits_err, fails, ok, run};
 use serde_json::{Value, json};
 
-/// The public key (base64) of the token's `role` key of the user.
-fn token_key(u: &MxhsmUser, role: &str) -> String {
-    let keys: Value = serde_json::from_str(&ok(u.cli().args([
-        "keys",
-        "list",
-        "--json",
-        "--user",
-        &u.user.user_id,
-    ])))
-    .unwrap();
-    keys.as_array()
-        .unwrap()
-        .iter()
-        .rfind(|k| k["role"] == role)
-        .unwrap_or_else(|| panic!("no {role} key: {keys}"))["public_key"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 /// How many mxhsm keys the token holds for the user.
 fn token_key_count(u: &MxhsmUser) -> usize {
     let keys: Value = serde_json::from_str(&ok(u.cli().args(["keys", "list", "--json"]))).unwrap();
@@ -91,7 +71,7 @@ fn sign_device_signs_the_key_that_was_shown() {
         err.contains(&common::clients::spaced(&shown)),
         "the fingerprint shown: {err}"
     );
-    let ssk = token_key(&u, "self_signing");
+    let ssk = u.token_key("self_signing");
     let stored = stored_device(&u, &phone_token, "PHONE");
     let now = stored["keys"]["ed25519:PHONE"]
         .as_str()
@@ -160,7 +140,7 @@ fn own_device_is_signed_from_its_olm_account() {
     let (token, device) = swapped.lock().unwrap().clone().unwrap();
     let stored = stored_device(&v, &token, &device);
     assert!(
-        !verifies(&stored, &v.user.user_id, &token_key(&v, "self_signing")),
+        !verifies(&stored, &v.user.user_id, &v.token_key("self_signing")),
         "the swapped device is not cross-signed: {stored}"
     );
     let _ = fake;
@@ -184,7 +164,7 @@ fn invented_devices_are_never_signed_unseen() {
     assert!(!verifies(
         &stored,
         &u.user.user_id,
-        &token_key(&u, "self_signing")
+        &u.token_key("self_signing")
     ));
     // A device whose own signature is bad is refused even when named.
     let (bad_token, _) = phone(u.synapse, &u.user, "BADSIG");
@@ -876,14 +856,14 @@ fn rotation_of_each_role_and_no_retry_of_uploads() {
     let me = u.user.user_id.clone();
     let check_chain = |u: &MxhsmUser| {
         let q = u.query(&other, &me);
-        let msk = token_key(u, "master");
+        let msk = u.token_key("master");
         assert_eq!(q["master_keys"][&me]["keys"][format!("ed25519:{msk}")], msk);
         assert!(verifies(&q["self_signing_keys"][&me], &me, &msk));
         assert!(verifies(&q["user_signing_keys"][&me], &me, &msk));
         assert!(verifies(
             &q["device_keys"][&me][&device],
             &me,
-            &token_key(u, "self_signing")
+            &u.token_key("self_signing")
         ));
         assert_eq!(u.status(&[])["identity_ok"], true);
     };

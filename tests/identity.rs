@@ -34,24 +34,7 @@ fn publish_sign_device_and_user(kind: Kind) {
 
     // The server serves our token's keys, and our device is signed by the SSK
     // (checked here with ed25519-dalek, independently of mxhsm).
-    let keys: Value = serde_json::from_str(&ok(alice.cli().args([
-        "keys",
-        "list",
-        "--json",
-        "--user",
-        &alice.user.user_id,
-    ])))
-    .unwrap();
-    let pk = |role: &str| {
-        keys.as_array()
-            .unwrap()
-            .iter()
-            .find(|k| k["role"] == role)
-            .unwrap()["public_key"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let pk = |role: &str| alice.token_key(role);
     let (phone_token, _) = phone(alice.synapse, &alice.user, "PHONE");
     let q = alice.query(&phone_token, &alice.user.user_id);
     let me = &alice.user.user_id;

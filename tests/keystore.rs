@@ -358,20 +358,7 @@ fn key_templates_are_explicit(kind: Kind) {
         )
         .unwrap();
     drop(store);
-    let ctx = mxhsm::token::pkcs11::load_module(&t.module).unwrap();
-    let slot = ctx
-        .get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| ctx.get_token_info(*s).unwrap().label() == t.label)
-        .unwrap();
-    let session = ctx.open_ro_session(slot).unwrap();
-    session
-        .login(
-            cryptoki::session::UserType::User,
-            Some(&cryptoki::types::AuthPin::new(common::USER_PIN.into())),
-        )
-        .unwrap();
+    let session = t.raw_session();
     let keys = session
         .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
         .unwrap();

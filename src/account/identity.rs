@@ -128,6 +128,15 @@ fn check_own_device(account: &Account, answer: &Value) -> Result<(), AccountErro
     Ok(())
 }
 
+/// One `/keys/query` of ourselves, mxhsm's device checked in it, and the identity it
+/// publishes.
+fn fetch_identity(account: &Account) -> Result<(Value, PublishedIdentity), AccountError> {
+    let answer = account.client().query_keys(&[account.user_id()])?;
+    check_own_device(account, &answer)?;
+    let published = PublishedIdentity::from_query(&answer, account.user_id());
+    Ok((answer, published))
+}
+
 /// Refuses, or asks, when the server publishes a master key that is not `token_master`.
 fn check_replace(
     account: &Account,
@@ -168,9 +177,7 @@ pub fn create(
 ) -> Result<Published, AccountError> {
     let me = account.user_id().to_string();
     let store: &dyn KeyStore = &**account.store();
-    let answer = account.client().query_keys(&[&me])?;
-    check_own_device(account, &answer)?;
-    let published = PublishedIdentity::from_query(&answer, &me);
+    let (answer, published) = fetch_identity(account)?;
     let current = store.current_keys(&me)?;
     let on_token = |role: KeyRole| current.get(&role).map(|k| Ed25519PublicKey(k.public_key));
     let roles = [KeyRole::Master, KeyRole::SelfSigning, KeyRole::UserSigning];
@@ -280,9 +287,7 @@ pub fn publish(
 ) -> Result<Published, AccountError> {
     let me = account.user_id().to_string();
     let store: &dyn KeyStore = &**account.store();
-    let answer = account.client().query_keys(&[&me])?;
-    check_own_device(account, &answer)?;
-    let published = PublishedIdentity::from_query(&answer, &me);
+    let (answer, published) = fetch_identity(account)?;
     let own = own_keys(account, &answer)?;
     let replaced = check_replace(
         account,

@@ -39,7 +39,7 @@ use crate::matrix::backup::{self, BackedUpSession, EncryptedSessionData, X25519A
 use crate::matrix::key_export;
 use crate::matrix::signed_json::encode_base64;
 use crate::paths::{self, Base};
-use crate::token::{KeyRole, KeyStore, TokenAgreement};
+use crate::token::{KeyInfo, KeyRole, KeyStore, TokenAgreement};
 
 /// Sessions restored per round: each round is written out (and recorded for `--resume`)
 /// before the next starts, so memory holds one round of plaintext.
@@ -415,6 +415,29 @@ fn private_create(path: &Path) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
+/// The current backup version, which must be encrypted to `key` (the token's backup key).
+fn ours_current_version(account: &Account, key: &KeyInfo) -> Result<String, AccountError> {
+    let (version, v) = account
+        .client()
+        .backup_version(None)?
+        .and_then(|v| Some((v.get("version")?.as_str()?.to_string(), v)))
+        .ok_or(AccountError::NoBackup)?;
+    let public = v
+        .pointer("/auth_data/public_key")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .trim_end_matches('=');
+    if public != key.public_key_base64() {
+        return Err(AccountError::Refused(format!(
+            "backup version {} is encrypted to {}, not to the token's backup key {}",
+            crate::text::escape(&version),
+            crate::text::escape(public),
+            key.public_key_base64()
+        )));
+    }
+    Ok(version)
+}
+
 /// Decrypts every session of the current backup with the token's backup key and writes
 /// them to `options.out`. `passphrase` is asked (for the export format) only after every
 /// check passed and before the long part.
@@ -453,25 +476,7 @@ pub fn restore(
         )));
     }
     let key = store.find_key(me, KeyRole::Backup)?;
-    let (version, v) = account
-        .client()
-        .backup_version(None)?
-        .and_then(|v| Some((v.get("version")?.as_str()?.to_string(), v)))
-        .ok_or(AccountError::NoBackup)?;
-    let public = v
-        .pointer("/auth_data/public_key")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .trim_end_matches('=')
-        .to_string();
-    if public != key.public_key_base64() {
-        return Err(AccountError::Refused(format!(
-            "backup version {} is encrypted to {}, not to the token's backup key {}",
-            crate::text::escape(&version),
-            crate::text::escape(&public),
-            key.public_key_base64()
-        )));
-    }
+    let version = ours_current_version(account, &key)?;
     let pass = match options.format {
         FileFormat::Export => Some(passphrase()?),
         FileFormat::Json => None,
@@ -662,24 +667,7 @@ pub fn restore_room(account: &Account, room_id: &str) -> Result<RoomRestore, Acc
     let me = account.user_id();
     let store: &dyn KeyStore = &**account.store();
     let key = store.find_key(me, KeyRole::Backup)?;
-    let (version, v) = account
-        .client()
-        .backup_version(None)?
-        .and_then(|v| Some((v.get("version")?.as_str()?.to_string(), v)))
-        .ok_or(AccountError::NoBackup)?;
-    let public = v
-        .pointer("/auth_data/public_key")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .trim_end_matches('=');
-    if public != key.public_key_base64() {
-        return Err(AccountError::Refused(format!(
-            "backup version {} is encrypted to {}, not to the token's backup key {}",
-            crate::text::escape(&version),
-            crate::text::escape(public),
-            key.public_key_base64()
-        )));
-    }
+    let version = ours_current_version(account, &key)?;
     let room = account.client().backup_room(&version, room_id)?;
     let room: DumpRoom = serde_json::from_value(room).map_err(|e| {
         AccountError::Refused(format!(

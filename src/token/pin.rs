@@ -112,6 +112,18 @@ impl PinProvider for PinSources {
     }
 }
 
+/// No PIN source: a store opened with this asks for nothing and fails when it needs a PIN.
+pub struct NoPins;
+
+impl PinProvider for NoPins {
+    fn pin(&self, request: &PinRequest) -> Result<SecretString, TokenError> {
+        Err(TokenError::NoPin {
+            token: request.token.clone(),
+            reason: "this store was opened without a PIN source".into(),
+        })
+    }
+}
+
 /// Reads a PIN from a file: its first line, without the line ending.
 pub fn read_pin_file(path: &Path) -> Result<SecretString, TokenError> {
     read_secret_line(path, "PIN").map_err(|reason| TokenError::PinSource {

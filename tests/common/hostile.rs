@@ -244,11 +244,7 @@ fn serve(
             }
             Reply::Stall(after) => {
                 let (status, body) = forward(target, &req);
-                write!(
-                    w,
-                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                    body.len()
-                )?;
+                head(w, status, body.len())?;
                 w.write_all(&body[..after.min(body.len())])?;
                 w.flush()?;
                 std::thread::sleep(Duration::from_secs(600));
@@ -270,17 +266,21 @@ fn serve(
     }
 }
 
+/// The status line and headers of an answer of `len` bytes.
+fn head(w: &mut dyn Write, status: u16, len: usize) -> std::io::Result<()> {
+    write!(
+        w,
+        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+    )
+}
+
 fn respond(
     w: &mut dyn Write,
     status: u16,
     body: &[u8],
     rate: Option<usize>,
 ) -> std::io::Result<()> {
-    write!(
-        w,
-        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )?;
+    head(w, status, body.len())?;
     match rate {
         None => w.write_all(body)?,
         Some(rate) => {

@@ -193,6 +193,23 @@ impl TestToken {
         session.logout().unwrap();
     }
 
+    /// A read-write cryptoki session on this token, logged in as the user, for checks that
+    /// bypass mxhsm (the module is loaded in this process).
+    pub fn raw_session(&self) -> cryptoki::session::Session {
+        let ctx = load_module(&self.module).unwrap();
+        let slot = ctx
+            .get_slots_with_initialized_token()
+            .unwrap()
+            .into_iter()
+            .find(|s| ctx.get_token_info(*s).unwrap().label() == self.label)
+            .unwrap();
+        let session = ctx.open_rw_session(slot).unwrap();
+        session
+            .login(UserType::User, Some(&AuthPin::new(USER_PIN.into())))
+            .unwrap();
+        session
+    }
+
     pub fn parsed_uri(&self) -> Pkcs11Uri {
         Pkcs11Uri::parse(&self.uri).unwrap()
     }

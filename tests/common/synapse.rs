@@ -5,7 +5,6 @@
 //! Also a small rewriting proxy: a "malicious homeserver" that serves what the real Synapse
 //! serves, with changes, for the tests of forged data Synapse itself would refuse to store.
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -172,7 +171,7 @@ impl Synapse {
         }
     }
 
-    /// Logs in with a password as another client would: (access token, device ID).
+    /// Logs in with a password as another client would: its access token.
     pub fn login(&self, user: &TestUser, device_id: &str) -> String {
         let (status, v) = http(
             &self.url,
@@ -205,83 +204,21 @@ impl Proxy {
         Self::start_intercepting(target, rewrite, Arc::new(|_| None))
     }
 
+    /// A [`super::hostile::Hostile`] server that answers what `intercept` answers, and
+    /// forwards the rest through `rewrite`.
     pub fn start_intercepting(
         target: &str,
         rewrite: Arc<Rewrite>,
         intercept: Arc<Intercept>,
     ) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let target = target.to_string();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let target = target.clone();
-                let rewrite = rewrite.clone();
-                let intercept = intercept.clone();
-                std::thread::spawn(move || {
-                    let _ = serve(stream, &target, &*rewrite, &*intercept);
-                });
+        let server = super::hostile::Hostile::start(target, move |r| {
+            if let Some((status, v)) = intercept(&r.path) {
+                return super::hostile::Reply::Json(status, v);
             }
+            let (rewrite, path) = (rewrite.clone(), r.path.clone());
+            super::hostile::Reply::Rewrite(Box::new(move |status, v| rewrite(&path, status, v)))
         });
-        Proxy { url }
-    }
-}
-
-fn serve(
-    stream: TcpStream,
-    target: &str,
-    rewrite: &Rewrite,
-    intercept: &Intercept,
-) -> std::io::Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut writer = stream;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let mut parts = line.split_whitespace();
-        let method = parts.next().unwrap_or("GET").to_string();
-        let path = parts.next().unwrap_or("/").to_string();
-        let mut auth = None;
-        let mut len = 0usize;
-        loop {
-            let mut h = String::new();
-            reader.read_line(&mut h)?;
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            let (k, v) = h.split_once(':').unwrap_or((h, ""));
-            match k.to_ascii_lowercase().as_str() {
-                "authorization" => auth = Some(v.trim().to_string()),
-                "content-length" => len = v.trim().parse().unwrap_or(0),
-                _ => {}
-            }
-        }
-        let mut body = vec![0u8; len];
-        reader.read_exact(&mut body)?;
-        let api = path
-            .strip_prefix("/_matrix/client/v3")
-            .unwrap_or(&path)
-            .to_string();
-        let token = auth.as_deref().and_then(|a| a.strip_prefix("Bearer "));
-        let body = serde_json::from_slice(&body).ok();
-        let (status, value) = match intercept(&api) {
-            Some(answer) => answer,
-            None => {
-                let (mut status, mut value) = http(target, &method, &api, token, body);
-                rewrite(&api, &mut status, &mut value);
-                (status, value)
-            }
-        };
-        let out = value.to_string();
-        write!(
-            writer,
-            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{out}",
-            out.len()
-        )?;
-        writer.flush()?;
+        Proxy { url: server.url }
     }
 }
 
@@ -342,6 +279,26 @@ impl MxhsmUser {
     /// The saved session, as JSON.
     pub fn session(&self) -> Value {
         serde_json::from_str(&std::fs::read_to_string(self.session_path()).unwrap()).unwrap()
+    }
+
+    /// The public key (base64) of the token's current `role` key of this user.
+    pub fn token_key(&self, role: &str) -> String {
+        let keys: Value = serde_json::from_str(&ok(self.cli().args([
+            "keys",
+            "list",
+            "--json",
+            "--user",
+            &self.user.user_id,
+        ])))
+        .unwrap();
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .rfind(|k| k["role"] == role)
+            .unwrap_or_else(|| panic!("no {role} key: {keys}"))["public_key"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     /// The access token and device ID of the saved session.

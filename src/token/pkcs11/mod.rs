@@ -32,7 +32,7 @@ use zeroize::Zeroize;
 
 use self::ec::Curve;
 pub use self::uri::Pkcs11Uri;
-use super::pin::{PinProvider, PinRequest, PinStatus, read_pin_file};
+use super::pin::{NoPins, PinProvider, PinRequest, PinStatus, read_pin_file};
 use super::{
     Capabilities, KeyAlgorithm, KeyInfo, KeyLocator, KeyOptions, KeyOrigin, KeyProtection, KeyRole,
     KeyStore, SecretKeyBytes, SharedSecret, TokenError, TokenSummary, X25519Mechanism,
@@ -78,6 +78,15 @@ fn new_key_id() -> Result<Vec<u8>, TokenError> {
     id.extend_from_slice(&now.to_be_bytes());
     id.extend_from_slice(&random);
     Ok(id)
+}
+
+/// Generated on the token (`CKA_LOCAL`) or imported.
+fn origin(local: Option<bool>) -> KeyOrigin {
+    match local {
+        Some(true) => KeyOrigin::Generated,
+        Some(false) => KeyOrigin::Imported,
+        None => KeyOrigin::Unknown,
+    }
 }
 
 fn created_from_id(id: &[u8]) -> Option<u64> {
@@ -288,18 +297,6 @@ enum LoginState {
     Pending { protected_path: bool },
     Done,
     Refused(String),
-}
-
-/// The PIN source of a store opened without one.
-struct NoPins;
-
-impl PinProvider for NoPins {
-    fn pin(&self, request: &PinRequest) -> Result<secrecy::SecretString, TokenError> {
-        Err(TokenError::NoPin {
-            token: request.token.clone(),
-            reason: "this store was opened without a PIN source".into(),
-        })
-    }
 }
 
 struct PooledSession<'a> {
@@ -688,28 +685,11 @@ impl Pkcs11Store {
             }
         }
         let Some(label) = label else { return Ok(None) };
-        let Some((role, user_id)) = parse_label(&label) else {
+        let Some((role, user_id, x25519_mechanism)) = self.identify(&label, curve, key_type)?
+        else {
             return Ok(None);
         };
         let id = id.unwrap_or_default();
-        let expected_curve = match role.algorithm() {
-            KeyAlgorithm::Ed25519 => Curve::Ed25519,
-            KeyAlgorithm::X25519 => Curve::X25519,
-        };
-        if curve != Some(expected_curve) {
-            return Err(self.bad_data(format!(
-                "the {role} key {label:?} is not on curve {expected_curve:?}"
-            )));
-        }
-        let x25519_mechanism = match (role.algorithm(), key_type) {
-            (KeyAlgorithm::X25519, Some(KeyType::EC_MONTGOMERY)) => {
-                Some(X25519Mechanism::Montgomery)
-            }
-            (KeyAlgorithm::X25519, Some(KeyType::EC_EDWARDS)) => {
-                Some(X25519Mechanism::SoftHsmEdwards)
-            }
-            _ => None,
-        };
         let public = session
             .find_objects(&[
                 Attribute::Class(ObjectClass::PUBLIC_KEY),
@@ -737,22 +717,50 @@ impl Pkcs11Store {
                     "no readable public key (CKA_EC_POINT) for {label:?}"
                 ))
             })?;
-        let origin = match p.local {
-            Some(true) => KeyOrigin::Generated,
-            Some(false) => KeyOrigin::Imported,
-            None => KeyOrigin::Unknown,
-        };
         Ok(Some(KeyInfo {
-            user_id: user_id.to_string(),
+            user_id,
             role,
             created_ms: created_from_id(&id),
             public_key,
-            origin,
+            origin: origin(p.local),
             protection: p,
             x25519_mechanism,
             locator: KeyLocator::Pkcs11 { id, label },
             piv_policy: None,
         }))
+    }
+
+    /// Whose key of which role an object with `label` is (`None`: not an mxhsm label),
+    /// checked to be on the role's curve, and how it does X25519.
+    #[allow(clippy::type_complexity)]
+    fn identify(
+        &self,
+        label: &str,
+        curve: Option<Curve>,
+        key_type: Option<KeyType>,
+    ) -> Result<Option<(KeyRole, String, Option<X25519Mechanism>)>, TokenError> {
+        let Some((role, user_id)) = parse_label(label) else {
+            return Ok(None);
+        };
+        let expected_curve = match role.algorithm() {
+            KeyAlgorithm::Ed25519 => Curve::Ed25519,
+            KeyAlgorithm::X25519 => Curve::X25519,
+        };
+        if curve != Some(expected_curve) {
+            return Err(self.bad_data(format!(
+                "the {role} key {label:?} is not on curve {expected_curve:?}"
+            )));
+        }
+        let mechanism = match (role.algorithm(), key_type) {
+            (KeyAlgorithm::X25519, Some(KeyType::EC_MONTGOMERY)) => {
+                Some(X25519Mechanism::Montgomery)
+            }
+            (KeyAlgorithm::X25519, Some(KeyType::EC_EDWARDS)) => {
+                Some(X25519Mechanism::SoftHsmEdwards)
+            }
+            _ => None,
+        };
+        Ok(Some((role, user_id.to_string(), mechanism)))
     }
 
     /// A key as its public-key object shows it (before login): no protection attributes.
@@ -788,18 +796,10 @@ impl Pkcs11Store {
             }
         }
         let Some(label) = label else { return Ok(None) };
-        let Some((role, user_id)) = parse_label(&label) else {
+        let Some((role, user_id, x25519_mechanism)) = self.identify(&label, curve, key_type)?
+        else {
             return Ok(None);
         };
-        let expected_curve = match role.algorithm() {
-            KeyAlgorithm::Ed25519 => Curve::Ed25519,
-            KeyAlgorithm::X25519 => Curve::X25519,
-        };
-        if curve != Some(expected_curve) {
-            return Err(self.bad_data(format!(
-                "the {role} key {label:?} is not on curve {expected_curve:?}"
-            )));
-        }
         let public_key = point.ok_or_else(|| {
             self.bad_data(format!(
                 "no readable public key (CKA_EC_POINT) for {label:?}"
@@ -807,25 +807,13 @@ impl Pkcs11Store {
         })?;
         let id = id.unwrap_or_default();
         Ok(Some(KeyInfo {
-            user_id: user_id.to_string(),
+            user_id,
             role,
             created_ms: created_from_id(&id),
             public_key,
-            origin: match local {
-                Some(true) => KeyOrigin::Generated,
-                Some(false) => KeyOrigin::Imported,
-                None => KeyOrigin::Unknown,
-            },
+            origin: origin(local),
             protection: KeyProtection::default(),
-            x25519_mechanism: match (role.algorithm(), key_type) {
-                (KeyAlgorithm::X25519, Some(KeyType::EC_MONTGOMERY)) => {
-                    Some(X25519Mechanism::Montgomery)
-                }
-                (KeyAlgorithm::X25519, Some(KeyType::EC_EDWARDS)) => {
-                    Some(X25519Mechanism::SoftHsmEdwards)
-                }
-                _ => None,
-            },
+            x25519_mechanism,
             locator: KeyLocator::Pkcs11 { id, label },
             piv_policy: None,
         }))

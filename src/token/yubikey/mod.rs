@@ -26,6 +26,7 @@ use yubikey::piv::{self, AlgorithmId, ManagementSlotId, SlotAlgorithmId, SlotId}
 use yubikey::{MgmAlgorithmId, MgmKey, YubiKey};
 use zeroize::Zeroizing;
 
+use super::pin::NoPins;
 use super::{
     Capabilities, KeyAlgorithm, KeyInfo, KeyLocator, KeyOptions, KeyOrigin, KeyProtection, KeyRole,
     KeyStore, PinPolicy, PinProvider, PinRequest, PinStatus, SecretKeyBytes, SharedSecret,
@@ -924,18 +925,6 @@ impl YubiKeyStore {
             )));
         }
         Ok(a)
-    }
-}
-
-/// The PIN source of a store opened without one.
-struct NoPins;
-
-impl PinProvider for NoPins {
-    fn pin(&self, request: &PinRequest) -> Result<secrecy::SecretString, TokenError> {
-        Err(TokenError::NoPin {
-            token: request.token.clone(),
-            reason: "this store was opened without a PIN source".into(),
-        })
     }
 }
 
