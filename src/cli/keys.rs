@@ -5,11 +5,14 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
+#[cfg(feature = "yubikey")]
 use mxhsm::token::yubikey::{YubiKeyStore, attestation};
 use mxhsm::token::{KeyInfo, KeyOptions, KeyRole, PinPolicy, Store, TouchPolicy};
 use serde_json::json;
 
-use super::output::{self, esc, note, say};
+#[cfg(feature = "yubikey")]
+use super::output::note;
+use super::output::{self, esc, say};
 use super::secrets::{confirm, private_key as read_secret};
 use super::{GlobalArgs, open_store};
 
@@ -117,10 +120,11 @@ fn parse_slot(s: &str) -> Result<u8, String> {
     let s = s.trim_start_matches("0x");
     u8::from_str_radix(s, 16)
         .ok()
-        .filter(|n| mxhsm::token::yubikey::is_retired_slot(*n))
+        .filter(|n| mxhsm::token::is_retired_slot(*n))
         .ok_or_else(|| format!("{s:?} is not a retired PIV slot (82 to 95, hex)"))
 }
 
+#[cfg(feature = "yubikey")]
 fn yubikey(store: &Store) -> Result<&YubiKeyStore> {
     match store {
         Store::YubiKey(y) => Ok(y),
@@ -137,6 +141,7 @@ pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
             let store = open_store(global)?;
             let key = store.generate(&target.user, target.role, &placement.options(&store)?)?;
             report_new_key(global, "generated", &key);
+            #[cfg(feature = "yubikey")]
             if let Store::YubiKey(y) = &store {
                 // Say at once whether Yubico vouches for the new key.
                 match y.attest(&key, &attestation::yubico_roots()) {
@@ -156,47 +161,10 @@ pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
             let key = store.import(&target.user, target.role, secret, &options)?;
             report_new_key(global, "imported", &key);
         }
-        KeysCommand::Attest { target, root } => {
-            let store = open_store(global)?;
-            let y = yubikey(&store)?;
-            let mut roots = attestation::yubico_roots();
-            for f in &root {
-                let bytes =
-                    std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
-                roots.push(
-                    attestation::Root::parse(&f.display().to_string(), &bytes)
-                        .map_err(anyhow::Error::msg)?,
-                );
-            }
-            let key = store.find_key(&target.user, target.role)?;
-            let a = y.attest(&key, &roots)?;
-            if a.serial.is_some_and(|s| s != y.serial()) {
-                bail!(
-                    "the attestation names serial {:?}, but this YubiKey is {}",
-                    a.serial,
-                    y.serial()
-                );
-            }
-            if global.json {
-                output::json(&json!({
-                    "key": key_json(&key),
-                    "chain": a.chain,
-                    "serial": a.serial,
-                    "firmware": a.firmware.map(|f| format!("{}.{}.{}", f[0], f[1], f[2])),
-                    "verified": true,
-                }));
-            } else {
-                say!(
-                    "the {} key of {} was generated on this YubiKey: {}",
-                    key.role,
-                    esc(&key.user_id),
-                    describe_attestation(&a)
-                );
-            }
-        }
+        KeysCommand::Attest { target, root } => attest(global, target, root)?,
         KeysCommand::Adopt { target, slot } => {
             let store = open_store(global)?;
-            let key = yubikey(&store)?.adopt(&target.user, target.role, slot)?;
+            let key = adopt(&store, &target, slot)?;
             report_new_key(global, "adopted", &key);
         }
         KeysCommand::List { user } => {
@@ -286,6 +254,65 @@ pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `keys attest`: the card's attestation of a key, verified up to Yubico's roots (and
+/// `--root`s).
+#[cfg(feature = "yubikey")]
+fn attest(global: &GlobalArgs, target: KeyTarget, root: Vec<PathBuf>) -> Result<()> {
+    let store = open_store(global)?;
+    let y = yubikey(&store)?;
+    let mut roots = attestation::yubico_roots();
+    for f in &root {
+        let bytes = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+        roots.push(
+            attestation::Root::parse(&f.display().to_string(), &bytes)
+                .map_err(anyhow::Error::msg)?,
+        );
+    }
+    let key = store.find_key(&target.user, target.role)?;
+    let a = y.attest(&key, &roots)?;
+    if a.serial.is_some_and(|s| s != y.serial()) {
+        bail!(
+            "the attestation names serial {:?}, but this YubiKey is {}",
+            a.serial,
+            y.serial()
+        );
+    }
+    if global.json {
+        output::json(&json!({
+            "key": key_json(&key),
+            "chain": a.chain,
+            "serial": a.serial,
+            "firmware": a.firmware.map(|f| format!("{}.{}.{}", f[0], f[1], f[2])),
+            "verified": true,
+        }));
+    } else {
+        say!(
+            "the {} key of {} was generated on this YubiKey: {}",
+            key.role,
+            esc(&key.user_id),
+            describe_attestation(&a)
+        );
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "yubikey"))]
+fn attest(_: &GlobalArgs, _: KeyTarget, _: Vec<PathBuf>) -> Result<()> {
+    bail!("this mxhsm was built without YubiKey support (the `yubikey` feature)")
+}
+
+/// `keys adopt`: records a key already in a PIV slot.
+#[cfg(feature = "yubikey")]
+fn adopt(store: &Store, target: &KeyTarget, slot: u8) -> Result<KeyInfo> {
+    Ok(yubikey(store)?.adopt(&target.user, target.role, slot)?)
+}
+
+#[cfg(not(feature = "yubikey"))]
+fn adopt(_: &Store, _: &KeyTarget, _: u8) -> Result<KeyInfo> {
+    bail!("this mxhsm was built without YubiKey support (the `yubikey` feature)")
+}
+
+#[cfg(feature = "yubikey")]
 fn describe_attestation(a: &attestation::Attestation) -> String {
     let mut parts = vec![format!("chain {}", a.chain.join(" <- "))];
     if let Some(s) = a.serial {

@@ -190,12 +190,16 @@ fn token_choice(global: &GlobalArgs) -> Result<TokenChoice, TokenError> {
 /// when a private key is first used.
 fn open_store(global: &GlobalArgs) -> Result<Store> {
     let choice = token_choice(global)?;
+    #[allow(unused_mut)]
     let mut options = StoreOptions::default();
+    #[cfg(feature = "yubikey")]
     if let Some(f) = &global.management_key_file {
         options.management_key =
             mxhsm::token::yubikey::ManagementKey::Given(secrets::management_key(f)?);
     }
+    #[allow(unused_mut)]
     let mut store = Store::open(&choice, options, secrets::pins(global.pin_file.clone()))?;
+    #[cfg(feature = "yubikey")]
     if let Store::YubiKey(y) = &mut store {
         y.set_touch_notice(Box::new(|key| {
             note!(

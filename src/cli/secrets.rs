@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use mxhsm::token::pin::PinSources;
 use mxhsm::token::{PinProvider, PinRequest, SecretKeyBytes, TokenError};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use zeroize::Zeroizing;
 
 use super::output::note;
@@ -136,9 +136,11 @@ pub fn private_key(path: &Path) -> Result<SecretKeyBytes> {
     SecretKeyBytes::parse(&raw).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+#[cfg(feature = "yubikey")]
 /// A PIV management key from a file: hex (48 or 64 digits, 32 for AES-128), whitespace
 /// ignored.
 pub fn management_key(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    use secrecy::ExposeSecret;
     let text = from_file(path, "management key")?;
     let hex: Zeroizing<String> = Zeroizing::new(
         text.expose_secret()

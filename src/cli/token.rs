@@ -70,7 +70,7 @@ fn list(global: &GlobalArgs, modules: Vec<PathBuf>) -> Result<ExitCode> {
         modules
     };
     // YubiKeys too, unless modules were named.
-    let yubikeys = (!explicit).then(mxhsm::token::yubikey::list_yubikeys);
+    let yubikeys = (!explicit).then(list_yubikeys);
     if modules.is_empty() && !matches!(&yubikeys, Some(Ok(y)) if !y.is_empty()) {
         bail!(
             "no PKCS#11 module and no YubiKey found; name a module with --module PATH or set {}",
@@ -197,6 +197,24 @@ fn list(global: &GlobalArgs, modules: Vec<PathBuf>) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[cfg(feature = "yubikey")]
+use mxhsm::token::yubikey::list_yubikeys;
+
+/// A YubiKey as `token list` shows it.
+#[cfg(not(feature = "yubikey"))]
+struct YubiKeyEntry {
+    serial: u32,
+    firmware: String,
+    reader: String,
+    supported: bool,
+}
+
+/// Without the `yubikey` feature this mxhsm has no PC/SC, so it sees no YubiKey.
+#[cfg(not(feature = "yubikey"))]
+fn list_yubikeys() -> Result<Vec<YubiKeyEntry>, mxhsm::token::TokenError> {
+    Ok(Vec::new())
+}
+
 fn default_modules(global: &GlobalArgs) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = Vec::new();
     let mut add = |p: PathBuf| {
@@ -274,12 +292,14 @@ struct SessionKey<'a> {
 }
 
 /// The user of a YubiKey's temporary test keys.
+#[cfg(feature = "yubikey")]
 const TEST_KEY_USER: &str = "@mxhsm-self-test:localhost";
 
 impl<'a> SessionKey<'a> {
     fn new(store: &'a Store, algorithm: KeyAlgorithm) -> Result<Self> {
         let key = match store {
             Store::Pkcs11(s) => s.generate_session_key(algorithm)?,
+            #[cfg(feature = "yubikey")]
             Store::YubiKey(s) => {
                 let role = match algorithm {
                     KeyAlgorithm::Ed25519 => mxhsm::token::KeyRole::SelfSigning,
@@ -403,6 +423,7 @@ fn doctor(global: &GlobalArgs) -> Result<ExitCode> {
             detail: e.to_string(),
         }),
     }
+    #[cfg(feature = "yubikey")]
     if let Store::YubiKey(y) = &store {
         // Factory credentials are worth a warning, not a failure: a default management key
         // lets anyone holding the card replace (not use) its keys; a default PIN lets

@@ -26,6 +26,14 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 pub use pin::{PinProvider, PinRequest, PinStatus};
 pub use store::{Store, StoreOptions, TokenChoice};
 
+/// The retired key-management slots of a YubiKey's PIV application that mxhsm uses.
+pub const RETIRED_SLOTS: std::ops::RangeInclusive<u8> = 0x82..=0x95;
+
+/// Whether `slot` is one of the retired PIV slots.
+pub fn is_retired_slot(slot: u8) -> bool {
+    RETIRED_SLOTS.contains(&slot)
+}
+
 /// What a key is for in Matrix's key infrastructure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum KeyRole {

@@ -43,13 +43,7 @@ const DEFAULT_MANAGEMENT_KEY: [u8; 24] = [
 /// The first firmware with Ed25519 and X25519 in PIV.
 pub const MIN_FIRMWARE: (u8, u8) = (5, 7);
 
-/// The retired key-management slots mxhsm uses.
-pub const RETIRED_SLOTS: std::ops::RangeInclusive<u8> = 0x82..=0x95;
-
-/// Whether `slot` is one of the retired slots.
-pub fn is_retired_slot(slot: u8) -> bool {
-    RETIRED_SLOTS.contains(&slot)
-}
+pub use super::{RETIRED_SLOTS, is_retired_slot};
 
 /// How mxhsm authenticates with the card's management key (needed to generate, import or
 /// delete keys).
