@@ -259,6 +259,19 @@ pub enum AccountError {
 }
 
 impl AccountError {
+    /// The token's error behind this one, if the token is what failed (a wrong PIN, a
+    /// missing card, a refused operation), however deep it is in the chain.
+    pub fn token_error(&self) -> Option<&TokenError> {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(c) = cause {
+            if let Some(t) = c.downcast_ref::<TokenError>() {
+                return Some(t);
+            }
+            cause = c.source();
+        }
+        None
+    }
+
     fn file(what: &'static str, path: &std::path::Path, reason: impl std::fmt::Display) -> Self {
         AccountError::File {
             what,

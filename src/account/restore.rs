@@ -320,9 +320,14 @@ impl Progress {
             .ok()
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| AccountError::file("is damaged:", path, "bad header"))?;
-        let shared = agreement
-            .agree(&eph)
-            .map_err(|e| AccountError::Backup(backup::BackupError::Agreement(e.to_string())))?;
+        let shared = agreement.agree(&eph).map_err(|e| {
+            match e.source.downcast::<crate::token::TokenError>() {
+                Ok(t) => AccountError::Token(*t),
+                Err(other) => {
+                    AccountError::Backup(backup::BackupError::Agreement(other.to_string()))
+                }
+            }
+        })?;
         let keys = ProgressKeys::derive(&shared, version);
         let mut good_len = header.len() as u64;
         let mut records = 0u32;

@@ -43,10 +43,27 @@ pub trait X25519Agreement: Sync {
     fn agree(&self, peer: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, AgreementError>;
 }
 
-/// The agreement failed (the token refused, a small-order peer key, …).
+/// The agreement failed (the token refused, a small-order peer key, …). The source is the
+/// agreeing side's own error — for a key on a token, a `TokenError`.
 #[derive(Debug, thiserror::Error)]
-#[error("X25519 agreement failed: {0}")]
-pub struct AgreementError(pub String);
+#[error("X25519 agreement failed: {source}")]
+pub struct AgreementError {
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl AgreementError {
+    pub fn new(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        AgreementError {
+            source: Box::new(source),
+        }
+    }
+}
+
+/// A small-order (non-contributory) peer key, refused by the software agreement.
+#[derive(Debug, thiserror::Error)]
+#[error("the peer key is of small order")]
+pub struct SmallOrder;
 
 /// A software X25519 key (tests, benchmarks, and keys read from secret storage before
 /// they go onto a token).
@@ -59,7 +76,7 @@ impl X25519Agreement for SoftwareX25519 {
     fn agree(&self, peer: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, AgreementError> {
         let shared = self.0.diffie_hellman(&x25519_dalek::PublicKey::from(*peer));
         if !shared.was_contributory() {
-            return Err(AgreementError("the peer key is of small order".into()));
+            return Err(AgreementError::new(SmallOrder));
         }
         Ok(Zeroizing::new(shared.to_bytes()))
     }

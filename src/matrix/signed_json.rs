@@ -84,10 +84,23 @@ pub trait Ed25519Signer {
     fn sign(&self, message: &[u8]) -> Result<[u8; 64], SignError>;
 }
 
-/// A signer failed (the token refused, was unplugged, …).
+/// A signer failed (the token refused, was unplugged, …). The source is the signer's own
+/// error — for a key on a token, a `TokenError`, which a caller can downcast to tell a
+/// wrong PIN from a missing card.
 #[derive(Debug, thiserror::Error)]
-#[error("signing failed: {0}")]
-pub struct SignError(pub String);
+#[error("signing failed: {source}")]
+pub struct SignError {
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl SignError {
+    pub fn new(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        SignError {
+            source: Box::new(source),
+        }
+    }
+}
 
 impl Ed25519Signer for vodozemac::Ed25519SecretKey {
     fn public_key(&self) -> Ed25519PublicKey {
@@ -98,7 +111,7 @@ impl Ed25519Signer for vodozemac::Ed25519SecretKey {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum SignedJsonError {
     #[error("canonical JSON does not allow the number {0} (only integers within ±(2^53−1))")]
     Number(String),
@@ -112,8 +125,8 @@ pub enum SignedJsonError {
     MalformedSignature { entity: String, key_id: String },
     #[error("the signature by {entity} with key {key_id} does not verify")]
     BadSignature { entity: String, key_id: String },
-    #[error("{0}")]
-    Signer(String),
+    #[error(transparent)]
+    Signer(#[from] SignError),
 }
 
 /// Decodes standard base64 with or without padding (the spec asks decoders to accept both).
@@ -164,9 +177,7 @@ pub fn sign_json(
     signer: &dyn Ed25519Signer,
 ) -> Result<(), SignedJsonError> {
     let bytes = signable_bytes(object)?;
-    let sig = signer
-        .sign(&bytes)
-        .map_err(|e| SignedJsonError::Signer(e.to_string()))?;
+    let sig = signer.sign(&bytes).map_err(SignedJsonError::Signer)?;
     let map = object.as_object_mut().ok_or(SignedJsonError::NotAnObject)?;
     let signatures = map
         .entry("signatures")
@@ -332,6 +343,33 @@ mod tests {
         verify_json(&obj, "@u:h", "ed25519:A", &Ed25519Signer::public_key(&a)).unwrap();
         verify_json(&obj, "@u:h", "ed25519:B", &Ed25519Signer::public_key(&b)).unwrap();
         verify_json(&obj, "@v:h", "ed25519:B", &Ed25519Signer::public_key(&b)).unwrap();
+    }
+
+    /// A signer's own error stays reachable as the source (a caller can tell a wrong PIN
+    /// from a missing card).
+    #[test]
+    fn signer_errors_keep_their_source() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("the card is gone")]
+        struct Gone;
+        struct Failing;
+        impl Ed25519Signer for Failing {
+            fn public_key(&self) -> Ed25519PublicKey {
+                Ed25519PublicKey([0; 32])
+            }
+            fn sign(&self, _: &[u8]) -> Result<[u8; 64], SignError> {
+                Err(SignError::new(Gone))
+            }
+        }
+        let e = sign_json(&mut serde_json::json!({}), "@u:h", "ed25519:K", &Failing).unwrap_err();
+        assert_eq!(e.to_string(), "signing failed: the card is gone");
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        let mut found = false;
+        while let Some(c) = cause {
+            found |= c.downcast_ref::<Gone>().is_some();
+            cause = c.source();
+        }
+        assert!(found, "the signer's error is in the chain");
     }
 
     #[test]

@@ -615,7 +615,7 @@ impl crate::matrix::signed_json::Ed25519Signer for TokenSigner<'_> {
     fn sign(&self, message: &[u8]) -> Result<[u8; 64], crate::matrix::signed_json::SignError> {
         self.store
             .sign_ed25519(&self.key, message)
-            .map_err(|e| crate::matrix::signed_json::SignError(e.to_string()))
+            .map_err(crate::matrix::signed_json::SignError::new)
     }
 }
 
@@ -636,7 +636,7 @@ impl crate::matrix::backup::X25519Agreement for TokenAgreement<'_> {
         self.store
             .x25519(&self.key, peer)
             .map(|s| zeroize::Zeroizing::new(*s.expose()))
-            .map_err(|e| crate::matrix::backup::AgreementError(e.to_string()))
+            .map_err(crate::matrix::backup::AgreementError::new)
     }
 }
 

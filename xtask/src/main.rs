@@ -247,10 +247,20 @@ fn test(extra: &[String]) -> Result {
         cmd.env(k, v);
     }
     run(&mut cmd)?;
-    // mxhsm builds without the YubiKey backend, for users who have no PC/SC.
-    // (Its own target directory: other RUSTFLAGS would invalidate the main build.)
+    // The library builds alone (no clap, no PC/SC), and the command without the YubiKey
+    // backend. (Their own target directory: other RUSTFLAGS would invalidate the main build.)
     run(cargo()
-        .args(["build", "--no-default-features", "--target-dir"])
+        .args(["build", "--lib", "--no-default-features", "--target-dir"])
+        .arg(target_dir().join("no-default-features"))
+        .env("RUSTFLAGS", "-D warnings"))?;
+    run(cargo()
+        .args([
+            "build",
+            "--no-default-features",
+            "--features",
+            "cli",
+            "--target-dir",
+        ])
         .arg(target_dir().join("no-default-features"))
         .env("RUSTFLAGS", "-D warnings"))?;
     // A short run of every fuzz target: one that stops building, or finds something at
