@@ -99,8 +99,8 @@ fn sign_device_signs_the_key_that_was_shown() {
 fn own_device_is_signed_from_its_olm_account() {
     let u = MxhsmUser::new(Kind::Kryoptic);
     u.login();
-    let (token, device) = u.access();
-    let fake = replace_device_keys(&u, &token, &device);
+    let (token, device0) = u.access();
+    let fake = replace_device_keys(&u, &token, &device0);
     let err = fails(u.cli().args(["identity", "create"]));
     assert!(err.contains("is not the one mxhsm uploaded"), "{err}");
     assert!(err.contains("nothing was signed"), "{err}");
@@ -137,13 +137,33 @@ fn own_device_is_signed_from_its_olm_account() {
     ]));
     assert!(err.contains("not served as uploaded"), "{err}");
     assert!(!v.session_path().exists(), "no session kept");
-    let (token, device) = swapped.lock().unwrap().clone().unwrap();
-    let stored = stored_device(&v, &token, &device);
+    let (_, device) = swapped.lock().unwrap().clone().unwrap();
+    // The swapped device is not cross-signed, and mxhsm ended it rather than leave it.
+    let checker = v.synapse.login(&v.user, "CHECKER");
+    let stored = stored_device(&v, &checker, &device);
     assert!(
         !verifies(&stored, &v.user.user_id, &v.token_key("self_signing")),
         "the swapped device is not cross-signed: {stored}"
     );
-    let _ = fake;
+    let (_, devices) = http(&v.synapse.url, "GET", "/devices", Some(&checker), None);
+    assert!(
+        devices["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["device_id"] != device.as_str()),
+        "{devices}"
+    );
+    // And identity create signed nothing for the device whose keys the server replaced:
+    // it carries its own signature only.
+    let stored = stored_device(&u, &token, &device0);
+    assert_eq!(stored["keys"][format!("ed25519:{device0}")], fake);
+    let signers: Vec<&String> = stored["signatures"][&u.user.user_id]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(signers, [&format!("ed25519:{device0}")], "{stored}");
 }
 
 /// Attack 3: `sign devices`: a device the server invented is listed with its fingerprint and
@@ -407,6 +427,23 @@ fn login_answer_must_name_the_user_asked_for() {
         "{err}"
     );
     assert!(!alice.session_path().exists());
+    // The device the server made for that login is ended, not left behind: only the
+    // registration's device and the checker's are there.
+    let checker = alice.synapse.login(&alice.user, "CHECKER");
+    let (_, devices) = http(&alice.synapse.url, "GET", "/devices", Some(&checker), None);
+    let names: Vec<&Value> = devices["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| &d["display_name"])
+        .collect();
+    assert_eq!(names.len(), 2, "{devices}");
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.as_str().is_some_and(|n| n.starts_with("mxhsm"))),
+        "{devices}"
+    );
     let token = alice.synapse.login(&bob, "BOBCHECK");
     let q = alice.query(&token, &bob.user_id);
     assert!(

@@ -206,6 +206,8 @@ pub fn login(
         .and_then(|d| d.get(&session.user_id))
         .and_then(|d| d.get(&session.device_id));
     if served.and_then(|s| signable_bytes(s).ok()) != Some(signable_bytes(&keys)?) {
+        // Not kept: the device is ended rather than left behind with someone else's keys.
+        let _ = client.logout();
         return Err(AccountError::ReadBack(format!(
             "the keys of the new device {} are not served as uploaded",
             session.device_id

@@ -574,7 +574,18 @@ impl Client {
                 })
         };
         let user_id = field("user_id")?;
-        check_logged_in_user(user, &user_id)?;
+        if let Err(e) = check_logged_in_user(user, &user_id) {
+            // The server made a device anyway: end it rather than leave it behind.
+            if let Ok(token) = field("access_token") {
+                let _ = Client::new(
+                    client.url.as_str(),
+                    Some(SecretString::from(token)),
+                    options,
+                )
+                .and_then(|c| c.logout());
+            }
+            return Err(e);
+        }
         Ok(Session {
             homeserver: client.url.as_str().to_string(),
             user_id,
