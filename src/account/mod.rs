@@ -20,6 +20,8 @@
 //!   private-key operation, which is when the PIN is asked for.
 
 pub mod backup;
+pub mod bench;
+pub mod doctor;
 pub mod identity;
 pub mod login;
 pub mod restore;

@@ -1,0 +1,258 @@
+//! The token's doctor: a self-test with temporary keys, and an audit of every mxhsm key
+//! on the token (and, on a YubiKey, of its credentials and slot map).
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use x25519_dalek::{PublicKey as XPublic, StaticSecret};
+
+use super::AccountError;
+use crate::token::{KeyAlgorithm, KeyInfo, KeyStore, Store};
+
+/// One line of the doctor's report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+fn check(name: impl Into<String>, r: Result<String, AccountError>) -> Check {
+    match r {
+        Ok(detail) => Check {
+            name: name.into(),
+            ok: true,
+            detail,
+        },
+        Err(e) => Check {
+            name: name.into(),
+            ok: false,
+            detail: e.to_string(),
+        },
+    }
+}
+
+/// A temporary key that is destroyed when dropped: a PKCS#11 session object, or on a
+/// YubiKey a key in a free retired slot (PIN once, no touch) under a placeholder user.
+pub(crate) struct SessionKey<'a> {
+    pub(crate) store: &'a dyn KeyStore,
+    pub(crate) key: KeyInfo,
+}
+
+/// The user of a YubiKey's temporary test keys.
+#[cfg(feature = "yubikey")]
+const TEST_KEY_USER: &str = "@mxhsm-self-test:localhost";
+
+impl<'a> SessionKey<'a> {
+    pub(crate) fn new(store: &'a Store, algorithm: KeyAlgorithm) -> Result<Self, AccountError> {
+        let key = match store {
+            Store::Pkcs11(s) => s.generate_session_key(algorithm)?,
+            #[cfg(feature = "yubikey")]
+            Store::YubiKey(s) => {
+                let role = match algorithm {
+                    KeyAlgorithm::Ed25519 => crate::token::KeyRole::SelfSigning,
+                    KeyAlgorithm::X25519 => crate::token::KeyRole::Backup,
+                };
+                let options = crate::token::KeyOptions {
+                    pin_policy: Some(crate::token::PinPolicy::Once),
+                    touch_policy: Some(crate::token::TouchPolicy::Never),
+                    ..Default::default()
+                };
+                s.generate(TEST_KEY_USER, role, &options)?
+            }
+        };
+        Ok(SessionKey {
+            store: &**store,
+            key,
+        })
+    }
+}
+
+impl Drop for SessionKey<'_> {
+    fn drop(&mut self) {
+        let _ = self.store.delete(&self.key);
+    }
+}
+
+/// Self-tests the token with temporary keys (Ed25519 at several lengths, X25519 against
+/// x25519-dalek, a small-order peer refused) and audits every mxhsm key on it; on a
+/// YubiKey also the factory credentials, unmapped slots and the slot map.
+pub fn doctor(store: &Store) -> Result<Vec<Check>, AccountError> {
+    store.login()?;
+    let caps = store.capabilities().clone();
+    let mut checks = vec![Check {
+        name: "capabilities".into(),
+        ok: caps.ed25519,
+        detail: caps.summary(),
+    }];
+    if caps.ed25519 {
+        checks.push(check("ed25519 sign + verify", (|| {
+            let k = SessionKey::new(store, KeyAlgorithm::Ed25519)?;
+            let vk = VerifyingKey::from_bytes(&k.key.public_key)
+                .map_err(|e| AccountError::Input(e.to_string()))?;
+            let mut lengths = Vec::new();
+            for len in [0usize, 1, 255, 1015, 65536] {
+                let msg: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+                let sig = store.sign_ed25519(&k.key, &msg)?;
+                vk.verify_strict(&msg, &Signature::from_bytes(&sig))
+                    .map_err(|_| AccountError::Input(format!("a {len}-byte message's signature does not verify (ed25519-dalek verify_strict)")))?;
+                lengths.push(len.to_string());
+            }
+            Ok(format!("session key; signatures over {} bytes verify with ed25519-dalek", lengths.join("/")))
+        })()));
+    }
+    if caps.x25519.is_some() {
+        checks.push(check(
+            "x25519 agreement",
+            (|| {
+                let k = SessionKey::new(store, KeyAlgorithm::X25519)?;
+                let mut seed = [0u8; 32];
+                getrandom::fill(&mut seed).map_err(|e| AccountError::Input(e.to_string()))?;
+                let peer = StaticSecret::from(seed);
+                let on_token = store.x25519(&k.key, XPublic::from(&peer).as_bytes())?;
+                let soft = peer.diffie_hellman(&XPublic::from(k.key.public_key));
+                if on_token.expose() != soft.as_bytes() {
+                    return Err(AccountError::Input(
+                        "the token's shared secret differs from x25519-dalek's".into(),
+                    ));
+                }
+                // A small-order peer key must be refused, not turned into a zero secret.
+                match store.x25519(&k.key, &[0u8; 32]) {
+                    Err(_) => {}
+                    Ok(_) => {
+                        return Err(AccountError::Input(
+                            "an all-zero peer key gave a secret".into(),
+                        ));
+                    }
+                }
+                Ok(format!(
+                    "session key ({}); secret equals x25519-dalek's; zero peer key refused",
+                    k.key.x25519_mechanism.map(|m| m.as_str()).unwrap_or("?")
+                ))
+            })(),
+        ));
+    } else {
+        checks.push(Check {
+            name: "x25519 agreement".into(),
+            ok: true,
+            detail:
+                "not supported by this token: keep the backup key elsewhere (cross-signing works)"
+                    .into(),
+        });
+    }
+    let keys = store.list_keys(None);
+    match keys {
+        Ok(keys) => {
+            if keys.is_empty() {
+                checks.push(Check {
+                    name: "key audit".into(),
+                    ok: true,
+                    detail: "no mxhsm keys on this token".into(),
+                });
+            }
+            for k in &keys {
+                let problems = k.protection.problems(k.algorithm());
+                let mut notes = vec![k.origin.as_str().to_string()];
+                if k.protection.never_extractable == Some(true)
+                    && k.protection.always_sensitive == Some(true)
+                {
+                    notes.push("never extractable, always sensitive".into());
+                }
+                checks.push(Check {
+                    name: format!("key {} {} {}", k.user_id, k.role, k.public_key_base64()),
+                    ok: problems.is_empty(),
+                    detail: if problems.is_empty() {
+                        format!(
+                            "token, private, sensitive, not extractable, {} only; {}",
+                            match k.algorithm() {
+                                KeyAlgorithm::Ed25519 => "signs",
+                                KeyAlgorithm::X25519 => "derives",
+                            },
+                            notes.join(", ")
+                        )
+                    } else {
+                        problems.join("; ")
+                    },
+                });
+            }
+        }
+        Err(e) => checks.push(Check {
+            name: "key audit".into(),
+            ok: false,
+            detail: e.to_string(),
+        }),
+    }
+    #[cfg(feature = "yubikey")]
+    if let Store::YubiKey(y) = store {
+        // Factory credentials are worth a warning, not a failure: a default management key
+        // lets anyone holding the card replace (not use) its keys; a default PIN lets
+        // anyone holding it use them.
+        match y.factory_defaults() {
+            Ok(defaults) => {
+                let still: Vec<&str> = defaults
+                    .iter()
+                    .filter(|(_, d)| *d == Some(true))
+                    .map(|(what, _)| *what)
+                    .collect();
+                checks.push(Check {
+                    name: "factory credentials".into(),
+                    ok: true,
+                    detail: if still.is_empty() {
+                        "PIN, PUK and management key are changed from the factory defaults".into()
+                    } else {
+                        format!(
+                            "WARNING: still the factory default: {}; change them with ykman piv access change-pin / change-puk / change-management-key --generate --protect",
+                            still.join(", ")
+                        )
+                    },
+                });
+            }
+            Err(e) => checks.push(Check {
+                name: "factory credentials".into(),
+                ok: false,
+                detail: e.to_string(),
+            }),
+        }
+        match y.unmapped_slots() {
+            Ok(slots) => {
+                for (slot, alg, origin) in slots {
+                    checks.push(Check {
+                        name: format!("slot {slot:02x}"),
+                        ok: true,
+                        detail: format!(
+                            "holds a key mxhsm does not know ({}, {}); `mxhsm keys adopt --slot {slot:02x} …` maps it",
+                            alg.map(|a| a.to_string()).unwrap_or_else(|| "another algorithm".into()),
+                            origin.as_str()
+                        ),
+                    });
+                }
+            }
+            Err(e) => checks.push(Check {
+                name: "unmapped slots".into(),
+                ok: false,
+                detail: e.to_string(),
+            }),
+        }
+        // Slot-map entries the card contradicts are never used; say so.
+        match y.audit() {
+            Ok(entries) => {
+                for (slot, entry, state) in entries {
+                    if let Err(problem) = state {
+                        checks.push(Check {
+                            name: format!("slot map {slot:02x} ({} {})", entry.user_id, entry.role),
+                            ok: false,
+                            detail: format!(
+                                "{problem}; fix {} (remove the entry) or `mxhsm keys adopt`",
+                                y.slot_map_path().display()
+                            ),
+                        });
+                    }
+                }
+            }
+            Err(e) => checks.push(Check {
+                name: "slot map".into(),
+                ok: false,
+                detail: e.to_string(),
+            }),
+        }
+    }
+    Ok(checks)
+}
