@@ -169,8 +169,11 @@ pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
         }
         KeysCommand::List { user } => {
             let store = open_store(global)?;
-            // Logged in, the listing shows the private keys' protection attributes too.
-            store.login()?;
+            // A PKCS#11 token shows the private keys' protection attributes once logged in
+            // (a YubiKey's metadata needs no PIN).
+            if store.as_pkcs11().is_some() {
+                store.login()?;
+            }
             let keys = store.list_keys(user.as_deref())?;
             if global.json {
                 output::json(&json!(keys.iter().map(key_json).collect::<Vec<_>>()));
