@@ -16,7 +16,7 @@ pub fn parse_yubikey(value: &str) -> Result<Option<u32>, TokenError> {
         return Ok(None);
     }
     value.parse().map(Some).map_err(|_| {
-        TokenError::InvalidInput(format!(
+        TokenError::TokenChoice(format!(
             "--yubikey takes a serial number (see `mxhsm token list`) or `any`, not {value:?}"
         ))
     })
@@ -28,7 +28,7 @@ pub fn token_choice(token: Option<&str>, yubikey: Option<&str>) -> Result<TokenC
     let env = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
     let (token, yubikey) = match (token, yubikey) {
         (Some(_), Some(_)) => {
-            return Err(TokenError::InvalidInput(
+            return Err(TokenError::TokenChoice(
                 "pass --token or --yubikey, not both".into(),
             ));
         }
@@ -36,12 +36,12 @@ pub fn token_choice(token: Option<&str>, yubikey: Option<&str>) -> Result<TokenC
         (t, y) => (t.map(str::to_string), y.map(str::to_string)),
     };
     match (token, yubikey) {
-        (Some(_), Some(_)) => Err(TokenError::InvalidInput(format!(
+        (Some(_), Some(_)) => Err(TokenError::TokenChoice(format!(
             "both {TOKEN_ENV} and {YUBIKEY_ENV} are set: unset one, or choose with --token or --yubikey"
         ))),
         (Some(uri), None) => Ok(TokenChoice::Pkcs11(Box::new(Pkcs11Uri::parse(&uri)?))),
         (None, Some(serial)) => Ok(TokenChoice::YubiKey(parse_yubikey(&serial)?)),
-        (None, None) => Err(TokenError::InvalidInput(format!(
+        (None, None) => Err(TokenError::TokenChoice(format!(
             "no token given: pass --token 'pkcs11:token=…?module-path=…' or --yubikey SERIAL, or set {TOKEN_ENV} or {YUBIKEY_ENV} (see `mxhsm token list`)"
         ))),
     }

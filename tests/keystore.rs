@@ -101,11 +101,14 @@ fn generate_all_roles_sign_and_agree(kind: Kind) {
     // Wrong-algorithm requests are refused before reaching the token.
     assert!(matches!(
         store.sign_ed25519(&backup, b"x"),
-        Err(TokenError::InvalidInput(_))
+        Err(TokenError::WrongAlgorithm {
+            role: KeyRole::Backup,
+            ..
+        })
     ));
     assert!(matches!(
         store.x25519(&listed[0], &[9u8; 32]),
-        Err(TokenError::InvalidInput(_))
+        Err(TokenError::WrongAlgorithm { .. })
     ));
 }
 
@@ -308,9 +311,11 @@ fn bad_user_ids_and_key_sizes_are_refused(kind: Kind) {
         let e = store
             .generate(bad, KeyRole::Master, &KeyOptions::default())
             .unwrap_err();
+        assert!(matches!(e, TokenError::BadUserId(_)), "{e}");
         assert!(e.to_string().contains("is not a Matrix user ID"), "{e}");
     }
     let e = SecretKeyBytes::from_slice(&[1u8; 31]).unwrap_err();
+    assert!(matches!(e, TokenError::BadPrivateKey(_)), "{e}");
     assert!(e.to_string().contains("32 bytes, this one is 31"), "{e}");
     assert!(store.list_keys(None).unwrap().is_empty());
 }

@@ -90,9 +90,11 @@ impl FromStr for KeyRole {
             "self_signing" | "self-signing" | "ssk" => Ok(KeyRole::SelfSigning),
             "user_signing" | "user-signing" | "usk" => Ok(KeyRole::UserSigning),
             "backup" => Ok(KeyRole::Backup),
-            other => Err(TokenError::InvalidInput(format!(
-                "unknown key role {other:?} (expected master, self_signing, user_signing or backup)"
-            ))),
+            other => Err(TokenError::UnknownName {
+                what: "key role",
+                value: other.to_string(),
+                expected: "master, self_signing, user_signing or backup",
+            }),
         }
     }
 }
@@ -367,9 +369,11 @@ impl FromStr for PinPolicy {
             "never" => Ok(PinPolicy::Never),
             "once" => Ok(PinPolicy::Once),
             "always" => Ok(PinPolicy::Always),
-            other => Err(TokenError::InvalidInput(format!(
-                "unknown PIN policy {other:?} (expected never, once or always)"
-            ))),
+            other => Err(TokenError::UnknownName {
+                what: "PIN policy",
+                value: other.to_string(),
+                expected: "never, once or always",
+            }),
         }
     }
 }
@@ -399,9 +403,11 @@ impl FromStr for TouchPolicy {
             "never" => Ok(TouchPolicy::Never),
             "always" => Ok(TouchPolicy::Always),
             "cached" => Ok(TouchPolicy::Cached),
-            other => Err(TokenError::InvalidInput(format!(
-                "unknown touch policy {other:?} (expected never, always or cached)"
-            ))),
+            other => Err(TokenError::UnknownName {
+                what: "touch policy",
+                value: other.to_string(),
+                expected: "never, always or cached",
+            }),
         }
     }
 }
@@ -419,7 +425,7 @@ impl SecretKeyBytes {
     /// Takes the bytes from a slice that must be exactly 32 bytes long.
     pub fn from_slice(bytes: &[u8]) -> Result<Self, TokenError> {
         let arr: [u8; 32] = bytes.try_into().map_err(|_| {
-            TokenError::InvalidInput(format!(
+            TokenError::BadPrivateKey(format!(
                 "a private key must be 32 bytes, this one is {} bytes",
                 bytes.len()
             ))
@@ -453,7 +459,7 @@ impl SecretKeyBytes {
         if raw.len() == 32 {
             return Self::from_slice(raw);
         }
-        Err(TokenError::InvalidInput(match decoded {
+        Err(TokenError::BadPrivateKey(match decoded {
             Some(bytes) => format!(
                 "the base64 decodes to {} bytes; a private key is 32 bytes",
                 bytes.len()
@@ -659,9 +665,7 @@ pub fn check_user_id(user_id: &str) -> Result<(), TokenError> {
     if ok {
         Ok(())
     } else {
-        Err(TokenError::InvalidInput(format!(
-            "{user_id:?} is not a Matrix user ID (expected @localpart:server.name)"
-        )))
+        Err(TokenError::BadUserId(user_id.to_string()))
     }
 }
 
@@ -702,6 +706,33 @@ pub enum TokenError {
         role: KeyRole,
         token: String,
     },
+    #[error("unknown {what} {value:?} (expected {expected})")]
+    UnknownName {
+        what: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("{:?} is not a Matrix user ID (expected @localpart:server.name)", crate::text::escape(.0))]
+    BadUserId(String),
+    #[error("{0}")]
+    BadPrivateKey(String),
+    #[error("no randomness from the operating system: {0}")]
+    NoRandomness(String),
+    #[error("the {role} key cannot {operation}")]
+    WrongAlgorithm {
+        role: KeyRole,
+        operation: &'static str,
+    },
+    #[error("the {role} key of {user_id} is not a key of {token}")]
+    OtherToken {
+        role: KeyRole,
+        user_id: String,
+        token: String,
+    },
+    #[error("{0}")]
+    TokenChoice(String),
+    #[error("a message of {len} bytes is too long to sign (at most {max} bytes)")]
+    MessageTooLong { len: usize, max: usize },
     #[error("{0}")]
     InvalidInput(String),
     #[error("{token} returned data mxhsm cannot use: {what}")]

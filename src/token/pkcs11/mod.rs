@@ -72,8 +72,7 @@ fn parse_label(label: &str) -> Option<(KeyRole, &str)> {
 fn new_key_id() -> Result<Vec<u8>, TokenError> {
     let now = super::now_ms();
     let mut random = [0u8; 4];
-    getrandom::fill(&mut random)
-        .map_err(|e| TokenError::InvalidInput(format!("no randomness: {e}")))?;
+    getrandom::fill(&mut random).map_err(|e| TokenError::NoRandomness(e.to_string()))?;
     let mut id = ID_MAGIC.to_vec();
     id.extend_from_slice(&now.to_be_bytes());
     id.extend_from_slice(&random);
@@ -558,6 +557,14 @@ impl Pkcs11Store {
         }
     }
 
+    fn other_token(&self, key: &KeyInfo) -> TokenError {
+        TokenError::OtherToken {
+            role: key.role,
+            user_id: key.user_id.clone(),
+            token: self.summary.to_string(),
+        }
+    }
+
     fn bad_data(&self, what: String) -> TokenError {
         TokenError::BadTokenData {
             token: self.summary.to_string(),
@@ -593,10 +600,7 @@ impl Pkcs11Store {
 
     fn private_handle(&self, session: &Session, key: &KeyInfo) -> Result<ObjectHandle, TokenError> {
         let KeyLocator::Pkcs11 { id, label } = &key.locator else {
-            return Err(TokenError::InvalidInput(format!(
-                "the {} key of {} is not a PKCS#11 key",
-                key.role, key.user_id
-            )));
+            return Err(self.other_token(key));
         };
         if let Some(h) = self
             .handles
@@ -833,7 +837,7 @@ impl Pkcs11Store {
                 let sig = self.sign_ed25519(key, challenge)?;
                 let vk =
                     ed25519_dalek::VerifyingKey::from_bytes(expected_public).map_err(|_| {
-                        TokenError::InvalidInput("the imported Ed25519 key is invalid".into())
+                        TokenError::BadPrivateKey("the imported Ed25519 key is invalid".into())
                     })?;
                 vk.verify_strict(challenge, &ed25519_dalek::Signature::from_bytes(&sig))
                     .map_err(|_| {
@@ -842,8 +846,7 @@ impl Pkcs11Store {
             }
             KeyAlgorithm::X25519 => {
                 let mut seed = [0u8; 32];
-                getrandom::fill(&mut seed)
-                    .map_err(|e| TokenError::InvalidInput(format!("no randomness: {e}")))?;
+                getrandom::fill(&mut seed).map_err(|e| TokenError::NoRandomness(e.to_string()))?;
                 let eph = x25519_dalek::StaticSecret::from(seed);
                 seed.zeroize();
                 let eph_pub = x25519_dalek::PublicKey::from(&eph);
@@ -1213,10 +1216,10 @@ impl KeyStore for Pkcs11Store {
 
     fn sign_ed25519(&self, key: &KeyInfo, message: &[u8]) -> Result<[u8; 64], TokenError> {
         if key.algorithm() != KeyAlgorithm::Ed25519 {
-            return Err(TokenError::InvalidInput(format!(
-                "the {} key cannot sign",
-                key.role
-            )));
+            return Err(TokenError::WrongAlgorithm {
+                role: key.role,
+                operation: "sign",
+            });
         }
         self.login()?;
         let session = self.session()?;
@@ -1247,10 +1250,10 @@ impl KeyStore for Pkcs11Store {
 
     fn x25519(&self, key: &KeyInfo, peer_public: &[u8; 32]) -> Result<SharedSecret, TokenError> {
         if key.algorithm() != KeyAlgorithm::X25519 {
-            return Err(TokenError::InvalidInput(format!(
-                "the {} key cannot do X25519",
-                key.role
-            )));
+            return Err(TokenError::WrongAlgorithm {
+                role: key.role,
+                operation: "do X25519",
+            });
         }
         self.login()?;
         let session = self.session()?;
@@ -1288,7 +1291,7 @@ impl KeyStore for Pkcs11Store {
 
     fn delete(&self, key: &KeyInfo) -> Result<(), TokenError> {
         let KeyLocator::Pkcs11 { id, label } = &key.locator else {
-            return Err(TokenError::InvalidInput("not a PKCS#11 key".into()));
+            return Err(self.other_token(key));
         };
         self.login()?;
         let session = self.session()?;

@@ -701,16 +701,20 @@ impl YubiKeyStore {
     /// The slot `key` names, if it is a PIV key of `algorithm`.
     fn slot_for(&self, key: &KeyInfo, algorithm: KeyAlgorithm) -> Result<u8, TokenError> {
         let KeyLocator::Piv { slot } = key.locator else {
-            return Err(TokenError::InvalidInput(format!(
-                "the {} key of {} is not on {}",
-                key.role, key.user_id, self.summary
-            )));
+            return Err(TokenError::OtherToken {
+                role: key.role,
+                user_id: key.user_id.clone(),
+                token: self.summary.to_string(),
+            });
         };
         if key.algorithm() != algorithm {
-            return Err(TokenError::InvalidInput(format!(
-                "the {} key is not an {algorithm} key",
-                key.role
-            )));
+            return Err(TokenError::WrongAlgorithm {
+                role: key.role,
+                operation: match algorithm {
+                    KeyAlgorithm::Ed25519 => "sign",
+                    KeyAlgorithm::X25519 => "do X25519",
+                },
+            });
         }
         Ok(slot)
     }
@@ -868,7 +872,11 @@ impl YubiKeyStore {
         roots: &[attestation::Root],
     ) -> Result<attestation::Attestation, TokenError> {
         let KeyLocator::Piv { slot } = key.locator else {
-            return Err(TokenError::InvalidInput("not a PIV key".into()));
+            return Err(TokenError::OtherToken {
+                role: key.role,
+                user_id: key.user_id.clone(),
+                token: self.summary.to_string(),
+            });
         };
         let id = slot_id(slot)?;
         let mut card = self.card();
@@ -1141,11 +1149,10 @@ impl KeyStore for YubiKeyStore {
     fn sign_ed25519(&self, key: &KeyInfo, message: &[u8]) -> Result<[u8; 64], TokenError> {
         let slot = self.slot_for(key, KeyAlgorithm::Ed25519)?;
         if message.len() > apdu::MAX_MESSAGE {
-            return Err(TokenError::InvalidInput(format!(
-                "a message of {} bytes is too long to sign (at most {} bytes)",
-                message.len(),
-                apdu::MAX_MESSAGE
-            )));
+            return Err(TokenError::MessageTooLong {
+                len: message.len(),
+                max: apdu::MAX_MESSAGE,
+            });
         }
         self.ensure_pin(&mut self.card())?;
         let touch = self.announce_touch(key, slot);
@@ -1227,7 +1234,11 @@ impl KeyStore for YubiKeyStore {
 
     fn delete(&self, key: &KeyInfo) -> Result<(), TokenError> {
         let KeyLocator::Piv { slot } = key.locator else {
-            return Err(TokenError::InvalidInput("not a PIV key".into()));
+            return Err(TokenError::OtherToken {
+                role: key.role,
+                user_id: key.user_id.clone(),
+                token: self.summary.to_string(),
+            });
         };
         let mut card = self.card();
         let mut map = SlotMap::load(&self.slot_map, self.serial)?;
