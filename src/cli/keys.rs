@@ -175,11 +175,12 @@ pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
                 store.login()?;
             }
             let keys = store.list_keys(user.as_deref())?;
-            if global.json {
-                output::json(&json!(keys.iter().map(key_json).collect::<Vec<_>>()));
-            } else if keys.is_empty() {
-                say!("no mxhsm keys on {}", store.summary());
-            } else {
+            let value = json!(keys.iter().map(key_json).collect::<Vec<_>>());
+            output::emit(global.json, value, || {
+                if keys.is_empty() {
+                    say!("no mxhsm keys on {}", store.summary());
+                    return;
+                }
                 let rows: Vec<Vec<String>> = keys
                     .iter()
                     .map(|k| {
@@ -206,7 +207,7 @@ pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
                     ],
                     &rows,
                 );
-            }
+            });
         }
         KeysCommand::Delete {
             target,
@@ -242,16 +243,14 @@ pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
                 )?;
             }
             store.delete(&key)?;
-            if global.json {
-                output::json(&json!({"deleted": key_json(&key)}));
-            } else {
+            output::emit(global.json, json!({"deleted": key_json(&key)}), || {
                 say!(
                     "deleted the {} key {} of {}",
                     key.role,
                     key.public_key_base64(),
                     esc(&key.user_id)
                 );
-            }
+            });
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -280,22 +279,24 @@ fn attest(global: &GlobalArgs, target: KeyTarget, root: Vec<PathBuf>) -> Result<
             y.serial()
         );
     }
-    if global.json {
-        output::json(&json!({
+    output::emit(
+        global.json,
+        json!({
             "key": key_json(&key),
             "chain": a.chain,
             "serial": a.serial,
             "firmware": a.firmware.map(|f| format!("{}.{}.{}", f[0], f[1], f[2])),
             "verified": true,
-        }));
-    } else {
-        say!(
-            "the {} key of {} was generated on this YubiKey: {}",
-            key.role,
-            esc(&key.user_id),
-            describe_attestation(&a)
-        );
-    }
+        }),
+        || {
+            say!(
+                "the {} key of {} was generated on this YubiKey: {}",
+                key.role,
+                esc(&key.user_id),
+                describe_attestation(&a)
+            );
+        },
+    );
     Ok(())
 }
 
@@ -328,9 +329,7 @@ fn describe_attestation(a: &attestation::Attestation) -> String {
 }
 
 fn report_new_key(global: &GlobalArgs, verb: &str, key: &KeyInfo) {
-    if global.json {
-        output::json(&key_json(key));
-    } else {
+    output::emit(global.json, key_json(key), || {
         say!(
             "{verb} the {} key of {} ({}): {}",
             key.role,
@@ -338,7 +337,7 @@ fn report_new_key(global: &GlobalArgs, verb: &str, key: &KeyInfo) {
             key.algorithm(),
             key.public_key_base64()
         );
-    }
+    });
 }
 
 fn protection_summary(k: &KeyInfo) -> String {

@@ -76,28 +76,26 @@ fn list(global: &GlobalArgs, modules: Vec<PathBuf>) -> Result<ExitCode> {
         let r = pkcs11::list_tokens(&m).map_err(|e| e.to_string());
         found.push((m, r));
     }
-    if global.json {
-        let v: Vec<_> = found
-            .iter()
-            .map(|(m, r)| match r {
-                Ok(tokens) => json!({
-                    "module": m.display().to_string(),
-                    "tokens": tokens.iter().map(token_json).collect::<Vec<_>>(),
-                }),
-                Err(e) => json!({"module": m.display().to_string(), "error": e}),
-            })
-            .chain(yubikeys.iter().map(|r| match r {
-                Ok(keys) => json!({"yubikeys": keys.iter().map(|y| json!({
-                    "serial": y.serial,
-                    "firmware": y.firmware,
-                    "reader": y.reader,
-                    "supported": y.supported,
-                })).collect::<Vec<_>>()}),
-                Err(e) => json!({"yubikeys": [], "error": e.to_string()}),
-            }))
-            .collect();
-        output::json(&json!(v));
-    } else {
+    let v: Vec<_> = found
+        .iter()
+        .map(|(m, r)| match r {
+            Ok(tokens) => json!({
+                "module": m.display().to_string(),
+                "tokens": tokens.iter().map(token_json).collect::<Vec<_>>(),
+            }),
+            Err(e) => json!({"module": m.display().to_string(), "error": e}),
+        })
+        .chain(yubikeys.iter().map(|r| match r {
+            Ok(keys) => json!({"yubikeys": keys.iter().map(|y| json!({
+                "serial": y.serial,
+                "firmware": y.firmware,
+                "reader": y.reader,
+                "supported": y.supported,
+            })).collect::<Vec<_>>()}),
+            Err(e) => json!({"yubikeys": [], "error": e.to_string()}),
+        }))
+        .collect();
+    output::emit(global.json, json!(v), || {
         let mut rows = Vec::new();
         for (m, r) in &found {
             match r {
@@ -187,7 +185,7 @@ fn list(global: &GlobalArgs, modules: Vec<PathBuf>) -> Result<ExitCode> {
             Some(Err(e)) => say!("\nYubiKeys: {e}"),
             _ => {}
         }
-    }
+    });
     Ok(ExitCode::SUCCESS)
 }
 
@@ -260,29 +258,31 @@ fn doctor(global: &GlobalArgs) -> Result<ExitCode> {
     let store = open_store(global)?;
     let checks = mxhsm::account::doctor::doctor(&store)?;
     let failed = checks.iter().filter(|c| !c.ok).count();
-    if global.json {
-        output::json(&json!({
+    output::emit(
+        global.json,
+        json!({
             "token": store.summary().to_string(),
             "ok": failed == 0,
             "checks": checks.iter().map(|c| json!({"name": c.name, "ok": c.ok, "detail": c.detail})).collect::<Vec<_>>(),
-        }));
-    } else {
-        say!("{}", store.summary());
-        let rows: Vec<Vec<String>> = checks
-            .iter()
-            .map(|c| {
-                vec![
-                    if c.ok { "ok" } else { "FAIL" }.to_string(),
-                    c.name.clone(),
-                    c.detail.clone(),
-                ]
-            })
-            .collect();
-        output::table(&["", "CHECK", "DETAIL"], &rows);
-        if failed > 0 {
-            note!("{failed} check(s) failed");
-        }
-    }
+        }),
+        || {
+            say!("{}", store.summary());
+            let rows: Vec<Vec<String>> = checks
+                .iter()
+                .map(|c| {
+                    vec![
+                        if c.ok { "ok" } else { "FAIL" }.to_string(),
+                        c.name.clone(),
+                        c.detail.clone(),
+                    ]
+                })
+                .collect();
+            output::table(&["", "CHECK", "DETAIL"], &rows);
+            if failed > 0 {
+                note!("{failed} check(s) failed");
+            }
+        },
+    );
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
