@@ -9,7 +9,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
@@ -307,7 +307,6 @@ fn oversized_answers_are_refused_in_bounded_memory() {
             None => cmd.env_remove(k),
         };
     }
-    let _ = c.get_program();
     let out = cmd.stdin(std::process::Stdio::null()).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -1030,7 +1029,6 @@ fn checks_come_before_prompts_and_status_exit_codes() {
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["problems"], true);
     assert_eq!(device_trust(&v, "PHONE").0, "chain-broken");
-    let _ = AtomicBool::new(false);
 }
 
 /// Every signature mxhsm uploads is read back: a server that claims to accept a signature

@@ -12,16 +12,14 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use super::sign::own_keys;
+use super::sign::{anchors, take_key};
 use super::{Account, AccountError, PublishedIdentity};
 use crate::homeserver::HomeserverError;
 use crate::matrix::backup;
 use crate::matrix::device::DeviceSigner;
 use crate::matrix::key_export;
 use crate::matrix::signed_json::{Ed25519PublicKey, encode_base64};
-use crate::token::{
-    KeyInfo, KeyOptions, KeyRole, KeyStore, SecretKeyBytes, TokenError, TokenSigner,
-};
+use crate::token::{KeyInfo, KeyOptions, KeyRole, KeyStore, SecretKeyBytes, TokenSigner};
 
 /// Sessions per `PUT /room_keys/keys` request.
 const UPLOAD_BATCH: usize = 500;
@@ -71,17 +69,16 @@ fn current_version(account: &Account) -> Result<Option<(String, Value)>, Account
     Ok(Some((version, v)))
 }
 
-fn describe(account: &Account, version: String, v: &Value) -> Result<BackupStatus, AccountError> {
-    let me = account.user_id();
-    let store = account.store();
-    let master = Ed25519PublicKey(store.find_key(me, KeyRole::Master)?.public_key);
+/// The backup version `v` judged against the token's master key and backup key.
+fn describe(
+    me: &str,
+    version: String,
+    v: &Value,
+    master: &Ed25519PublicKey,
+    token_key: Option<[u8; 32]>,
+) -> BackupStatus {
     let auth = v.get("auth_data").cloned().unwrap_or(Value::Null);
-    let token_key = match store.find_key(me, KeyRole::Backup) {
-        Ok(k) => Some(k.public_key),
-        Err(TokenError::KeyNotFound { .. }) => None,
-        Err(e) => return Err(e.into()),
-    };
-    Ok(BackupStatus {
+    BackupStatus {
         version,
         algorithm: v
             .get("algorithm")
@@ -94,19 +91,33 @@ fn describe(account: &Account, version: String, v: &Value) -> Result<BackupStatu
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string(),
-        signed_by_master: backup::verify_auth_data(me, &auth, &master)
+        signed_by_master: backup::verify_auth_data(me, &auth, master)
             .map(|_| ())
             .map_err(|e| e.to_string()),
         token_key,
-    })
+    }
+}
+
+/// The token's master key (required) and backup key (if any), from one listing.
+fn token_keys(account: &Account) -> Result<(KeyInfo, Option<KeyInfo>), AccountError> {
+    let mut current = account.store().current_keys(account.user_id())?;
+    let master = take_key(account, &mut current, KeyRole::Master)?;
+    Ok((master, current.remove(&KeyRole::Backup)))
 }
 
 /// The current backup, judged against the token; `None` when the server has none.
 pub fn status(account: &Account) -> Result<Option<BackupStatus>, AccountError> {
-    match current_version(account)? {
-        None => Ok(None),
-        Some((version, v)) => describe(account, version, &v).map(Some),
-    }
+    let Some((version, v)) = current_version(account)? else {
+        return Ok(None);
+    };
+    let (master, backup_key) = token_keys(account)?;
+    Ok(Some(describe(
+        account.user_id(),
+        version,
+        &v,
+        &Ed25519PublicKey(master.public_key),
+        backup_key.map(|k| k.public_key),
+    )))
 }
 
 /// A backup `create` would drop, shown before anything is done.
@@ -146,7 +157,7 @@ pub fn create(
     let store: &dyn KeyStore = &**account.store();
     // A backup is trusted through our master key: it must be published, and ours.
     let answer = account.client().query_keys(&[&me])?;
-    let own = own_keys(account, &answer)?;
+    let (own, mut current) = anchors(account, &answer)?;
     if PublishedIdentity::from_query(&answer, &me).master != Some(own.master) {
         return Err(AccountError::IdentityNotOurs {
             user_id: me.clone(),
@@ -155,11 +166,8 @@ pub fn create(
             ],
         });
     }
-    let token_key = match store.find_key(&me, KeyRole::Backup) {
-        Ok(k) => Some(k),
-        Err(TokenError::KeyNotFound { .. }) => None,
-        Err(e) => return Err(e.into()),
-    };
+    let master = take_key(account, &mut current, KeyRole::Master)?;
+    let token_key = current.remove(&KeyRole::Backup);
     if import.is_some() && token_key.is_some() {
         return Err(AccountError::Refused(format!(
             "the token already holds a backup key for {}; delete it before importing another",
@@ -169,12 +177,17 @@ pub fn create(
     let current = current_version(account)?;
     let mut replaced = None;
     if let Some((version, v)) = &current {
-        let status = describe(account, version.clone(), v)?;
-        if status.is_token_key() {
-            let key = token_key.ok_or(AccountError::Cancelled)?;
+        let status = describe(
+            &me,
+            version.clone(),
+            v,
+            &own.master,
+            token_key.as_ref().map(|k| k.public_key),
+        );
+        if let Some(key) = token_key.as_ref().filter(|_| status.is_token_key()) {
             let mut resigned = false;
             if status.signed_by_master.is_err() {
-                let auth = signed_auth_data(account, &key)?;
+                let auth = signed_auth_data(account, &master, key)?;
                 account
                     .client()
                     .update_backup_version(version, backup::ALGORITHM, &auth)?;
@@ -218,7 +231,7 @@ pub fn create(
         ),
         (Some(_), Some(_)) => unreachable!("refused above"),
     };
-    let auth = signed_auth_data(account, &key)?;
+    let auth = signed_auth_data(account, &master, &key)?;
     let version = account
         .client()
         .create_backup_version(backup::ALGORITHM, &auth)?;
@@ -233,13 +246,18 @@ pub fn create(
     })
 }
 
-/// `auth_data` for `key`, signed by the master key on the token and by mxhsm's device.
-fn signed_auth_data(account: &Account, key: &KeyInfo) -> Result<Value, AccountError> {
+/// `auth_data` for `key`, signed by the master key `master` on the token and by mxhsm's
+/// device.
+fn signed_auth_data(
+    account: &Account,
+    master: &KeyInfo,
+    key: &KeyInfo,
+) -> Result<Value, AccountError> {
     let me = account.user_id();
     let store: &dyn KeyStore = &**account.store();
     let master = TokenSigner {
         store,
-        key: store.find_key(me, KeyRole::Master)?,
+        key: master.clone(),
     };
     let (olm, _) = account.own_device_keys()?;
     let device = DeviceSigner(&olm);
@@ -301,9 +319,9 @@ pub fn upload(
     progress: &dyn Fn(usize, usize),
 ) -> Result<Uploaded, AccountError> {
     let me = account.user_id();
-    let store = account.store();
     let (version, v) = current_version(account)?.ok_or(AccountError::NoBackup)?;
-    let master = Ed25519PublicKey(store.find_key(me, KeyRole::Master)?.public_key);
+    let (master, backup_key) = token_keys(account)?;
+    let master = Ed25519PublicKey(master.public_key);
     let auth = v.get("auth_data").cloned().unwrap_or(Value::Null);
     let public = backup::verify_auth_data(me, &auth, &master).map_err(|e| {
         AccountError::Refused(format!(
@@ -312,7 +330,7 @@ pub fn upload(
             crate::text::escape(&e.to_string())
         ))
     })?;
-    if let Ok(k) = store.find_key(me, KeyRole::Backup)
+    if let Some(k) = backup_key
         && k.public_key != public
     {
         return Err(AccountError::Refused(format!(
@@ -371,30 +389,22 @@ pub fn upload(
         let room_id = field("room_id")?;
         let session_id = field("session_id")?;
         let session_key = field("session_key")?;
-        let exported =
-            vodozemac::megolm::ExportedSessionKey::from_base64(session_key.trim_end_matches('='))
-                .map_err(|e| {
-                AccountError::Input(format!(
+        let inbound = backup::import_session_key(session_id, session_key).map_err(|e| {
+            AccountError::Input(match e {
+                backup::BackupError::SessionIdMismatch { actual, .. } => format!(
+                    "session {} in {}: its session key belongs to {actual}",
+                    crate::text::escape(session_id),
+                    file.display()
+                ),
+                e => format!(
                     "session {} in {}: {e}",
                     crate::text::escape(session_id),
                     file.display()
-                ))
-            })?;
-        let inbound = vodozemac::megolm::InboundGroupSession::import(
-            &exported,
-            vodozemac::megolm::SessionConfig::version_1(),
-        );
-        if inbound.session_id() != session_id.trim_end_matches('=') {
-            return Err(AccountError::Input(format!(
-                "session {} in {}: its session key belongs to {}",
-                crate::text::escape(session_id),
-                file.display(),
-                inbound.session_id()
-            )));
-        }
+                ),
+            })
+        })?;
         let plaintext = Zeroizing::new(backup::backup_plaintext(s)?);
         let data = backup::encrypt(&public, &plaintext)?.to_json();
-        let _ = &data;
         let forwarded = s
             .get("forwarding_curve25519_key_chain")
             .and_then(Value::as_array)
@@ -405,14 +415,10 @@ pub fn upload(
             "is_verified": false,
             "session_data": data,
         });
+        batch_last = Some((room_id.to_string(), session_id.to_string(), entry.clone()));
         rooms
             .entry(room_id.to_string())
             .or_insert_with(|| json!({"sessions": {}}))["sessions"][session_id] = entry;
-        batch_last = Some((
-            room_id.to_string(),
-            session_id.to_string(),
-            rooms[room_id]["sessions"][session_id].clone(),
-        ));
         count += 1;
         if count.is_multiple_of(UPLOAD_BATCH) {
             put(&mut rooms, &mut batch_last)?;

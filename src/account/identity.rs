@@ -9,12 +9,12 @@
 use secrecy::SecretString;
 use serde_json::Value;
 
-use super::sign::{own_keys, sign_this_device};
+use super::sign::{own_keys, sign_this_device, take_key};
 use super::{Account, AccountError, PublishedIdentity};
 use crate::homeserver::{HomeserverError, UiaAuth};
 use crate::matrix::cross_signing::{self, OwnKeys, TrustReport, Usage};
 use crate::matrix::signed_json::{Ed25519PublicKey, sign_json, verify_json};
-use crate::token::{KeyInfo, KeyOptions, KeyRole, KeyStore, SecretKeyBytes, TokenSigner};
+use crate::token::{KeyOptions, KeyRole, KeyStore, SecretKeyBytes, TokenSigner};
 
 /// What replacing the published identity loses, shown before anything is done.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,12 +242,8 @@ pub fn create(
         }
     }
     if options.no_publish {
-        let now = store.current_keys(&me)?;
-        let pk = |r| {
-            now.get(&r)
-                .map(|k: &KeyInfo| Ed25519PublicKey(k.public_key))
-                .ok_or_else(|| missing(store, &me, r))
-        };
+        let mut now = store.current_keys(&me)?;
+        let mut pk = |r| take_key(account, &mut now, r).map(|k| Ed25519PublicKey(k.public_key));
         return Ok(Published {
             user_id: me.clone(),
             master: pk(KeyRole::Master)?,
@@ -261,18 +257,10 @@ pub fn create(
             devices_to_resign: Vec::new(),
         });
     }
-    let mut out = publish_checked(account, &answer, prompts.password)?;
+    let mut out = publish_checked(account, &answer, &published, prompts.password)?;
     out.sources = sources;
     out.replaced = replaced;
     Ok(out)
-}
-
-fn missing(store: &dyn KeyStore, user: &str, role: KeyRole) -> AccountError {
-    AccountError::Token(crate::token::TokenError::KeyNotFound {
-        user_id: user.to_string(),
-        role,
-        token: store.summary().to_string(),
-    })
 }
 
 /// Publishes the token's cross-signing keys and cross-signs mxhsm's own device.
@@ -309,7 +297,7 @@ pub fn publish(
             }
         }
     }
-    let mut out = publish_checked(account, &answer, prompts.password)?;
+    let mut out = publish_checked(account, &answer, &published, prompts.password)?;
     out.sources = sources;
     out.replaced = replaced;
     Ok(out)
@@ -320,25 +308,20 @@ pub fn publish(
 fn publish_checked(
     account: &Account,
     answer: &Value,
+    published: &PublishedIdentity,
     password: &dyn Fn() -> Result<SecretString, HomeserverError>,
 ) -> Result<Published, AccountError> {
     let me = account.user_id();
     let store: &dyn KeyStore = &**account.store();
     let mut current = store.current_keys(me)?;
-    let mut take = |role| {
-        current
-            .remove(&role)
-            .ok_or_else(|| missing(store, me, role))
-    };
-    let master = take(KeyRole::Master)?;
-    let ssk = take(KeyRole::SelfSigning)?;
-    let usk = take(KeyRole::UserSigning)?;
+    let master = take_key(account, &mut current, KeyRole::Master)?;
+    let ssk = take_key(account, &mut current, KeyRole::SelfSigning)?;
+    let usk = take_key(account, &mut current, KeyRole::UserSigning)?;
     let (master_pk, ssk_pk, usk_pk) = (
         Ed25519PublicKey(master.public_key),
         Ed25519PublicKey(ssk.public_key),
         Ed25519PublicKey(usk.public_key),
     );
-    let published = PublishedIdentity::from_query(answer, me);
     let master_changes = published.master != Some(master_pk);
     let mut body = serde_json::Map::new();
     let mut uploaded = Vec::new();

@@ -516,9 +516,12 @@ pub fn restore(
         }
         None => None,
     };
-    let saved = options.resume
-        && saved_version.as_deref() == Some(version.as_str())
-        && ours(&spool)?.is_some();
+    let saved_spool = if options.resume && saved_version.as_deref() == Some(version.as_str()) {
+        ours(&spool)?
+    } else {
+        None
+    };
+    let saved = saved_spool.is_some();
     if !saved {
         let _ = std::fs::remove_file(dir.join("progress"));
         let spool_path = spool.clone();
@@ -538,10 +541,11 @@ pub fn restore(
         crate::files::write_private(&spool_version, version.as_bytes())
             .map_err(|e| AccountError::file("cannot write", &spool_version, e))?;
     }
-    let items = parse_backup(
-        paths::open_private(&spool).map_err(|e| AccountError::Refused(e.to_string()))?,
-    )
-    .map_err(|e| {
+    let spool_file = match saved_spool {
+        Some(f) => f,
+        None => paths::open_private(&spool).map_err(|e| AccountError::Refused(e.to_string()))?,
+    };
+    let items = parse_backup(spool_file).map_err(|e| {
         AccountError::Refused(format!(
             "the server's backup is not the JSON the spec describes: {}",
             crate::text::escape(&e.to_string())

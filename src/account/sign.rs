@@ -3,6 +3,8 @@
 //! Each flow fetches what it signs once, hands exactly that to the caller to confirm, signs
 //! the canonical JSON of that same object on the token, uploads, and reads the result back.
 
+use std::collections::BTreeMap;
+
 use serde_json::{Value, json};
 
 use super::{Account, AccountError, PublishedIdentity};
@@ -66,18 +68,39 @@ pub struct SignedDevices {
     pub skipped: Vec<(String, String)>,
 }
 
-/// The token's key of `role` for the account's user, found without a PIN.
-fn token_key(account: &Account, role: KeyRole) -> Result<KeyInfo, AccountError> {
-    Ok(account.store().find_key(account.user_id(), role)?)
+/// The user's current keys on the token, from one listing (no PIN needed).
+pub(crate) type CurrentKeys = BTreeMap<KeyRole, KeyInfo>;
+
+/// Takes the key of `role` out of `current`, or says the token has none.
+pub(crate) fn take_key(
+    account: &Account,
+    current: &mut CurrentKeys,
+    role: KeyRole,
+) -> Result<KeyInfo, AccountError> {
+    current.remove(&role).ok_or_else(|| {
+        AccountError::Token(crate::token::TokenError::KeyNotFound {
+            user_id: account.user_id().to_string(),
+            role,
+            token: account.store().summary().to_string(),
+        })
+    })
 }
 
 /// Our own keys on the token (the trust anchors), with an error that says what the server
 /// publishes when the token has no master key.
 pub(crate) fn own_keys(account: &Account, answer: &Value) -> Result<OwnKeys, AccountError> {
+    Ok(anchors(account, answer)?.0)
+}
+
+/// [`own_keys`], and the token's current keys from the same listing.
+pub(crate) fn anchors(
+    account: &Account,
+    answer: &Value,
+) -> Result<(OwnKeys, CurrentKeys), AccountError> {
     let user = account.user_id();
     let current = account.store().current_keys(user)?;
     let public = |role| current.get(&role).map(|k| Ed25519PublicKey(k.public_key));
-    Ok(OwnKeys {
+    let own = OwnKeys {
         user_id: user.to_string(),
         master: public(KeyRole::Master).ok_or_else(|| AccountError::NoIdentityOnToken {
             user_id: user.to_string(),
@@ -86,7 +109,8 @@ pub(crate) fn own_keys(account: &Account, answer: &Value) -> Result<OwnKeys, Acc
         })?,
         self_signing: public(KeyRole::SelfSigning),
         user_signing: public(KeyRole::UserSigning),
-    })
+    };
+    Ok((own, current))
 }
 
 /// The published identity must be the token's, as far as `roles` go.
@@ -170,8 +194,8 @@ pub fn sign_devices(
 ) -> Result<SignedDevices, AccountError> {
     let me = account.user_id();
     let answer = account.client().query_keys(&[me])?;
-    let own = own_keys(account, &answer)?;
-    let ssk = token_key(account, KeyRole::SelfSigning)?;
+    let (own, mut current) = anchors(account, &answer)?;
+    let ssk = take_key(account, &mut current, KeyRole::SelfSigning)?;
     require_published(account, &own, &answer, KeyRole::SelfSigning)?;
     let all = candidates(account, &own, &answer);
     let mut outcome = SignedDevices::default();
@@ -377,8 +401,8 @@ pub fn sign_user(
     }
     crate::token::check_user_id(user_id)?;
     let answer = account.client().query_keys(&[me, user_id])?;
-    let own = own_keys(account, &answer)?;
-    let usk = token_key(account, KeyRole::UserSigning)?;
+    let (own, mut current) = anchors(account, &answer)?;
+    let usk = take_key(account, &mut current, KeyRole::UserSigning)?;
     require_published(account, &own, &answer, KeyRole::UserSigning)?;
     let object = answer
         .get("master_keys")

@@ -11,7 +11,6 @@ use mxhsm::account::identity::{
 use mxhsm::account::sign::{self, DeviceCandidate, DeviceSelection};
 use mxhsm::account::{Account, AccountError};
 use mxhsm::homeserver::HomeserverError;
-use mxhsm::matrix::cross_signing::Trust;
 use secrecy::SecretString;
 use serde_json::json;
 
@@ -528,7 +527,6 @@ pub fn run_sign(global: &GlobalArgs, cmd: SignCommand) -> Result<ExitCode> {
                 json!({"signed_user": c.user_id, "master_key": c.master_key.to_base64()}),
                 || say!("signed the master key of {}", esc(&c.user_id)),
             );
-            let _ = Trust::Verified;
             Ok(ExitCode::SUCCESS)
         }
     }

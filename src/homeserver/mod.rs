@@ -316,11 +316,13 @@ fn classify_io(e: std::io::Error) -> ReadFailure {
     }
 }
 
+/// Whether a body read failed because the connection sent nothing for the idle timeout:
+/// ureq reports its timeouts wrapped in the I/O error, the socket as `TimedOut`.
 fn is_idle(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
-    ) || e.to_string().contains("timeout")
+    e.kind() == std::io::ErrorKind::TimedOut
+        || e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<ureq::Error>())
+            .is_some_and(|u| matches!(u, ureq::Error::Timeout(_)))
 }
 
 /// Parses JSON from a bounded reader.
@@ -438,10 +440,7 @@ impl Client {
                     ) || matches!(&e, ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused);
                     if let ureq::Error::Timeout(ureq::Timeout::PerRead) = e {
                         if repeat == Repeat::Never || last {
-                            return Err(HomeserverError::Stalled {
-                                endpoint,
-                                seconds: self.options.idle_timeout.as_secs(),
-                            });
+                            return Err(self.stalled(endpoint));
                         }
                     } else if repeat == Repeat::Never && !never_sent {
                         return Err(HomeserverError::Network {
@@ -467,10 +466,7 @@ impl Client {
                             Err(ReadFailure::Fatal(e)) => return Err(e),
                             Err(ReadFailure::Cut(io)) => {
                                 if is_idle(&io) && (repeat == Repeat::Never || last) {
-                                    return Err(HomeserverError::Stalled {
-                                        endpoint,
-                                        seconds: self.options.idle_timeout.as_secs(),
-                                    });
+                                    return Err(self.stalled(endpoint));
                                 }
                                 if repeat == Repeat::Never {
                                     return Err(HomeserverError::Network {
@@ -508,6 +504,14 @@ impl Client {
         unreachable!("the last attempt returns")
     }
 
+    /// `endpoint` sent nothing for the idle timeout.
+    fn stalled(&self, endpoint: String) -> HomeserverError {
+        HomeserverError::Stalled {
+            endpoint,
+            seconds: self.options.idle_timeout.as_secs(),
+        }
+    }
+
     /// A request whose success is a 200 with a JSON object of at most `limit`.
     fn call(
         &self,
@@ -517,9 +521,7 @@ impl Client {
         repeat: Repeat,
         limit: Limit,
     ) -> Result<Value, HomeserverError> {
-        match self.exchange(method, path, body, repeat, limit.bytes(), &mut |b| {
-            parse_json(b, limit.bytes())
-        })? {
+        match self.json_or_status(method, path, body, repeat, limit)? {
             Ok(v) => check(method, path, 200, v),
             Err((status, v)) => check(method, path, status, v),
         }
@@ -546,14 +548,12 @@ impl Client {
         if let Some(d) = device_id {
             body["device_id"] = json!(d);
         }
-        let small = Limit::Small.bytes();
-        let answer = client.exchange(
+        let answer = client.json_or_status(
             Method::Post,
             "/login",
             Some(&body),
             Repeat::Never,
-            small,
-            &mut |b| parse_json(b, Limit::Small.bytes()),
+            Limit::Small,
         )?;
         let v = match answer {
             Ok(v) => check(Method::Post, "/login", 200, v)?,
@@ -699,7 +699,8 @@ impl Client {
         auth: UiaAuth<'_>,
     ) -> Result<(), HomeserverError> {
         const PATH: &str = "/keys/device_signing/upload";
-        let first = self.json_or_status(Method::Post, PATH, Some(keys), Repeat::Never)?;
+        let first =
+            self.json_or_status(Method::Post, PATH, Some(keys), Repeat::Never, Limit::Small)?;
         let value = match first {
             Ok(v) => return check(Method::Post, PATH, 200, v).map(|_| ()),
             Err((401, v)) => v,
@@ -756,7 +757,7 @@ impl Client {
             "password": password.expose_secret(),
             "session": session,
         });
-        match self.json_or_status(Method::Post, PATH, Some(&body), Repeat::Never)? {
+        match self.json_or_status(Method::Post, PATH, Some(&body), Repeat::Never, Limit::Small)? {
             Ok(v) => check(Method::Post, PATH, 200, v).map(|_| ()),
             Err((401, v)) if v.get("errcode").and_then(Value::as_str) == Some("M_FORBIDDEN") => {
                 Err(HomeserverError::WrongPassword {
@@ -767,16 +768,18 @@ impl Client {
         }
     }
 
-    /// One request: `Ok(body)` for a 200, `Err((status, error body))` otherwise.
+    /// One request answered with JSON of at most `limit`: `Ok(body)` for a 200,
+    /// `Err((status, error body))` otherwise.
     fn json_or_status(
         &self,
         method: Method,
         path: &str,
         body: Option<&Value>,
         repeat: Repeat,
+        limit: Limit,
     ) -> Result<Result<Value, (u16, Value)>, HomeserverError> {
-        self.exchange(method, path, body, repeat, Limit::Small.bytes(), &mut |b| {
-            parse_json(b, Limit::Small.bytes())
+        self.exchange(method, path, body, repeat, limit.bytes(), &mut |b| {
+            parse_json(b, limit.bytes())
         })
     }
 }
@@ -830,7 +833,7 @@ impl Client {
             None => "/room_keys/version".to_string(),
             Some(v) => format!("/room_keys/version/{}", path_segment(v)),
         };
-        match self.json_or_status(Method::Get, &path, None, Repeat::Safe)? {
+        match self.json_or_status(Method::Get, &path, None, Repeat::Safe, Limit::Small)? {
             Ok(v) => check(Method::Get, &path, 200, v).map(Some),
             Err((404, v)) if v.get("errcode").and_then(Value::as_str) == Some("M_NOT_FOUND") => {
                 Ok(None)
@@ -893,10 +896,7 @@ impl Client {
             path_segment(room_id),
             path_segment(version)
         );
-        let limit = Limit::KeysQuery.bytes();
-        match self.exchange(Method::Get, &path, None, Repeat::Safe, limit, &mut |b| {
-            parse_json(b, limit)
-        })? {
+        match self.json_or_status(Method::Get, &path, None, Repeat::Safe, Limit::KeysQuery)? {
             Ok(v) => check(Method::Get, &path, 200, v),
             Err((404, _)) => Ok(json!({"sessions": {}})),
             Err((status, v)) => check(Method::Get, &path, status, v),
@@ -916,7 +916,7 @@ impl Client {
             path_segment(session_id),
             path_segment(version)
         );
-        match self.json_or_status(Method::Get, &path, None, Repeat::Safe)? {
+        match self.json_or_status(Method::Get, &path, None, Repeat::Safe, Limit::Small)? {
             Ok(v) => check(Method::Get, &path, 200, v).map(Some),
             Err((404, _)) => Ok(None),
             Err((status, v)) => check(Method::Get, &path, status, v).map(Some),
@@ -954,7 +954,7 @@ impl Client {
             path_segment(user_id),
             path_segment(kind)
         );
-        match self.json_or_status(Method::Get, &path, None, Repeat::Safe)? {
+        match self.json_or_status(Method::Get, &path, None, Repeat::Safe, Limit::Small)? {
             Ok(v) => check(Method::Get, "/user/…/account_data/…", 200, v).map(Some),
             Err((404, v)) if v.get("errcode").and_then(Value::as_str) == Some("M_NOT_FOUND") => {
                 Ok(None)
@@ -975,7 +975,13 @@ impl Client {
             path_segment(user_id),
             path_segment(kind)
         );
-        match self.json_or_status(Method::Put, &path, Some(content), Repeat::Safe)? {
+        match self.json_or_status(
+            Method::Put,
+            &path,
+            Some(content),
+            Repeat::Safe,
+            Limit::Small,
+        )? {
             Ok(v) => check(Method::Put, "/user/…/account_data/…", 200, v).map(|_| ()),
             Err((status, v)) => check(Method::Put, "/user/…/account_data/…", status, v).map(|_| ()),
         }

@@ -336,6 +336,29 @@ impl Drop for RoomKey {
     }
 }
 
+/// Imports an exported megolm session key with vodozemac and checks that it is the key of
+/// `session_id` (a key filed under another session's ID is refused).
+pub fn import_session_key(
+    session_id: &str,
+    session_key: &str,
+) -> Result<vodozemac::megolm::InboundGroupSession, BackupError> {
+    let exported =
+        vodozemac::megolm::ExportedSessionKey::from_base64(session_key.trim_end_matches('='))
+            .map_err(|e| BackupError::Plaintext(format!("session_key: {e}")))?;
+    let session = vodozemac::megolm::InboundGroupSession::import(
+        &exported,
+        vodozemac::megolm::SessionConfig::version_1(),
+    );
+    let actual = session.session_id();
+    if actual != session_id.trim_end_matches('=') {
+        return Err(BackupError::SessionIdMismatch {
+            expected: session_id.to_string(),
+            actual,
+        });
+    }
+    Ok(session)
+}
+
 /// Turns decrypted backup plaintext into an export entry for (`room_id`, `session_id`),
 /// after checking with vodozemac that its session key belongs to `session_id`.
 pub fn room_key(room_id: &str, session_id: &str, plaintext: &[u8]) -> Result<RoomKey, BackupError> {
@@ -352,20 +375,7 @@ pub fn room_key(room_id: &str, session_id: &str, plaintext: &[u8]) -> Result<Roo
         return Err(BackupError::Plaintext(format!("algorithm {algorithm}")));
     }
     let session_key = Zeroizing::new(s("session_key")?);
-    let exported =
-        vodozemac::megolm::ExportedSessionKey::from_base64(session_key.trim_end_matches('='))
-            .map_err(|e| BackupError::Plaintext(format!("session_key: {e}")))?;
-    let session = vodozemac::megolm::InboundGroupSession::import(
-        &exported,
-        vodozemac::megolm::SessionConfig::version_1(),
-    );
-    let actual = session.session_id();
-    if actual != session_id.trim_end_matches('=') {
-        return Err(BackupError::SessionIdMismatch {
-            expected: session_id.to_string(),
-            actual,
-        });
-    }
+    import_session_key(session_id, &session_key)?;
     let mut out = json!({
         "algorithm": MEGOLM_ALGORITHM,
         "room_id": room_id,

@@ -18,6 +18,7 @@ pub mod uri;
 use std::collections::HashMap;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -274,6 +275,8 @@ pub struct Pkcs11Store {
     /// session logs it out).
     pool: Mutex<Vec<Session>>,
     login: Mutex<LoginState>,
+    /// `login` is `Done`: every private-key operation asks, so it is answered without a lock.
+    logged_in: AtomicBool,
     /// The URI's `pin-source`, read at login.
     pin_source: Option<PathBuf>,
     /// Where the PIN comes from when the store logs in by itself (see `open_lazy`).
@@ -389,6 +392,7 @@ impl Pkcs11Store {
             summary,
             capabilities,
             pin_status_before_login: status,
+            logged_in: AtomicBool::new(!tinfo.login_required()),
             login: Mutex::new(if tinfo.login_required() {
                 LoginState::Pending {
                     protected_path: tinfo.protected_authentication_path(),
@@ -407,6 +411,9 @@ impl Pkcs11Store {
     /// Logs in with the PIN from the provider given to [`Pkcs11Store::open_lazy`], unless
     /// that was done already.
     pub fn login(&self) -> Result<(), TokenError> {
+        if self.is_logged_in() {
+            return Ok(());
+        }
         match self.pins.clone() {
             Some(p) => self.login_with(&*p),
             None => self.login_with(&NoPins),
@@ -415,10 +422,7 @@ impl Pkcs11Store {
 
     /// Whether the session is logged in (or the token needs no login).
     pub fn is_logged_in(&self) -> bool {
-        matches!(
-            *self.login.lock().unwrap_or_else(|e| e.into_inner()),
-            LoginState::Done
-        )
+        self.logged_in.load(Ordering::Acquire)
     }
 
     /// Logs in once with a PIN from `pins` (the URI's `pin-source` first). A refused PIN
@@ -463,6 +467,7 @@ impl Pkcs11Store {
         match login {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {
                 *state = LoginState::Done;
+                self.logged_in.store(true, Ordering::Release);
                 Ok(())
             }
             Err(CkError::Pkcs11(RvError::PinIncorrect, _))
