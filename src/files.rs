@@ -12,7 +12,6 @@
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, CWD, Mode, OFlags};
@@ -73,12 +72,7 @@ impl PrivateFile {
                 name.push(TMP_MARK);
                 name.push(random_suffix());
                 let tmp = dir.join(name);
-                let file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(OFlags::NOFOLLOW.bits() as i32)
-                    .open(&tmp)?;
+                let file = crate::paths::create_private(&tmp)?;
                 (file, Backing::Named(tmp))
             }
         };

@@ -10,7 +10,7 @@
 //! creates here is 0700, and [`private_dir`] refuses one that another user owns or that is
 //! a symbolic link, so nobody else can plant, read or hold mxhsm's files.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// The kinds of XDG base directory mxhsm uses.
@@ -127,20 +127,56 @@ fn check_private_dir(path: &Path) -> Result<(), PrivateError> {
     Ok(())
 }
 
+/// `options` that never follow a symbolic link at the last component.
+fn no_follow(options: &mut std::fs::OpenOptions) -> &mut std::fs::OpenOptions {
+    options.custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+}
+
 /// Opens an existing private file for reading: not through a symbolic link, a regular
 /// file, owned by this user, readable by nobody else.
 pub fn open_private(path: &Path) -> Result<std::fs::File, PrivateError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+    open_checked(path, false)
+}
+
+/// [`open_private`], with `Ok(None)` when the file does not exist.
+pub fn open_private_if_any(path: &Path) -> Result<Option<std::fs::File>, PrivateError> {
+    match open_private(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(PrivateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// [`open_private`], for reading and writing.
+pub fn open_private_rw(path: &Path) -> Result<std::fs::File, PrivateError> {
+    open_checked(path, true)
+}
+
+/// Creates a new 0600 file: never through a symbolic link, never over an existing file.
+pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    no_follow(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600),
+    )
+    .open(path)
+}
+
+fn open_checked(path: &Path, write: bool) -> Result<std::fs::File, PrivateError> {
+    let file = no_follow(std::fs::OpenOptions::new().read(true).write(write))
         .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(40) => PrivateError::Unsafe {
-                path: path.to_path_buf(),
-                reason: "is a symbolic link".into(),
-            },
-            _ => io(path)(e),
+        .map_err(|e| {
+            if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+                PrivateError::Unsafe {
+                    path: path.to_path_buf(),
+                    reason: "is a symbolic link".into(),
+                }
+            } else {
+                io(path)(e)
+            }
         })?;
     let meta = file.metadata().map_err(io(path))?;
     let unsafe_ = |reason: String| PrivateError::Unsafe {

@@ -46,14 +46,10 @@ impl Session {
             path: path.to_path_buf(),
             reason,
         };
-        let mut file = match crate::paths::open_private(path) {
-            Ok(f) => f,
-            Err(crate::paths::PrivateError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                return Ok(None);
-            }
-            Err(e) => return Err(file_error(e.to_string())),
+        let Some(mut file) =
+            crate::paths::open_private_if_any(path).map_err(|e| file_error(e.to_string()))?
+        else {
+            return Ok(None);
         };
         let mut text = zeroize::Zeroizing::new(String::new());
         std::io::Read::read_to_string(&mut file, &mut text)
