@@ -81,6 +81,9 @@ fn new_key_id() -> Result<Vec<u8>, TokenError> {
 }
 
 /// Generated on the token (`CKA_LOCAL`) or imported.
+/// What a label names (role, user ID) and how the key does X25519.
+type Identified = (KeyRole, String, Option<X25519Mechanism>);
+
 fn origin(local: Option<bool>) -> KeyOrigin {
     match local {
         Some(true) => KeyOrigin::Generated,
@@ -694,8 +697,7 @@ impl Pkcs11Store {
             }
         }
         let Some(label) = label else { return Ok(None) };
-        let Some((role, user_id, x25519_mechanism)) = self.identify(&label, curve, key_type)?
-        else {
+        let Some(identified) = self.identify(&label, curve, key_type)? else {
             return Ok(None);
         };
         let id = id.unwrap_or_default();
@@ -715,39 +717,51 @@ impl Pkcs11Store {
                 .get_attributes(private, &[AttributeType::EcPoint])
                 .map_err(self.dev("C_GetAttributeValue"))?,
         };
-        let public_key = point
-            .into_iter()
-            .find_map(|a| match a {
-                Attribute::EcPoint(v) => ec::decode_point(&v),
-                _ => None,
-            })
-            .ok_or_else(|| {
-                self.bad_data(format!(
-                    "no readable public key (CKA_EC_POINT) for {label:?}"
-                ))
-            })?;
-        Ok(Some(KeyInfo {
+        let point = point.into_iter().find_map(|a| match a {
+            Attribute::EcPoint(v) => ec::decode_point(&v),
+            _ => None,
+        });
+        let local = p.local;
+        self.described(label, id, identified, point, local, p)
+            .map(Some)
+    }
+
+    /// The [`KeyInfo`] of an mxhsm key object, from what its attributes said.
+    fn described(
+        &self,
+        label: String,
+        id: Vec<u8>,
+        (role, user_id, x25519_mechanism): Identified,
+        point: Option<[u8; 32]>,
+        local: Option<bool>,
+        protection: KeyProtection,
+    ) -> Result<KeyInfo, TokenError> {
+        let public_key = point.ok_or_else(|| {
+            self.bad_data(format!(
+                "no readable public key (CKA_EC_POINT) for {label:?}"
+            ))
+        })?;
+        Ok(KeyInfo {
             user_id,
             role,
             created_ms: created_from_id(&id),
             public_key,
-            origin: origin(p.local),
-            protection: p,
+            origin: origin(local),
+            protection,
             x25519_mechanism,
             locator: KeyLocator::Pkcs11 { id, label },
             piv_policy: None,
-        }))
+        })
     }
 
     /// Whose key of which role an object with `label` is (`None`: not an mxhsm label),
     /// checked to be on the role's curve, and how it does X25519.
-    #[allow(clippy::type_complexity)]
     fn identify(
         &self,
         label: &str,
         curve: Option<Curve>,
         key_type: Option<KeyType>,
-    ) -> Result<Option<(KeyRole, String, Option<X25519Mechanism>)>, TokenError> {
+    ) -> Result<Option<Identified>, TokenError> {
         let Some((role, user_id)) = parse_label(label) else {
             return Ok(None);
         };
@@ -805,27 +819,19 @@ impl Pkcs11Store {
             }
         }
         let Some(label) = label else { return Ok(None) };
-        let Some((role, user_id, x25519_mechanism)) = self.identify(&label, curve, key_type)?
-        else {
+        let Some(identified) = self.identify(&label, curve, key_type)? else {
             return Ok(None);
         };
-        let public_key = point.ok_or_else(|| {
-            self.bad_data(format!(
-                "no readable public key (CKA_EC_POINT) for {label:?}"
-            ))
-        })?;
         let id = id.unwrap_or_default();
-        Ok(Some(KeyInfo {
-            user_id,
-            role,
-            created_ms: created_from_id(&id),
-            public_key,
-            origin: origin(local),
-            protection: KeyProtection::default(),
-            x25519_mechanism,
-            locator: KeyLocator::Pkcs11 { id, label },
-            piv_policy: None,
-        }))
+        self.described(
+            label,
+            id,
+            identified,
+            point,
+            local,
+            KeyProtection::default(),
+        )
+        .map(Some)
     }
 
     /// Checks that the token holds the private key of `expected` (after an import): a

@@ -669,25 +669,27 @@ impl YubiKeyStore {
         let imported = secret.is_some();
         drop(secret);
         // The card's own account of the slot must match what was made, or nothing is kept.
-        let contents = self.slot_contents(&mut card, slot)?;
-        let problem = match &contents {
-            None => Some("it is empty"),
+        let checked = match self.slot_contents(&mut card, slot)? {
+            None => Err("it is empty"),
             Some(c) if c.algorithm != Some(algorithm) => {
-                Some("its metadata shows another algorithm")
+                Err("its metadata shows another algorithm")
             }
-            Some(c) if c.public != Some(public) => Some("its metadata shows another public key"),
-            Some(_) => None,
+            Some(c) if c.public != Some(public) => Err("its metadata shows another public key"),
+            Some(c) => Ok(c),
         };
-        if let Some(problem) = problem {
-            let _ = card.raw.delete_key(slot);
-            return Err(TokenError::BadTokenData {
-                token: self.summary.to_string(),
-                what: format!(
-                    "slot {slot:02x} does not hold the key just {}: {problem}; the slot was cleared",
-                    if imported { "imported" } else { "generated" }
-                ),
-            });
-        }
+        let contents = match checked {
+            Ok(c) => c,
+            Err(problem) => {
+                let _ = card.raw.delete_key(slot);
+                return Err(TokenError::BadTokenData {
+                    token: self.summary.to_string(),
+                    what: format!(
+                        "slot {slot:02x} does not hold the key just {}: {problem}; the slot was cleared",
+                        if imported { "imported" } else { "generated" }
+                    ),
+                });
+            }
+        };
         let entry = Entry::new(user_id, role, public);
         map.slots.insert(slot, entry.clone());
         if let Err(e) = map.save(&self.slot_map, self.serial) {
@@ -695,7 +697,7 @@ impl YubiKeyStore {
             let _ = card.raw.delete_key(slot);
             return Err(e);
         }
-        Ok(self.key_info(slot, &entry, contents.as_ref().expect("proven above")))
+        Ok(self.key_info(slot, &entry, &contents))
     }
 
     /// The slot `key` names, if it is a PIV key of `algorithm`.
