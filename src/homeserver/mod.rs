@@ -407,6 +407,7 @@ impl Client {
             .access_token
             .as_ref()
             .map(|t| format!("Bearer {}", t.expose_secret()));
+        let empty = json!({});
         let mut backoff = FIRST_BACKOFF;
         for attempt in 1..=ATTEMPTS {
             let last = attempt == ATTEMPTS;
@@ -427,7 +428,7 @@ impl Client {
                     if let Some(a) = &auth {
                         r = r.header("Authorization", a);
                     }
-                    r.send_json(body.cloned().unwrap_or_else(|| json!({})))
+                    r.send_json(body.unwrap_or(&empty))
                 }
             };
             let failure: String = match result {
