@@ -20,7 +20,6 @@ use aes::Aes256;
 use aes::cipher::block_padding::Pkcs7;
 use aes::cipher::{BlockModeDecrypt, KeyIvInit};
 use hkdf::Hkdf;
-use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
@@ -170,10 +169,7 @@ impl Keys {
     }
     /// HMAC-SHA-256 of the empty string, the first 8 bytes (the libolm quirk).
     fn mac(&self) -> [u8; 8] {
-        let mut h = <Hmac<Sha256> as KeyInit>::new_from_slice(self.mac_key())
-            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        h.update(b"");
-        let full = h.finalize().into_bytes();
+        let full = super::hmac_sha256(self.mac_key(), &[]);
         let mut out = [0u8; 8];
         out.copy_from_slice(&full[..8]);
         out

@@ -65,10 +65,7 @@ fn keys(passphrase: &str, salt: &[u8], rounds: u32) -> Zeroizing<[u8; 64]> {
 }
 
 fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
-    let mut h = <Hmac<Sha256> as KeyInit>::new_from_slice(key)
-        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-    h.update(data);
-    h.finalize().into_bytes().into()
+    super::hmac_sha256(key, &[data])
 }
 
 /// Decrypts an export file: the JSON text of the sessions.

@@ -13,7 +13,6 @@ use std::fmt;
 use aes::Aes256;
 use aes::cipher::{KeyIvInit, StreamCipher};
 use hkdf::Hkdf;
-use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
 use sha2::{Sha256, Sha512};
 use subtle::ConstantTimeEq;
@@ -308,10 +307,7 @@ impl StorageKey {
 }
 
 fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
-    let mut h = <Hmac<Sha256> as KeyInit>::new_from_slice(key)
-        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-    h.update(data);
-    h.finalize().into_bytes().into()
+    super::hmac_sha256(key, &[data])
 }
 
 /// A 16-byte IV from base64 (padded or not). Longer IVs (nheko once wrote 32 bytes) are
