@@ -67,6 +67,15 @@ pub fn escape(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Untrusted values, each [`escape`]d, joined by `separator`.
+pub fn escape_joined<S: AsRef<str>>(items: &[S], separator: &str) -> String {
+    items
+        .iter()
+        .map(|s| escape(s.as_ref()))
+        .collect::<Vec<_>>()
+        .join(separator)
+}
+
 /// A whole message for a terminal: every dangerous character escaped except the message's
 /// own line breaks and tabs.
 pub fn terminal_safe(s: &str) -> Cow<'_, str> {

@@ -19,7 +19,7 @@ use crate::matrix::backup;
 use crate::matrix::device::DeviceSigner;
 use crate::matrix::key_export;
 use crate::matrix::signed_json::{Ed25519PublicKey, encode_base64};
-use crate::token::{KeyInfo, KeyOptions, KeyRole, KeyStore, SecretKeyBytes, TokenSigner};
+use crate::token::{KeyInfo, KeyOptions, KeyRole, SecretKeyBytes, TokenSigner};
 
 /// Sessions per `PUT /room_keys/keys` request.
 const UPLOAD_BATCH: usize = 500;
@@ -52,7 +52,7 @@ impl BackupStatus {
 }
 
 /// The version string and the whole description of the current backup.
-fn current_version(account: &Account) -> Result<Option<(String, Value)>, AccountError> {
+pub(crate) fn current_version(account: &Account) -> Result<Option<(String, Value)>, AccountError> {
     let Some(v) = account.client().backup_version(None)? else {
         return Ok(None);
     };
@@ -154,7 +154,7 @@ pub fn create(
     confirm_replace: &mut dyn FnMut(&BackupReplacement) -> Result<(), AccountError>,
 ) -> Result<Created, AccountError> {
     let me = account.user_id().to_string();
-    let store: &dyn KeyStore = &**account.store();
+    let store = account.keys();
     // A backup is trusted through our master key: it must be published, and ours.
     let answer = account.client().query_keys(&[&me])?;
     let (own, mut current) = anchors(account, &answer)?;
@@ -254,7 +254,7 @@ fn signed_auth_data(
     key: &KeyInfo,
 ) -> Result<Value, AccountError> {
     let me = account.user_id();
-    let store: &dyn KeyStore = &**account.store();
+    let store = account.keys();
     let master = TokenSigner {
         store,
         key: master.clone(),

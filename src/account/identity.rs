@@ -9,12 +9,12 @@
 use secrecy::SecretString;
 use serde_json::Value;
 
-use super::sign::{own_keys, sign_this_device, take_key};
+use super::sign::{CurrentKeys, anchors, own_keys, sign_this_device, take_key};
 use super::{Account, AccountError, PublishedIdentity};
 use crate::homeserver::{HomeserverError, UiaAuth};
 use crate::matrix::cross_signing::{self, OwnKeys, TrustReport, Usage};
 use crate::matrix::signed_json::{Ed25519PublicKey, sign_json, verify_json};
-use crate::token::{KeyOptions, KeyRole, KeyStore, SecretKeyBytes, TokenSigner};
+use crate::token::{KeyOptions, KeyRole, SecretKeyBytes, TokenSigner};
 
 /// What replacing the published identity loses, shown before anything is done.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,27 +78,18 @@ pub struct PublishPrompts<'a> {
     pub password: &'a dyn Fn() -> Result<SecretString, HomeserverError>,
 }
 
-/// What replacing the published identity would lose.
+/// What replacing the published identity (master key `master`) would lose.
 fn replacement(
     account: &Account,
     answer: &Value,
+    master: Ed25519PublicKey,
     published: &PublishedIdentity,
 ) -> Result<Replacement, AccountError> {
     let me = account.user_id();
-    let master = published.master.ok_or(AccountError::Cancelled)?;
-    let mut signed_devices = Vec::new();
-    if let Some(ssk) = published.self_signing
-        && let Some(devices) = answer
-            .get("device_keys")
-            .and_then(|d| d.get(me))
-            .and_then(Value::as_object)
-    {
-        for (id, d) in devices {
-            if verify_json(d, me, &ssk.key_id(), &ssk).is_ok() {
-                signed_devices.push(id.clone());
-            }
-        }
-    }
+    let signed_devices = published
+        .self_signing
+        .map(|ssk| devices_signed_by(answer, me, &ssk))
+        .unwrap_or_default();
     let trusted_backup = account.client().backup_version(None)?.and_then(|v| {
         let auth = v.get("auth_data")?;
         crate::matrix::backup::verify_auth_data(me, auth, &master).ok()?;
@@ -159,7 +150,7 @@ fn check_replace(
             on_token: token_master,
         });
     }
-    let r = replacement(account, answer, published)?;
+    let r = replacement(account, answer, server, published)?;
     confirm(&r)?;
     Ok(Some(r))
 }
@@ -176,10 +167,11 @@ pub fn create(
     prompts: PublishPrompts<'_>,
 ) -> Result<Published, AccountError> {
     let me = account.user_id().to_string();
-    let store: &dyn KeyStore = &**account.store();
+    let store = account.keys();
     let (answer, published) = fetch_identity(account)?;
-    let current = store.current_keys(&me)?;
-    let on_token = |role: KeyRole| current.get(&role).map(|k| Ed25519PublicKey(k.public_key));
+    let mut current = store.current_keys(&me)?;
+    let on_token =
+        |current: &CurrentKeys, role| current.get(&role).map(|k| Ed25519PublicKey(k.public_key));
     let roles = [KeyRole::Master, KeyRole::SelfSigning, KeyRole::UserSigning];
     if options.import.is_some()
         && let Some(role) = roles.iter().find(|r| current.contains_key(r))
@@ -194,7 +186,7 @@ pub fn create(
         Some(seeds) => Some(Ed25519PublicKey(
             seeds[0].public_key(KeyRole::Master.algorithm()),
         )),
-        None => on_token(KeyRole::Master),
+        None => on_token(&current, KeyRole::Master),
     };
     let replaced = check_replace(
         account,
@@ -209,41 +201,44 @@ pub fn create(
     match options.import {
         Some(seeds) => {
             for (role, seed) in roles.into_iter().zip(seeds) {
-                store.import(&me, role, seed, &KeyOptions::default())?;
+                let key = store.import(&me, role, seed, &KeyOptions::default())?;
+                current.insert(role, key);
                 sources.push((role, KeySource::Imported));
             }
         }
         None => {
-            let master = match on_token(KeyRole::Master) {
+            let master = match on_token(&current, KeyRole::Master) {
                 Some(k) => {
                     sources.push((KeyRole::Master, KeySource::Existing));
                     k
                 }
                 None => {
                     let k = store.generate(&me, KeyRole::Master, &KeyOptions::default())?;
+                    let public = Ed25519PublicKey(k.public_key);
+                    current.insert(KeyRole::Master, k);
                     sources.push((KeyRole::Master, KeySource::Generated));
-                    Ed25519PublicKey(k.public_key)
+                    public
                 }
             };
             // A master key that is not the published one cannot take over the published
             // self-signing or user-signing key (Synapse refuses a key it stored before).
             let new_identity = published.master.is_some_and(|m| m != master);
             for role in [KeyRole::SelfSigning, KeyRole::UserSigning] {
-                let existing = on_token(role);
+                let existing = on_token(&current, role);
                 let reuse =
                     existing.is_some_and(|k| !(new_identity && published.get(role) == Some(&k)));
                 if reuse {
                     sources.push((role, KeySource::Existing));
                 } else {
-                    store.generate(&me, role, &KeyOptions::default())?;
+                    let key = store.generate(&me, role, &KeyOptions::default())?;
+                    current.insert(role, key);
                     sources.push((role, KeySource::Generated));
                 }
             }
         }
     }
     if options.no_publish {
-        let mut now = store.current_keys(&me)?;
-        let mut pk = |r| take_key(account, &mut now, r).map(|k| Ed25519PublicKey(k.public_key));
+        let mut pk = |r| take_key(account, &mut current, r).map(|k| Ed25519PublicKey(k.public_key));
         return Ok(Published {
             user_id: me.clone(),
             master: pk(KeyRole::Master)?,
@@ -257,7 +252,7 @@ pub fn create(
             devices_to_resign: Vec::new(),
         });
     }
-    let mut out = publish_checked(account, &answer, &published, prompts.password)?;
+    let mut out = publish_checked(account, &answer, &published, current, prompts.password)?;
     out.sources = sources;
     out.replaced = replaced;
     Ok(out)
@@ -274,9 +269,9 @@ pub fn publish(
     prompts: PublishPrompts<'_>,
 ) -> Result<Published, AccountError> {
     let me = account.user_id().to_string();
-    let store: &dyn KeyStore = &**account.store();
+    let store = account.keys();
     let (answer, published) = fetch_identity(account)?;
-    let own = own_keys(account, &answer)?;
+    let (own, mut current) = anchors(account, &answer)?;
     let replaced = check_replace(
         account,
         &answer,
@@ -292,28 +287,30 @@ pub fn publish(
             (KeyRole::UserSigning, own.user_signing),
         ] {
             if token.is_none() || published.get(role) == token.as_ref() {
-                store.generate(&me, role, &KeyOptions::default())?;
+                let key = store.generate(&me, role, &KeyOptions::default())?;
+                current.insert(role, key);
                 sources.push((role, KeySource::Generated));
             }
         }
     }
-    let mut out = publish_checked(account, &answer, &published, prompts.password)?;
+    let mut out = publish_checked(account, &answer, &published, current, prompts.password)?;
     out.sources = sources;
     out.replaced = replaced;
     Ok(out)
 }
 
 /// Uploads what differs from `answer` (the server's identity, checked by the caller to be
-/// ours or replaceable), reads it back, and signs mxhsm's device.
+/// ours or replaceable), reads it back, and signs mxhsm's device. `current`: the token's
+/// keys, as listed by the caller and updated with what it made.
 fn publish_checked(
     account: &Account,
     answer: &Value,
     published: &PublishedIdentity,
+    mut current: CurrentKeys,
     password: &dyn Fn() -> Result<SecretString, HomeserverError>,
 ) -> Result<Published, AccountError> {
     let me = account.user_id();
-    let store: &dyn KeyStore = &**account.store();
-    let mut current = store.current_keys(me)?;
+    let store = account.keys();
     let master = take_key(account, &mut current, KeyRole::Master)?;
     let ssk = take_key(account, &mut current, KeyRole::SelfSigning)?;
     let usk = take_key(account, &mut current, KeyRole::UserSigning)?;
@@ -357,15 +354,14 @@ fn publish_checked(
             uploaded.push(role);
         }
     }
-    let devices_to_resign = if uploaded.contains(&KeyRole::SelfSigning) && !master_changes {
-        resign_candidates(
-            answer,
-            me,
-            published.self_signing.as_ref(),
-            account.device_id(),
-        )
-    } else {
-        Vec::new()
+    // Our devices (other than mxhsm's) validly signed by the outgoing self-signing key.
+    let devices_to_resign = match published.self_signing {
+        Some(old) if uploaded.contains(&KeyRole::SelfSigning) && !master_changes => {
+            let mut ids = devices_signed_by(answer, me, &old);
+            ids.retain(|id| id != account.device_id());
+            ids
+        }
+        _ => Vec::new(),
     };
     if !body.is_empty() {
         let prompt = || password();
@@ -408,16 +404,8 @@ fn show(k: Option<Ed25519PublicKey>) -> String {
     k.map(|k| k.to_base64()).unwrap_or_else(|| "(none)".into())
 }
 
-/// Our devices (other than mxhsm's) validly signed by the outgoing self-signing key.
-fn resign_candidates(
-    answer: &Value,
-    me: &str,
-    old_ssk: Option<&Ed25519PublicKey>,
-    this_device: &str,
-) -> Vec<String> {
-    let Some(old) = old_ssk else {
-        return Vec::new();
-    };
+/// Our devices in `answer` validly signed by the self-signing key `ssk`.
+fn devices_signed_by(answer: &Value, me: &str, ssk: &Ed25519PublicKey) -> Vec<String> {
     answer
         .get("device_keys")
         .and_then(|d| d.get(me))
@@ -425,9 +413,7 @@ fn resign_candidates(
         .map(|devices| {
             devices
                 .iter()
-                .filter(|(id, d)| {
-                    id.as_str() != this_device && verify_json(d, me, &old.key_id(), old).is_ok()
-                })
+                .filter(|(_, d)| verify_json(d, me, &ssk.key_id(), ssk).is_ok())
                 .map(|(id, _)| id.clone())
                 .collect()
         })

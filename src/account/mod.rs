@@ -90,6 +90,11 @@ impl Account {
         &self.store
     }
 
+    /// The token's keys ([`Self::store`] as a [`crate::token::KeyStore`]).
+    pub fn keys(&self) -> &dyn crate::token::KeyStore {
+        &*self.store
+    }
+
     /// mxhsm's own device as its Olm account makes it (self-signed).
     fn own_device_keys(&self) -> Result<(vodozemac::olm::Account, Value), AccountError> {
         let account = olm_account(&self.session)?;
@@ -191,7 +196,7 @@ pub enum AccountError {
     #[error(
         "the published identity of {} is not the token's ({}): fix that first",
         escape(.user_id),
-        .problems.iter().map(|p| escape(p).into_owned()).collect::<Vec<_>>().join("; ")
+        crate::text::escape_joined(.problems, "; ")
     )]
     IdentityNotOurs {
         user_id: String,

@@ -24,7 +24,6 @@ use std::time::Instant;
 use aes::Aes256;
 use aes::cipher::{KeyIvInit, StreamCipher};
 use hkdf::Hkdf;
-use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -35,11 +34,11 @@ use super::backup::FileFormat;
 use super::{Account, AccountError};
 use crate::files::PrivateFile;
 use crate::homeserver::BackupSink;
-use crate::matrix::backup::{self, BackedUpSession, EncryptedSessionData, X25519Agreement};
+use crate::matrix::backup::{self, BackedUpSession, EncryptedSessionData};
 use crate::matrix::key_export;
 use crate::matrix::signed_json::encode_base64;
 use crate::paths::{self, Base};
-use crate::token::{KeyInfo, KeyRole, KeyStore, TokenAgreement};
+use crate::token::{KeyInfo, KeyRole, TokenAgreement};
 
 /// Sessions restored per round: each round is written out (and recorded for `--resume`)
 /// before the next starts, so memory holds one round of plaintext.
@@ -220,12 +219,7 @@ impl ProgressKeys {
     }
 
     fn mac(&self, index: u32, nonce: &[u8; 16], ciphertext: &[u8]) -> [u8; 32] {
-        let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0[32..])
-            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        m.update(&index.to_be_bytes());
-        m.update(nonce);
-        m.update(ciphertext);
-        m.finalize().into_bytes().into()
+        crate::matrix::hmac_sha256(&self.0[32..], &[&index.to_be_bytes(), nonce, ciphertext])
     }
 
     fn apply(&self, nonce: &[u8; 16], data: &mut [u8]) {
@@ -285,7 +279,7 @@ impl Progress {
             encode_base64(version.as_bytes())
         );
         let io = |e: std::io::Error| AccountError::file("cannot write", path, e);
-        let mut file = private_create(path).map_err(io)?;
+        let mut file = paths::create_private(path).map_err(io)?;
         file.write_all(header.as_bytes()).map_err(io)?;
         file.sync_data().map_err(io)?;
         Ok(Progress {
@@ -301,12 +295,13 @@ impl Progress {
     fn resume(
         path: &Path,
         version: &str,
-        agreement: &dyn X25519Agreement,
+        agreement: &TokenAgreement<'_>,
         replay: &mut dyn FnMut(RoundRecord) -> Result<(), AccountError>,
     ) -> Result<Option<Progress>, AccountError> {
         let io = |e: std::io::Error| AccountError::file("cannot read", path, e);
-        let file = paths::open_private(path).map_err(|e| AccountError::Refused(e.to_string()))?;
-        let mut reader = std::io::BufReader::new(file);
+        let mut file =
+            paths::open_private_rw(path).map_err(|e| AccountError::Refused(e.to_string()))?;
+        let mut reader = std::io::BufReader::new(&file);
         let mut header = String::new();
         reader.read_line(&mut header).map_err(io)?;
         let mut parts = header.trim_end().rsplitn(3, ' ');
@@ -320,15 +315,8 @@ impl Progress {
             .ok()
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| AccountError::file("is damaged:", path, "bad header"))?;
-        let shared = agreement.agree(&eph).map_err(|e| {
-            match e.source.downcast::<crate::token::TokenError>() {
-                Ok(t) => AccountError::Token(*t),
-                Err(other) => {
-                    AccountError::Backup(backup::BackupError::Agreement(other.to_string()))
-                }
-            }
-        })?;
-        let keys = ProgressKeys::derive(&shared, version);
+        let shared = agreement.store.x25519(&agreement.key, &eph)?;
+        let keys = ProgressKeys::derive(shared.expose(), version);
         let mut good_len = header.len() as u64;
         let mut records = 0u32;
         loop {
@@ -359,13 +347,7 @@ impl Progress {
             good_len += 4 + len as u64;
         }
         drop(reader);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags_nofollow()
-            .open(path)
-            .map_err(io)?;
         file.set_len(good_len).map_err(io)?;
-        let mut file = file;
         std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(io)?;
         Ok(Some(Progress {
             file,
@@ -398,35 +380,9 @@ impl Progress {
     }
 }
 
-trait NoFollow {
-    fn custom_flags_nofollow(&mut self) -> &mut Self;
-}
-
-impl NoFollow for std::fs::OpenOptions {
-    fn custom_flags_nofollow(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-    }
-}
-
-/// A new 0600 file, never through a symbolic link, never over an existing one.
-fn private_create(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags_nofollow()
-        .open(path)
-}
-
 /// The current backup version, which must be encrypted to `key` (the token's backup key).
 fn ours_current_version(account: &Account, key: &KeyInfo) -> Result<String, AccountError> {
-    let (version, v) = account
-        .client()
-        .backup_version(None)?
-        .and_then(|v| Some((v.get("version")?.as_str()?.to_string(), v)))
-        .ok_or(AccountError::NoBackup)?;
+    let (version, v) = super::backup::current_version(account)?.ok_or(AccountError::NoBackup)?;
     let public = v
         .pointer("/auth_data/public_key")
         .and_then(Value::as_str)
@@ -454,7 +410,7 @@ pub fn restore(
 ) -> Result<Restored, AccountError> {
     let me = account.user_id();
     let out = options.out;
-    let store: &dyn KeyStore = &**account.store();
+    let store = account.keys();
     if options.format == FileFormat::Export
         && options.rounds < key_export::MIN_ROUNDS
         && !options.weak_rounds
@@ -495,17 +451,13 @@ pub fn restore(
     let spool_version = dir.join("version");
     // The download, unless an interrupted run of the same version left it complete. A
     // file there that is not ours (another user's, a link) is refused, not used.
-    let ours = |p: &Path| match paths::open_private(p) {
-        Ok(f) => Ok(Some(f)),
-        Err(paths::PrivateError::Io { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(AccountError::Refused(format!(
-            "{e}; remove {} to start the restore again",
-            dir.display()
-        ))),
+    let ours = |p: &Path| {
+        paths::open_private_if_any(p).map_err(|e| {
+            AccountError::Refused(format!(
+                "{e}; remove {} to start the restore again",
+                dir.display()
+            ))
+        })
     };
     let saved_version = match ours(&spool_version)? {
         Some(mut f) => {
@@ -588,12 +540,8 @@ pub fn restore(
             resumed_rounds += 1;
             Ok(())
         })?;
-        if state.is_none() {
-            // Another version's progress: start the rounds again.
-            restored = 0;
-            failed.clear();
-            resumed_rounds = 0;
-        }
+        // `None`: another version's progress (nothing was replayed); the rounds start
+        // again.
     }
     let mut state = match state {
         Some(s) => s,
@@ -674,7 +622,7 @@ pub struct RoomRestore {
 /// token's backup key, into memory: nothing is written anywhere.
 pub fn restore_room(account: &Account, room_id: &str) -> Result<RoomRestore, AccountError> {
     let me = account.user_id();
-    let store: &dyn KeyStore = &**account.store();
+    let store = account.keys();
     let key = store.find_key(me, KeyRole::Backup)?;
     let version = ours_current_version(account, &key)?;
     let room = account.client().backup_room(&version, room_id)?;

@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 use super::{Account, AccountError, PublishedIdentity};
 use crate::matrix::secret_storage::{self as ssss, SecretStorageError, StorageKey};
 use crate::matrix::signed_json::decode_base64;
-use crate::token::{KeyInfo, KeyOptions, KeyRole, KeyStore, SecretKeyBytes};
+use crate::token::{KeyInfo, KeyOptions, KeyRole, SecretKeyBytes};
 
 /// The secrets mxhsm moves, and the role each one's key has on the token.
 pub const SECRETS: [(&str, KeyRole); 4] = [
@@ -125,7 +125,7 @@ pub fn import(
 ) -> Result<Imported, AccountError> {
     let me = account.user_id();
     let client = account.client();
-    let store: &dyn KeyStore = &**account.store();
+    let store = account.keys();
     let key_id = default_key(account)?.ok_or_else(|| {
         AccountError::Refused(
             "the server has no secret storage (no m.secret_storage.default_key)".into(),

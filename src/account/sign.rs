@@ -11,9 +11,9 @@ use super::{Account, AccountError, PublishedIdentity};
 use crate::matrix::cross_signing::{self, OwnKeys, Trust, Usage};
 use crate::matrix::device::without_signatures;
 use crate::matrix::signed_json::{
-    Ed25519PublicKey, Ed25519Signer, canonical_json, sign_json, signable_bytes, verify_json,
+    Ed25519PublicKey, Ed25519Signer, sign_json, signable_bytes, verify_json,
 };
-use crate::token::{KeyInfo, KeyRole, KeyStore, TokenSigner};
+use crate::token::{KeyInfo, KeyRole, TokenSigner};
 
 /// A device that could be signed, as one `/keys/query` showed it.
 #[derive(Debug, Clone)]
@@ -337,7 +337,7 @@ fn upload_device_signatures(
     devices: Vec<(String, Value)>,
 ) -> Result<(), AccountError> {
     let me = account.user_id();
-    let store: &dyn KeyStore = &**account.store();
+    let store = account.keys();
     let signer = TokenSigner {
         store,
         key: ssk.clone(),
@@ -425,7 +425,7 @@ pub fn sign_user(
         object,
     };
     confirm(&candidate)?;
-    let store: &dyn KeyStore = &**account.store();
+    let store = account.keys();
     let signer = TokenSigner { store, key: usk };
     let mut signed = without_signatures(&candidate.object);
     sign_json(&mut signed, me, &usk_pk.key_id(), &signer)?;
@@ -438,8 +438,7 @@ pub fn sign_user(
     let back = account.client().query_keys(&[user_id])?;
     let served = back.get("master_keys").and_then(|m| m.get(user_id));
     let ok = served.is_some_and(|s| {
-        canonical_json(&without_signatures(s)).ok()
-            == canonical_json(&without_signatures(&signed)).ok()
+        signable_bytes(s).ok() == signable_bytes(&signed).ok()
             && verify_json(s, me, &usk_pk.key_id(), &usk_pk).is_ok()
     });
     if !ok {

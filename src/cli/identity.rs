@@ -134,11 +134,7 @@ fn describe_replacement(r: &Replacement) -> String {
         lines.push(format!(
             "  - the cross-signing of {} device(s): {}",
             r.signed_devices.len(),
-            r.signed_devices
-                .iter()
-                .map(|d| esc(d).into_owned())
-                .collect::<Vec<_>>()
-                .join(", ")
+            mxhsm::text::escape_joined(&r.signed_devices, ", ")
         ));
     }
     match &r.trusted_backup {
@@ -229,11 +225,7 @@ fn report_published(global: &GlobalArgs, p: &Published) {
                 say!(
                     "{} device(s) were signed by the previous self-signing key and are not cross-signed now: {}. Check each one and sign it again with `mxhsm sign devices ID…`",
                     p.devices_to_resign.len(),
-                    p.devices_to_resign
-                        .iter()
-                        .map(|d| esc(d).into_owned())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    mxhsm::text::escape_joined(&p.devices_to_resign, ", ")
                 );
             }
         },
@@ -449,12 +441,7 @@ fn sign_devices(
                 say!(
                     "signed {} device(s): {}",
                     outcome.signed.len(),
-                    outcome
-                        .signed
-                        .iter()
-                        .map(|d| esc(d).into_owned())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    mxhsm::text::escape_joined(&outcome.signed, ", ")
                 );
             }
         },

@@ -44,30 +44,26 @@ pub fn random_key() -> SigningKey {
     SigningKey::from_bytes(&seed)
 }
 
-pub fn device_trust(status: &Value, device: &str) -> (String, String) {
-    let d = status["devices"]
+/// (trust, reason) of the entry of `list` in `identity status --json` whose `field` is `id`.
+fn trust_in(status: &Value, list: &str, field: &str, id: &str) -> (String, String) {
+    let e = status[list]
         .as_array()
         .unwrap()
         .iter()
-        .find(|d| d["device_id"] == device)
-        .unwrap_or_else(|| panic!("no device {device} in {status}"));
+        .find(|e| e[field] == id)
+        .unwrap_or_else(|| panic!("no {field} {id} in {status}"));
     (
-        d["trust"].as_str().unwrap().into(),
-        d["reason"].as_str().unwrap().into(),
+        e["trust"].as_str().unwrap().into(),
+        e["reason"].as_str().unwrap().into(),
     )
 }
 
+pub fn device_trust(status: &Value, device: &str) -> (String, String) {
+    trust_in(status, "devices", "device_id", device)
+}
+
 pub fn user_trust(status: &Value, user: &str) -> (String, String) {
-    let u = status["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["user_id"] == user)
-        .unwrap_or_else(|| panic!("no user {user} in {status}"));
-    (
-        u["trust"].as_str().unwrap().into(),
-        u["reason"].as_str().unwrap().into(),
-    )
+    trust_in(status, "users", "user_id", user)
 }
 
 /// Another client of the same user: a device with its own Ed25519 key, uploaded over HTTP.
