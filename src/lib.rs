@@ -72,5 +72,5 @@ pub mod token;
 pub use account::login::{Credential, LoginOutcome, LoginRequest};
 pub use account::{Account, AccountError, PublishedIdentity};
 pub use homeserver::{Client, ClientOptions, HomeserverError, Session};
-pub use matrix::signed_json::Ed25519PublicKey;
-pub use token::{KeyInfo, KeyRole, KeyStore, Store, StoreOptions, TokenChoice, TokenError};
+pub use matrix::keys::{Curve25519PublicKey, Ed25519PublicKey, KeyRole};
+pub use token::{KeyInfo, KeyStore, Store, StoreOptions, TokenChoice, TokenError};

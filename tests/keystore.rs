@@ -9,9 +9,13 @@ use common::{Kind, TestToken, fixed_pin};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use mxhsm::token::pkcs11::{Pkcs11Store, Pkcs11Uri};
 use mxhsm::token::{
-    KeyAlgorithm, KeyOptions, KeyOrigin, KeyRole, KeyStore, SecretKeyBytes, TokenError,
-    X25519Mechanism,
+    Curve25519PublicKey, KeyAlgorithm, KeyOptions, KeyOrigin, KeyRole, KeyStore, PublicKey,
+    SecretKeyBytes, TokenError, X25519Mechanism,
 };
+
+fn curve(secret: &StaticSecret) -> Curve25519PublicKey {
+    Curve25519PublicKey::from_bytes(XPublic::from(secret).to_bytes())
+}
 use x25519_dalek::{PublicKey as XPublic, StaticSecret};
 
 const ALICE: &str = "@alice:localhost";
@@ -33,8 +37,8 @@ fn random32() -> [u8; 32] {
     b
 }
 
-fn verify(public: &[u8; 32], msg: &[u8], sig: &[u8; 64]) {
-    VerifyingKey::from_bytes(public)
+fn verify(public: &PublicKey, msg: &[u8], sig: &[u8; 64]) {
+    VerifyingKey::from_bytes(public.as_bytes())
         .unwrap()
         .verify_strict(msg, &Signature::from_bytes(sig))
         .unwrap_or_else(|_| panic!("signature over {} bytes does not verify", msg.len()));
@@ -78,7 +82,7 @@ fn generate_all_roles_sign_and_agree(kind: Kind) {
         // A different message must not verify under the same signature.
         let sig = store.sign_ed25519(k, b"one").unwrap();
         assert!(
-            VerifyingKey::from_bytes(&k.public_key)
+            VerifyingKey::from_bytes(k.public_key.as_bytes())
                 .unwrap()
                 .verify_strict(b"two", &Signature::from_bytes(&sig))
                 .is_err()
@@ -89,13 +93,11 @@ fn generate_all_roles_sign_and_agree(kind: Kind) {
         Kind::SoftHsm => X25519Mechanism::SoftHsmEdwards,
         _ => X25519Mechanism::Montgomery,
     };
-    assert_eq!(backup.x25519_mechanism, Some(expected_mechanism));
+    assert_eq!(backup.x25519_mechanism(), Some(expected_mechanism));
     for _ in 0..20 {
         let peer = StaticSecret::from(random32());
-        let on_token = store
-            .x25519(&backup, XPublic::from(&peer).as_bytes())
-            .unwrap();
-        let soft = peer.diffie_hellman(&XPublic::from(backup.public_key));
+        let on_token = store.x25519(&backup, &curve(&peer)).unwrap();
+        let soft = peer.diffie_hellman(&XPublic::from(*backup.public_key.as_bytes()));
         assert_eq!(on_token.expose(), soft.as_bytes());
     }
     // Wrong-algorithm requests are refused before reaching the token.
@@ -107,7 +109,7 @@ fn generate_all_roles_sign_and_agree(kind: Kind) {
         })
     ));
     assert!(matches!(
-        store.x25519(&listed[0], &[9u8; 32]),
+        store.x25519(&listed[0], &Curve25519PublicKey::from_bytes([9u8; 32])),
         Err(TokenError::WrongAlgorithm { .. })
     ));
 }
@@ -165,7 +167,7 @@ fn imported_x25519_matches_rfc7748(kind: Kind) {
         )
         .unwrap();
     assert_eq!(
-        key.public_key.to_vec(),
+        key.public_key.as_bytes().to_vec(),
         hex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
     );
     // The js-sdk test data's backup public key is this same key (matrix-crypto.md §2.3a).
@@ -173,9 +175,11 @@ fn imported_x25519_matches_rfc7748(kind: Kind) {
         key.public_key_base64(),
         "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo"
     );
-    let bob: [u8; 32] = hex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
-        .try_into()
-        .unwrap();
+    let bob = Curve25519PublicKey::from_bytes(
+        hex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
+            .try_into()
+            .unwrap(),
+    );
     let shared = store.x25519(&key, &bob).unwrap();
     assert_eq!(
         shared.expose().to_vec(),
@@ -193,14 +197,15 @@ fn small_order_peer_is_refused(kind: Kind) {
     let mut one = [0u8; 32];
     one[0] = 1;
     for peer in [[0u8; 32], one] {
-        assert!(store.x25519(&key, &peer).is_err(), "peer {peer:?}");
+        let peer_key = Curve25519PublicKey::from_bytes(peer);
+        assert!(store.x25519(&key, &peer_key).is_err(), "peer {peer:?}");
     }
     // The key still works afterwards.
     let peer = StaticSecret::from(random32());
-    let s = store.x25519(&key, XPublic::from(&peer).as_bytes()).unwrap();
+    let s = store.x25519(&key, &curve(&peer)).unwrap();
     assert_eq!(
         s.expose(),
-        peer.diffie_hellman(&XPublic::from(key.public_key))
+        peer.diffie_hellman(&XPublic::from(*key.public_key.as_bytes()))
             .as_bytes()
     );
 }
@@ -495,8 +500,8 @@ fn missing_module_and_unmatched_uri_are_clear_and_ask_no_pin() {
 /// The js-sdk's Alice seeds imported on the token: mxhsm's signed JSON reproduces the
 /// published signatures byte for byte (docs/vectors.md).
 fn published_cross_signing_signatures_from_the_token(kind: Kind) {
-    use mxhsm::matrix::cross_signing::{Usage, identity_objects, key_object};
-    use mxhsm::matrix::signed_json::{Ed25519PublicKey, sign_json, signature};
+    use mxhsm::matrix::cross_signing::{identity_objects, key_object};
+    use mxhsm::matrix::signed_json::{sign_json, signature};
     use mxhsm::token::TokenSigner;
     let t = TestToken::new(kind);
     let store = t.open();
@@ -510,14 +515,16 @@ fn published_cross_signing_signatures_from_the_token(kind: Kind) {
             )
             .unwrap()
     };
-    let msk = TokenSigner {
-        store: &store,
-        key: import(KeyRole::Master, b"doyouspeakwhaaaaaaaaaaaaaaaaaale"),
-    };
-    let ssk = TokenSigner {
-        store: &store,
-        key: import(KeyRole::SelfSigning, b"selfselfselfselfselfselfselfself"),
-    };
+    let msk = TokenSigner::new(
+        &store,
+        import(KeyRole::Master, b"doyouspeakwhaaaaaaaaaaaaaaaaaale"),
+    )
+    .unwrap();
+    let ssk = TokenSigner::new(
+        &store,
+        import(KeyRole::SelfSigning, b"selfselfselfselfselfselfselfself"),
+    )
+    .unwrap();
     let usk = import(KeyRole::UserSigning, b"useruseruseruseruseruseruseruser");
     assert_eq!(
         usk.public_key_base64(),
@@ -526,8 +533,8 @@ fn published_cross_signing_signatures_from_the_token(kind: Kind) {
     let [master, ssk_obj, usk_obj] = identity_objects(
         ALICE,
         &msk,
-        &Ed25519PublicKey(ssk.key.public_key),
-        &Ed25519PublicKey(usk.public_key),
+        &ssk.key().ed25519().unwrap(),
+        &usk.ed25519().unwrap(),
     )
     .unwrap();
     let msk_id = "ed25519:J+5An10v1vzZpAXTYFokD1/PEVccFnLC61EfRXit0UY";
@@ -563,7 +570,7 @@ fn published_cross_signing_signatures_from_the_token(kind: Kind) {
         )
     );
     assert_eq!(
-        key_object(ALICE, Usage::Master, &Ed25519PublicKey(msk.key.public_key)),
+        key_object(ALICE, KeyRole::Master, &msk.key().ed25519().unwrap()),
         master
     );
 }
@@ -621,10 +628,7 @@ fn backup_vectors_decrypt_through_the_token(kind: Kind) {
                 &KeyOptions::default(),
             )
             .unwrap();
-        let agreement = TokenAgreement {
-            store: &store,
-            key: k,
-        };
+        let agreement = TokenAgreement::new(&store, k).unwrap();
         let data = EncryptedSessionData::from_json(
             &serde_json::json!({"ephemeral": ephemeral, "ciphertext": ciphertext, "mac": mac}),
         )

@@ -55,7 +55,7 @@ fn secret_holding_types_print_no_secret() {
         "RoomKey { room_id: Some(String(\"!r:example.org\")), session_id: Some(String(\"SID\")), .. }"
     );
     let data = EncryptedSessionData {
-        ephemeral: [1u8; 32],
+        ephemeral: mxhsm::Curve25519PublicKey::from_bytes([1u8; 32]),
         ciphertext: vec![2u8; 48],
         mac: vec![3u8; 8],
     };

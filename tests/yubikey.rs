@@ -11,8 +11,8 @@ use common::{Kind, TestToken, fails, fixed_pin, ok, piv};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use mxhsm::token::yubikey::{ManagementKey, YubiKeyOptions, YubiKeyStore, attestation};
 use mxhsm::token::{
-    KeyLocator, KeyOptions, KeyOrigin, KeyRole, KeyStore, PinPolicy, SecretKeyBytes, TokenError,
-    TouchPolicy, X25519Mechanism,
+    Curve25519PublicKey, KeyBackend, KeyOptions, KeyOrigin, KeyRole, KeyStore, PinPolicy,
+    RetiredSlot, SecretKeyBytes, TokenError, TouchPolicy, X25519Mechanism,
 };
 use serde_json::Value;
 use x25519_dalek::{PublicKey as XPublic, StaticSecret};
@@ -27,10 +27,25 @@ fn verify(public: &[u8; 32], msg: &[u8], sig: &[u8; 64]) {
 }
 
 fn slot_of(k: &mxhsm::token::KeyInfo) -> u8 {
-    match k.locator {
-        KeyLocator::Piv { slot } => slot,
+    match k.backend {
+        KeyBackend::Piv { slot, .. } => slot.get(),
         _ => panic!("not a PIV key"),
     }
+}
+
+fn piv_policy(k: &mxhsm::token::KeyInfo) -> Option<(PinPolicy, TouchPolicy)> {
+    match k.backend {
+        KeyBackend::Piv { pin, touch, .. } => pin.zip(touch),
+        _ => None,
+    }
+}
+
+fn slot(n: u8) -> RetiredSlot {
+    RetiredSlot::new(n).unwrap()
+}
+
+fn curve(secret: &StaticSecret) -> Curve25519PublicKey {
+    Curve25519PublicKey::from_bytes(XPublic::from(secret).to_bytes())
 }
 
 /// A connection of its own to the virtual card's reader (one virtual card at a time).
@@ -117,10 +132,10 @@ fn every_keystore_operation_checked_against_dalek() {
         } else {
             TouchPolicy::Cached
         };
-        assert_eq!(k.piv_policy, Some((PinPolicy::Once, touch)), "{role}");
+        assert_eq!(piv_policy(&k), Some((PinPolicy::Once, touch)), "{role}");
         assert_eq!(
             card_public(t.serial(), slot_of(&k)).as_deref(),
-            Some(&k.public_key[..])
+            Some(&k.public_key.as_bytes()[..])
         );
         keys.push(k);
     }
@@ -136,26 +151,32 @@ fn every_keystore_operation_checked_against_dalek() {
         let sig = store
             .sign_ed25519(ssk, &msg)
             .unwrap_or_else(|e| panic!("{len}: {e}"));
-        verify(&ssk.public_key, &msg, &sig);
+        verify(ssk.public_key.as_bytes(), &msg, &sig);
     }
 
     // X25519 with the backup key equals x25519-dalek's, and a small-order peer is refused.
     let backup = &keys[3];
     let peer = StaticSecret::from([7u8; 32]);
-    let secret = store
-        .x25519(backup, XPublic::from(&peer).as_bytes())
-        .unwrap();
+    let secret = store.x25519(backup, &curve(&peer)).unwrap();
     assert_eq!(
         secret.expose(),
-        peer.diffie_hellman(&XPublic::from(backup.public_key))
+        peer.diffie_hellman(&XPublic::from(*backup.public_key.as_bytes()))
             .as_bytes()
     );
     // A small-order peer key gives no secret (the card refuses it, or mxhsm refuses the
     // all-zero result).
-    assert!(store.x25519(backup, &[0u8; 32]).is_err());
+    assert!(
+        store
+            .x25519(backup, &Curve25519PublicKey::from_bytes([0u8; 32]))
+            .is_err()
+    );
     // Keys are used for what they are.
     assert!(store.sign_ed25519(backup, b"x").is_err());
-    assert!(store.x25519(ssk, &[9u8; 32]).is_err());
+    assert!(
+        store
+            .x25519(ssk, &Curve25519PublicKey::from_bytes([9u8; 32]))
+            .is_err()
+    );
 
     // Imports: the card's signature equals dalek's byte for byte; ECDH equals dalek's.
     let seed = [0x5au8; 32];
@@ -169,7 +190,10 @@ fn every_keystore_operation_checked_against_dalek() {
         .unwrap();
     assert_eq!(imported.origin, KeyOrigin::Imported);
     let dalek = SigningKey::from_bytes(&seed);
-    assert_eq!(imported.public_key, dalek.verifying_key().to_bytes());
+    assert_eq!(
+        imported.public_key.as_bytes(),
+        &dalek.verifying_key().to_bytes()
+    );
     for len in [0usize, 255, 1015, 3000] {
         let msg = vec![0x42u8; len];
         assert_eq!(
@@ -187,10 +211,8 @@ fn every_keystore_operation_checked_against_dalek() {
         )
         .unwrap();
     let xsec = StaticSecret::from(xs);
-    assert_eq!(ximp.public_key, XPublic::from(&xsec).to_bytes());
-    let got = store
-        .x25519(&ximp, XPublic::from(&peer).as_bytes())
-        .unwrap();
+    assert_eq!(ximp.public_key.as_bytes(), XPublic::from(&xsec).as_bytes());
+    let got = store.x25519(&ximp, &curve(&peer)).unwrap();
     assert_eq!(
         got.expose(),
         xsec.diffie_hellman(&XPublic::from(&peer)).as_bytes()
@@ -221,9 +243,9 @@ fn every_keystore_operation_checked_against_dalek() {
 fn filled_slots_are_not_overwritten_without_force() {
     let t = TestToken::new(Kind::VirtualYubiKey);
     let store = t.open_yubikey();
-    let at = |slot: u8, force: bool| {
+    let at = |n: u8, force: bool| {
         let mut o = KeyOptions::default();
-        o.slot = Some(slot);
+        o.slot = Some(slot(n));
         o.force = force;
         o
     };
@@ -233,18 +255,23 @@ fn filled_slots_are_not_overwritten_without_force() {
     assert_eq!(slot_of(&first), 0x90);
     let err = store
         .generate(ALICE, KeyRole::SelfSigning, &at(0x90, false))
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("slot 90") && err.contains("--force"), "{err}");
+        .unwrap_err();
+    assert!(
+        matches!(&err, TokenError::SlotOccupied { slot: s, holder: Some((KeyRole::Master, u)), .. } if s.get() == 0x90 && u == ALICE),
+        "{err}"
+    );
+    assert!(err.to_string().contains("slot 90"), "{err}");
     assert_eq!(
         card_public(t.serial(), 0x90).as_deref(),
-        Some(&first.public_key[..])
+        Some(&first.public_key.as_bytes()[..])
     );
-    let err = store
-        .generate(ALICE, KeyRole::Master, &at(0x9a, false))
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("not a retired key-management slot"), "{err}");
+    let err = RetiredSlot::new(0x9a).unwrap_err();
+    assert!(matches!(err, TokenError::NotRetiredSlot(0x9a)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("not a retired key-management slot"),
+        "{err}"
+    );
 
     // A key another tool put in 82 (not in our map) is skipped by the automatic choice
     // and refused without --force. (One mxhsm store has the card at a time.)
@@ -277,7 +304,7 @@ fn filled_slots_are_not_overwritten_without_force() {
     assert_eq!(slot_of(&auto), 0x83);
     assert_eq!(
         card_public(t.serial(), 0x82).as_deref(),
-        Some(&foreign.public_key[..])
+        Some(&foreign.public_key.as_bytes()[..])
     );
     // With --force the slot is taken.
     let forced = store
@@ -285,14 +312,14 @@ fn filled_slots_are_not_overwritten_without_force() {
         .unwrap();
     assert_eq!(
         card_public(t.serial(), 0x82).as_deref(),
-        Some(&forced.public_key[..])
+        Some(&forced.public_key.as_bytes()[..])
     );
     // Adopting maps an existing slot without touching it.
-    let err = store
-        .adopt(ALICE, KeyRole::Backup, 0x90)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("already mapped"), "{err}");
+    let err = store.adopt(ALICE, KeyRole::Backup, slot(0x90)).unwrap_err();
+    assert!(
+        matches!(&err, TokenError::SlotMapped { role: KeyRole::Master, user_id, .. } if user_id == ALICE),
+        "{err}"
+    );
 }
 
 #[test]
@@ -350,9 +377,16 @@ fn pin_always_keys_are_verified_before_each_use() {
     o.pin_policy = Some(PinPolicy::Always);
     o.touch_policy = Some(TouchPolicy::Never);
     let k = store.generate(ALICE, KeyRole::SelfSigning, &o).unwrap();
-    assert_eq!(k.piv_policy, Some((PinPolicy::Always, TouchPolicy::Never)));
+    assert_eq!(
+        piv_policy(&k),
+        Some((PinPolicy::Always, TouchPolicy::Never))
+    );
     for msg in [&b"one"[..], b"two", b"three"] {
-        verify(&k.public_key, msg, &store.sign_ed25519(&k, msg).unwrap());
+        verify(
+            k.public_key.as_bytes(),
+            msg,
+            &store.sign_ed25519(&k, msg).unwrap(),
+        );
     }
 }
 
@@ -404,15 +438,13 @@ fn another_program_between_uses() {
     let ssk = store.generate(ALICE, KeyRole::SelfSigning, &o).unwrap();
     let backup = store.generate(ALICE, KeyRole::Backup, &o).unwrap();
     let peer = StaticSecret::from([3u8; 32]);
-    let expect = peer.diffie_hellman(&XPublic::from(backup.public_key));
+    let expect = peer.diffie_hellman(&XPublic::from(*backup.public_key.as_bytes()));
     for (select, reset) in [(true, false), (false, true), (true, true)] {
         other_program(select, reset);
         let sig = store.sign_ed25519(&ssk, b"m").unwrap();
-        verify(&ssk.public_key, b"m", &sig);
+        verify(ssk.public_key.as_bytes(), b"m", &sig);
         other_program(select, reset);
-        let got = store
-            .x25519(&backup, XPublic::from(&peer).as_bytes())
-            .unwrap();
+        let got = store.x25519(&backup, &curve(&peer)).unwrap();
         assert_eq!(got.expose(), expect.as_bytes());
     }
     drop(store);
@@ -729,7 +761,7 @@ fn real_yubikey() {
     )
     .unwrap();
     let mut o = KeyOptions::default();
-    o.slot = Some(0x94);
+    o.slot = Some(slot(0x94));
     o.force = true;
     o.touch_policy = Some(TouchPolicy::Never);
     let k = store
@@ -737,19 +769,24 @@ fn real_yubikey() {
         .unwrap();
     for len in (0..=1100usize).chain([4096, 65536]) {
         let msg = vec![0xa5u8; len];
-        verify(&k.public_key, &msg, &store.sign_ed25519(&k, &msg).unwrap());
+        verify(
+            k.public_key.as_bytes(),
+            &msg,
+            &store.sign_ed25519(&k, &msg).unwrap(),
+        );
     }
     let a = store.attest(&k, &attestation::yubico_roots()).unwrap();
     assert_eq!(a.serial, Some(serial));
-    o.slot = Some(0x95);
+    o.slot = Some(slot(0x95));
     let x = store
         .generate("@hw-test:localhost", KeyRole::Backup, &o)
         .unwrap();
     let peer = StaticSecret::from([7u8; 32]);
-    let s = store.x25519(&x, XPublic::from(&peer).as_bytes()).unwrap();
+    let s = store.x25519(&x, &curve(&peer)).unwrap();
     assert_eq!(
         s.expose(),
-        peer.diffie_hellman(&XPublic::from(x.public_key)).as_bytes()
+        peer.diffie_hellman(&XPublic::from(*x.public_key.as_bytes()))
+            .as_bytes()
     );
     store.delete(&k).unwrap();
     store.delete(&x).unwrap();

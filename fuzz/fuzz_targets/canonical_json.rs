@@ -3,7 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mxhsm::matrix::signed_json::{Ed25519PublicKey, canonical_json, signable_bytes, verify_json};
+use mxhsm::matrix::keys::Ed25519PublicKey;
+use mxhsm::matrix::signed_json::{canonical_json, signable_bytes, verify_json};
 use mxhsm::text;
 
 fuzz_target!(|data: &[u8]| {

@@ -5,8 +5,8 @@
 use libfuzzer_sys::fuzz_target;
 use mxhsm::account::PublishedIdentity;
 use mxhsm::matrix::cross_signing::{OwnKeys, Trust, evaluate};
-use mxhsm::matrix::signed_json::Ed25519PublicKey;
-use mxhsm::token::{KeyAlgorithm, SecretKeyBytes};
+use mxhsm::matrix::keys::Ed25519PublicKey;
+use mxhsm::token::{KeyAlgorithm, PublicKey, SecretKeyBytes};
 
 const ME: &str = "@alice:localhost";
 
@@ -16,8 +16,11 @@ fuzz_target!(|data: &[u8]| {
     };
     // Keys whose private halves nothing in the corpus was ever signed with: nothing in the
     // input can verify against them, so every device and user must come out unverified.
-    let key = |seed: u8| {
-        Ed25519PublicKey(SecretKeyBytes::new([seed; 32]).public_key(KeyAlgorithm::Ed25519))
+    let key = |seed: u8| -> Ed25519PublicKey {
+        match SecretKeyBytes::new([seed; 32]).public_key(KeyAlgorithm::Ed25519) {
+            PublicKey::Ed25519(k) => k,
+            PublicKey::Curve25519(_) => unreachable!("asked for an Ed25519 key"),
+        }
     };
     let own = OwnKeys {
         user_id: ME.into(),

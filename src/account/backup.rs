@@ -18,7 +18,7 @@ use crate::homeserver::HomeserverError;
 use crate::matrix::backup;
 use crate::matrix::device::DeviceSigner;
 use crate::matrix::key_export;
-use crate::matrix::signed_json::{Ed25519PublicKey, encode_base64};
+use crate::matrix::keys::{Curve25519PublicKey, Ed25519PublicKey};
 use crate::token::{KeyInfo, KeyOptions, KeyRole, SecretKeyBytes, TokenSigner};
 
 /// Sessions per `PUT /room_keys/keys` request.
@@ -34,15 +34,15 @@ pub struct BackupStatus {
     pub public_key: String,
     /// Whether `auth_data` carries a valid signature of the token's master key (`Err`: why
     /// not).
-    pub signed_by_master: Result<(), String>,
+    pub signed_by_master: Result<(), backup::AuthDataError>,
     /// The token's backup key, if it has one.
-    pub token_key: Option<[u8; 32]>,
+    pub token_key: Option<Curve25519PublicKey>,
 }
 
 impl BackupStatus {
     pub fn is_token_key(&self) -> bool {
         self.token_key
-            .is_some_and(|k| encode_base64(&k) == self.public_key.trim_end_matches('='))
+            .is_some_and(|k| k.to_base64() == self.public_key.trim_end_matches('='))
     }
 
     /// Whether the backup is not fully ours (a problem to report).
@@ -75,7 +75,7 @@ fn describe(
     version: String,
     v: &Value,
     master: &Ed25519PublicKey,
-    token_key: Option<[u8; 32]>,
+    token_key: Option<Curve25519PublicKey>,
 ) -> BackupStatus {
     let auth = v.get("auth_data").cloned().unwrap_or(Value::Null);
     BackupStatus {
@@ -91,9 +91,7 @@ fn describe(
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string(),
-        signed_by_master: backup::verify_auth_data(me, &auth, master)
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
+        signed_by_master: backup::verify_auth_data(me, &auth, master).map(|_| ()),
         token_key,
     }
 }
@@ -115,8 +113,8 @@ pub fn status(account: &Account) -> Result<Option<BackupStatus>, AccountError> {
         account.user_id(),
         version,
         &v,
-        &Ed25519PublicKey(master.public_key),
-        backup_key.map(|k| k.public_key),
+        &master.ed25519()?,
+        backup_key.map(|k| k.curve25519()).transpose()?,
     )))
 }
 
@@ -134,7 +132,7 @@ pub struct BackupReplacement {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Created {
     pub version: String,
-    pub public_key: [u8; 32],
+    pub public_key: Curve25519PublicKey,
     /// The current backup already used the token's key: no new version.
     pub reused: bool,
     /// Its `auth_data` was signed again by our master key (it was not validly signed).
@@ -182,7 +180,7 @@ pub fn create(
             version.clone(),
             v,
             &own.master,
-            token_key.as_ref().map(|k| k.public_key),
+            token_key.as_ref().map(|k| k.curve25519()).transpose()?,
         );
         if let Some(key) = token_key.as_ref().filter(|_| status.is_token_key()) {
             let mut resigned = false;
@@ -191,12 +189,12 @@ pub fn create(
                 account
                     .client()
                     .update_backup_version(version, backup::ALGORITHM, &auth)?;
-                read_back(account, version, &key.public_key, &own.master)?;
+                read_back(account, version, &key.curve25519()?, &own.master)?;
                 resigned = true;
             }
             return Ok(Created {
                 version: version.clone(),
-                public_key: key.public_key,
+                public_key: key.curve25519()?,
                 reused: true,
                 resigned,
                 key_source: super::identity::KeySource::Existing,
@@ -235,10 +233,10 @@ pub fn create(
     let version = account
         .client()
         .create_backup_version(backup::ALGORITHM, &auth)?;
-    read_back(account, &version, &key.public_key, &own.master)?;
+    read_back(account, &version, &key.curve25519()?, &own.master)?;
     Ok(Created {
         version,
-        public_key: key.public_key,
+        public_key: key.curve25519()?,
         reused: false,
         resigned: false,
         key_source,
@@ -255,15 +253,12 @@ fn signed_auth_data(
 ) -> Result<Value, AccountError> {
     let me = account.user_id();
     let store = account.keys();
-    let master = TokenSigner {
-        store,
-        key: master.clone(),
-    };
+    let master = TokenSigner::new(store, master.clone())?;
     let (olm, _) = account.own_device_keys()?;
     let device = DeviceSigner(&olm);
     Ok(backup::auth_data(
         me,
-        &key.public_key,
+        &key.curve25519()?,
         &master,
         Some((account.device_id(), &device)),
     )?)
@@ -273,7 +268,7 @@ fn signed_auth_data(
 fn read_back(
     account: &Account,
     version: &str,
-    public_key: &[u8; 32],
+    public_key: &Curve25519PublicKey,
     master: &Ed25519PublicKey,
 ) -> Result<(), AccountError> {
     let served = account.client().backup_version(Some(version))?;
@@ -321,7 +316,7 @@ pub fn upload(
     let me = account.user_id();
     let (version, v) = current_version(account)?.ok_or(AccountError::NoBackup)?;
     let (master, backup_key) = token_keys(account)?;
-    let master = Ed25519PublicKey(master.public_key);
+    let master = master.ed25519()?;
     let auth = v.get("auth_data").cloned().unwrap_or(Value::Null);
     let public = backup::verify_auth_data(me, &auth, &master).map_err(|e| {
         AccountError::Refused(format!(
@@ -331,12 +326,12 @@ pub fn upload(
         ))
     })?;
     if let Some(k) = backup_key
-        && k.public_key != public
+        && k.public_key.curve25519() != Some(public)
     {
         return Err(AccountError::Refused(format!(
             "refusing to upload: backup version {} is encrypted to {}, not to the token's backup key {}",
             crate::text::escape(&version),
-            encode_base64(&public),
+            public,
             k.public_key_base64()
         )));
     }

@@ -9,7 +9,7 @@ use x25519_dalek::{PublicKey as XPublic, StaticSecret};
 
 use super::AccountError;
 use super::doctor::SessionKey;
-use crate::token::{KeyAlgorithm, Store};
+use crate::token::{Curve25519PublicKey, KeyAlgorithm, Store};
 
 /// Runs `op` repeatedly for `seconds` and returns operations per second.
 fn rate(
@@ -69,9 +69,10 @@ pub fn bench(store: &Store, seconds: f64) -> Result<Vec<Rate>, AccountError> {
     if store.capabilities().x25519.is_some() {
         let k = SessionKey::new(store, KeyAlgorithm::X25519)?;
         let peer = XPublic::from(&StaticSecret::from([9u8; 32]));
+        let peer_key = Curve25519PublicKey::from_bytes(peer.to_bytes());
         let token = rate(seconds, || {
             store
-                .x25519(&k.key, peer.as_bytes())
+                .x25519(&k.key, &peer_key)
                 .map(|_| ())
                 .map_err(Into::into)
         })?;
@@ -141,10 +142,7 @@ pub fn bench_restore(store: &Store, n: usize) -> Result<RestoreBench, AccountErr
     use vodozemac::megolm::{GroupSession, InboundGroupSession, SessionConfig};
 
     let k = SessionKey::new(store, KeyAlgorithm::X25519)?;
-    let agreement = TokenAgreement {
-        store: &**store,
-        key: k.key.clone(),
-    };
+    let agreement = TokenAgreement::new(&**store, k.key.clone())?;
     let soft = vodozemac::pk_encryption::PkDecryption::new();
     // Realistic sessions: real megolm session keys, encrypted to the token's key and to
     // the software key.
@@ -167,7 +165,7 @@ pub fn bench_restore(store: &Store, n: usize) -> Result<RestoreBench, AccountErr
         items.push(BackedUpSession {
             room_id: "!bench:localhost".into(),
             session_id: outbound.session_id(),
-            session_data: Ok(backup::encrypt(&k.key.public_key, plain.as_bytes())?),
+            session_data: Ok(backup::encrypt(&k.key.curve25519()?, plain.as_bytes())?),
         });
         soft_items.push(
             vodozemac::pk_encryption::PkEncryption::from_key(soft.public_key())
@@ -175,7 +173,8 @@ pub fn bench_restore(store: &Store, n: usize) -> Result<RestoreBench, AccountErr
                 .map_err(|e| AccountError::Input(e.to_string()))?,
         );
     }
-    let peer = XPublic::from(&StaticSecret::from([9u8; 32]));
+    let peer =
+        Curve25519PublicKey::from_bytes(XPublic::from(&StaticSecret::from([9u8; 32])).to_bytes());
     let cores = std::thread::available_parallelism()
         .map(|c| c.get())
         .unwrap_or(1);
@@ -197,7 +196,7 @@ pub fn bench_restore(store: &Store, n: usize) -> Result<RestoreBench, AccountErr
                     let (k, peer) = (&k, &peer);
                     s.spawn(move || {
                         for _ in 0..share {
-                            let _ = store.x25519(&k.key, peer.as_bytes());
+                            let _ = store.x25519(&k.key, peer);
                         }
                     });
                 }

@@ -5,7 +5,7 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use x25519_dalek::{PublicKey as XPublic, StaticSecret};
 
 use super::AccountError;
-use crate::token::{KeyAlgorithm, KeyInfo, KeyStore, Store};
+use crate::token::{Curve25519PublicKey, KeyAlgorithm, KeyInfo, KeyStore, Store};
 
 /// One line of the doctor's report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,7 +86,7 @@ pub fn doctor(store: &Store) -> Result<Vec<Check>, AccountError> {
     if caps.ed25519 {
         checks.push(check("ed25519 sign + verify", (|| {
             let k = SessionKey::new(store, KeyAlgorithm::Ed25519)?;
-            let vk = VerifyingKey::from_bytes(&k.key.public_key)
+            let vk = VerifyingKey::from_bytes(k.key.public_key.as_bytes())
                 .map_err(|e| AccountError::Input(e.to_string()))?;
             let mut lengths = Vec::new();
             for len in [0usize, 1, 255, 1015, 65536] {
@@ -107,15 +107,16 @@ pub fn doctor(store: &Store) -> Result<Vec<Check>, AccountError> {
                 let mut seed = [0u8; 32];
                 getrandom::fill(&mut seed).map_err(|e| AccountError::Input(e.to_string()))?;
                 let peer = StaticSecret::from(seed);
-                let on_token = store.x25519(&k.key, XPublic::from(&peer).as_bytes())?;
-                let soft = peer.diffie_hellman(&XPublic::from(k.key.public_key));
+                let peer_key = Curve25519PublicKey::from_bytes(XPublic::from(&peer).to_bytes());
+                let on_token = store.x25519(&k.key, &peer_key)?;
+                let soft = peer.diffie_hellman(&XPublic::from(*k.key.public_key.as_bytes()));
                 if on_token.expose() != soft.as_bytes() {
                     return Err(AccountError::Input(
                         "the token's shared secret differs from x25519-dalek's".into(),
                     ));
                 }
                 // A small-order peer key must be refused, not turned into a zero secret.
-                match store.x25519(&k.key, &[0u8; 32]) {
+                match store.x25519(&k.key, &Curve25519PublicKey::from_bytes([0u8; 32])) {
                     Err(_) => {}
                     Ok(_) => {
                         return Err(AccountError::Input(
@@ -125,7 +126,7 @@ pub fn doctor(store: &Store) -> Result<Vec<Check>, AccountError> {
                 }
                 Ok(format!(
                     "session key ({}); secret equals x25519-dalek's; zero peer key refused",
-                    k.key.x25519_mechanism.map(|m| m.as_str()).unwrap_or("?")
+                    k.key.x25519_mechanism().map(|m| m.as_str()).unwrap_or("?")
                 ))
             })(),
         ));
@@ -234,7 +235,7 @@ pub fn doctor(store: &Store) -> Result<Vec<Check>, AccountError> {
         // Slot-map entries the card contradicts are never used; say so.
         match y.audit() {
             Ok(entries) => {
-                for (slot, entry, state) in entries {
+                for crate::token::yubikey::SlotAudit { slot, entry, state } in entries {
                     if let Err(problem) = state {
                         checks.push(Check {
                             name: format!("slot map {slot:02x} ({} {})", entry.user_id, entry.role),

@@ -12,8 +12,9 @@ use serde_json::Value;
 use super::sign::{CurrentKeys, anchors, own_keys, sign_this_device, take_key};
 use super::{Account, AccountError, PublishedIdentity};
 use crate::homeserver::{HomeserverError, UiaAuth};
-use crate::matrix::cross_signing::{self, OwnKeys, TrustReport, Usage};
-use crate::matrix::signed_json::{Ed25519PublicKey, sign_json, verify_json};
+use crate::matrix::cross_signing::{self, OwnKeys, TrustReport};
+use crate::matrix::keys::Ed25519PublicKey;
+use crate::matrix::signed_json::{sign_json, verify_json};
 use crate::token::{KeyOptions, KeyRole, SecretKeyBytes, TokenSigner};
 
 /// What replacing the published identity loses, shown before anything is done.
@@ -171,8 +172,8 @@ pub fn create(
     let (answer, published) = fetch_identity(account)?;
     let mut current = store.current_keys(&me)?;
     let on_token =
-        |current: &CurrentKeys, role| current.get(&role).map(|k| Ed25519PublicKey(k.public_key));
-    let roles = [KeyRole::Master, KeyRole::SelfSigning, KeyRole::UserSigning];
+        |current: &CurrentKeys, role| current.get(&role).and_then(|k| k.public_key.ed25519());
+    let roles = KeyRole::CROSS_SIGNING;
     if options.import.is_some()
         && let Some(role) = roles.iter().find(|r| current.contains_key(r))
     {
@@ -183,9 +184,7 @@ pub fn create(
     }
     // The master key the identity will have, when it is known before anything is made.
     let new_master = match &options.import {
-        Some(seeds) => Some(Ed25519PublicKey(
-            seeds[0].public_key(KeyRole::Master.algorithm()),
-        )),
+        Some(seeds) => seeds[0].public_key(KeyRole::Master.algorithm()).ed25519(),
         None => on_token(&current, KeyRole::Master),
     };
     let replaced = check_replace(
@@ -214,7 +213,7 @@ pub fn create(
                 }
                 None => {
                     let k = store.generate(&me, KeyRole::Master, &KeyOptions::default())?;
-                    let public = Ed25519PublicKey(k.public_key);
+                    let public = k.ed25519()?;
                     current.insert(KeyRole::Master, k);
                     sources.push((KeyRole::Master, KeySource::Generated));
                     public
@@ -238,7 +237,9 @@ pub fn create(
         }
     }
     if options.no_publish {
-        let mut pk = |r| take_key(account, &mut current, r).map(|k| Ed25519PublicKey(k.public_key));
+        let mut pk = |r| -> Result<Ed25519PublicKey, AccountError> {
+            Ok(take_key(account, &mut current, r)?.ed25519()?)
+        };
         return Ok(Published {
             user_id: me.clone(),
             master: pk(KeyRole::Master)?,
@@ -314,41 +315,24 @@ fn publish_checked(
     let master = take_key(account, &mut current, KeyRole::Master)?;
     let ssk = take_key(account, &mut current, KeyRole::SelfSigning)?;
     let usk = take_key(account, &mut current, KeyRole::UserSigning)?;
-    let (master_pk, ssk_pk, usk_pk) = (
-        Ed25519PublicKey(master.public_key),
-        Ed25519PublicKey(ssk.public_key),
-        Ed25519PublicKey(usk.public_key),
-    );
+    let (master_pk, ssk_pk, usk_pk) = (master.ed25519()?, ssk.ed25519()?, usk.ed25519()?);
     let master_changes = published.master != Some(master_pk);
     let mut body = serde_json::Map::new();
     let mut uploaded = Vec::new();
-    let signer = TokenSigner {
-        store,
-        key: master.clone(),
-    };
+    let signer = TokenSigner::new(store, master.clone())?;
     if master_changes {
         body.insert(
             "master_key".into(),
-            cross_signing::key_object(me, Usage::Master, &master_pk),
+            cross_signing::key_object(me, KeyRole::Master, &master_pk),
         );
         uploaded.push(KeyRole::Master);
     }
-    for (role, usage, field, pk) in [
-        (
-            KeyRole::SelfSigning,
-            Usage::SelfSigning,
-            "self_signing_key",
-            ssk_pk,
-        ),
-        (
-            KeyRole::UserSigning,
-            Usage::UserSigning,
-            "user_signing_key",
-            usk_pk,
-        ),
+    for (role, field, pk) in [
+        (KeyRole::SelfSigning, "self_signing_key", ssk_pk),
+        (KeyRole::UserSigning, "user_signing_key", usk_pk),
     ] {
         if master_changes || published.get(role) != Some(&pk) {
-            let mut object = cross_signing::key_object(me, usage, &pk);
+            let mut object = cross_signing::key_object(me, role, &pk);
             sign_json(&mut object, me, &master_pk.key_id(), &signer)?;
             body.insert(field.into(), object);
             uploaded.push(role);

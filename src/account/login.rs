@@ -14,7 +14,7 @@ use vodozemac::olm::Account as OlmAccount;
 use super::{Account, AccountError, PublishedIdentity, sign};
 use crate::homeserver::{Client, ClientOptions, HomeserverError, HomeserverUrl, Session};
 use crate::matrix::device;
-use crate::matrix::signed_json::{Ed25519PublicKey, signable_bytes};
+use crate::matrix::signed_json::signable_bytes;
 use crate::token::{KeyRole, Store};
 
 /// How to prove who we are.
@@ -243,14 +243,12 @@ fn cross_sign_if_published(
     let me = account.user_id();
     let current = account.store().current_keys(me)?;
     let published = PublishedIdentity::from_query(answer, me);
-    let token = |r| current.get(&r).map(|k| Ed25519PublicKey(k.public_key));
+    let token = |r| current.get(&r).and_then(|k| k.public_key.ed25519());
     let (Some(master), Some(ssk)) = (token(KeyRole::Master), current.get(&KeyRole::SelfSigning))
     else {
         return Ok(CrossSigned::NotPublished);
     };
-    if published.master != Some(master)
-        || published.self_signing != Some(Ed25519PublicKey(ssk.public_key))
-    {
+    if published.master != Some(master) || published.self_signing != Some(ssk.ed25519()?) {
         return Ok(CrossSigned::NotPublished);
     }
     sign::sign_this_device(account, ssk, answer)?;

@@ -32,10 +32,11 @@ use serde_json::Value;
 
 use crate::homeserver::{Client, ClientOptions, HomeserverError, Session};
 use crate::matrix::backup::BackupError;
-use crate::matrix::cross_signing::{self, Usage};
+use crate::matrix::cross_signing;
 use crate::matrix::device;
 use crate::matrix::key_export::KeyExportError;
-use crate::matrix::signed_json::{Ed25519PublicKey, SignedJsonError};
+use crate::matrix::keys::Ed25519PublicKey;
+use crate::matrix::signed_json::SignedJsonError;
 use crate::text::escape;
 use crate::token::{KeyRole, Store, TokenError};
 
@@ -131,7 +132,7 @@ impl PublishedIdentity {
         let key = |field: &str, usage| {
             object(field).and_then(|o| cross_signing::parse_key_object(o, user, usage).ok())
         };
-        let master = key("master_keys", Usage::Master);
+        let master = key("master_keys", KeyRole::Master);
         let signed_by_master = |field: &str, usage| {
             let k = key(field, usage)?;
             let m = master.as_ref()?;
@@ -140,8 +141,8 @@ impl PublishedIdentity {
                 .map(|_| k)
         };
         PublishedIdentity {
-            self_signing: signed_by_master("self_signing_keys", Usage::SelfSigning),
-            user_signing: signed_by_master("user_signing_keys", Usage::UserSigning),
+            self_signing: signed_by_master("self_signing_keys", KeyRole::SelfSigning),
+            user_signing: signed_by_master("user_signing_keys", KeyRole::UserSigning),
             master,
         }
     }

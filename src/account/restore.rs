@@ -36,6 +36,7 @@ use crate::files::PrivateFile;
 use crate::homeserver::BackupSink;
 use crate::matrix::backup::{self, BackedUpSession, EncryptedSessionData};
 use crate::matrix::key_export;
+use crate::matrix::keys::Curve25519PublicKey;
 use crate::matrix::signed_json::encode_base64;
 use crate::paths::{self, Base};
 use crate::token::{KeyInfo, KeyRole, TokenAgreement};
@@ -260,7 +261,7 @@ impl Progress {
     fn create(
         path: &Path,
         version: &str,
-        backup_public: &[u8; 32],
+        backup_public: &Curve25519PublicKey,
     ) -> Result<Progress, AccountError> {
         let mut seed = Zeroizing::new([0u8; 32]);
         getrandom::fill(seed.as_mut())
@@ -269,7 +270,7 @@ impl Progress {
         let public = x25519_dalek::PublicKey::from(&secret);
         let shared = Zeroizing::new(
             secret
-                .diffie_hellman(&x25519_dalek::PublicKey::from(*backup_public))
+                .diffie_hellman(&x25519_dalek::PublicKey::from(*backup_public.as_bytes()))
                 .to_bytes(),
         );
         drop(secret);
@@ -311,11 +312,9 @@ impl Progress {
         if magic != PROGRESS_MAGIC || v != encode_base64(version.as_bytes()) {
             return Ok(None);
         }
-        let eph: [u8; 32] = crate::matrix::signed_json::decode_base64(eph)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| AccountError::file("is damaged:", path, "bad header"))?;
-        let shared = agreement.store.x25519(&agreement.key, &eph)?;
+        let eph = Curve25519PublicKey::from_base64(eph)
+            .map_err(|e| AccountError::file("is damaged:", path, e))?;
+        let shared = agreement.store().x25519(agreement.key(), &eph)?;
         let keys = ProgressKeys::derive(shared.expose(), version);
         let mut good_len = header.len() as u64;
         let mut records = 0u32;
@@ -503,10 +502,7 @@ pub fn restore(
             crate::text::escape(&e.to_string())
         ))
     })?;
-    let agreement = TokenAgreement {
-        store,
-        key: key.clone(),
-    };
+    let agreement = TokenAgreement::new(store, key.clone())?;
     let file = PrivateFile::create(out).map_err(|e| AccountError::file("cannot create", out, e))?;
     let mut sink = match &pass {
         Some(p) => Sink::Export(Box::new(
@@ -547,7 +543,7 @@ pub fn restore(
         Some(s) => s,
         None => {
             let _ = std::fs::remove_file(&progress_path);
-            Progress::create(&progress_path, &version, &key.public_key)?
+            Progress::create(&progress_path, &version, &key.curve25519()?)?
         }
     };
     let resumed = restored + failed.len();
@@ -641,7 +637,7 @@ pub fn restore_room(account: &Account, room_id: &str) -> Result<RoomRestore, Acc
             session_data: s.session_data,
         })
         .collect();
-    let agreement = TokenAgreement { store, key };
+    let agreement = TokenAgreement::new(store, key)?;
     let results = backup::restore_all(&agreement, &items, 1, software_jobs(), &|| {});
     let mut out = RoomRestore {
         version,

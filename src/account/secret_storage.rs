@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use super::{Account, AccountError, PublishedIdentity};
+use crate::matrix::keys::{Curve25519PublicKey, PublicKey};
 use crate::matrix::secret_storage::{self as ssss, SecretStorageError, StorageKey};
-use crate::matrix::signed_json::decode_base64;
 use crate::token::{KeyInfo, KeyOptions, KeyRole, SecretKeyBytes};
 
 /// The secrets mxhsm moves, and the role each one's key has on the token.
@@ -24,7 +24,7 @@ pub const SECRETS: [(&str, KeyRole); 4] = [
 ];
 
 /// The public keys the server publishes for the secrets, in the order of [`SECRETS`].
-fn published(account: &Account) -> Result<[Option<[u8; 32]>; 4], AccountError> {
+fn published(account: &Account) -> Result<[Option<PublicKey>; 4], AccountError> {
     let me = account.user_id();
     let q = account.client().query_keys(&[me])?;
     let p = PublishedIdentity::from_query(&q, me);
@@ -36,13 +36,12 @@ fn published(account: &Account) -> Result<[Option<[u8; 32]>; 4], AccountError> {
                 .and_then(Value::as_str)
                 .map(str::to_string)
         })
-        .and_then(|s| decode_base64(&s).ok())
-        .and_then(|b| <[u8; 32]>::try_from(b).ok());
+        .and_then(|s| Curve25519PublicKey::from_base64(&s).ok());
     Ok([
-        p.master.map(|k| k.0),
-        p.self_signing.map(|k| k.0),
-        p.user_signing.map(|k| k.0),
-        backup,
+        p.master.map(PublicKey::Ed25519),
+        p.self_signing.map(PublicKey::Ed25519),
+        p.user_signing.map(PublicKey::Ed25519),
+        backup.map(PublicKey::Curve25519),
     ])
 }
 
@@ -53,8 +52,8 @@ pub struct SecretStatus {
     pub role: KeyRole,
     /// The server holds it, encrypted with the default key.
     pub on_server: bool,
-    pub token_key: Option<[u8; 32]>,
-    pub published_key: Option<[u8; 32]>,
+    pub token_key: Option<PublicKey>,
+    pub published_key: Option<PublicKey>,
 }
 
 impl SecretStatus {
@@ -191,14 +190,11 @@ pub fn import(
             crate::token::KeyAlgorithm::Ed25519 => "the published cross-signing identity",
             crate::token::KeyAlgorithm::X25519 => "the current key backup's auth_data",
         };
-        let b64 = crate::matrix::signed_json::encode_base64;
         match pub_key {
             Some(p) if p == derived => {}
             Some(p) => {
                 return Err(AccountError::Refused(format!(
-                    "refused, nothing imported: the {name} secret's public key {} is not the one in {what} ({})",
-                    b64(&derived),
-                    b64(&p)
+                    "refused, nothing imported: the {name} secret's public key {derived} is not the one in {what} ({p})"
                 )));
             }
             None => {

@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use super::{Account, AccountError, PublishedIdentity};
-use crate::matrix::cross_signing::{self, OwnKeys, Trust, Usage};
+use crate::matrix::cross_signing::{self, OwnKeys, Trust};
 use crate::matrix::device::without_signatures;
+use crate::matrix::keys::Ed25519PublicKey;
 use crate::matrix::signed_json::{
-    Ed25519PublicKey, Ed25519Signer, sign_json, signable_bytes, verify_json,
+    Ed25519Signer, SignedJsonError, sign_json, signable_bytes, verify_json,
 };
 use crate::token::{KeyInfo, KeyRole, TokenSigner};
 
@@ -24,7 +25,7 @@ pub struct DeviceCandidate {
     /// Its Ed25519 key: the fingerprint to compare with what the device shows.
     pub ed25519: Option<Ed25519PublicKey>,
     /// Whether the device's own signature over its keys verifies (`Err`: why not).
-    pub self_signature: Result<(), String>,
+    pub self_signature: Result<(), SelfSignatureError>,
     /// How it stands today against our self-signing key.
     pub trust: Trust,
     /// This is the device mxhsm itself logged in as.
@@ -44,6 +45,17 @@ impl DeviceCandidate {
         }
         None
     }
+}
+
+/// Why a device's signature over its own keys does not count.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SelfSignatureError {
+    #[error("it has no valid Ed25519 key")]
+    NoKey,
+    #[error(transparent)]
+    Signature(#[from] SignedJsonError),
+    #[error("the device object names another user or device")]
+    OtherDevice,
 }
 
 /// Chooses which of the devices shown to sign (their IDs), or stops with an error.
@@ -99,7 +111,7 @@ pub(crate) fn anchors(
 ) -> Result<(OwnKeys, CurrentKeys), AccountError> {
     let user = account.user_id();
     let current = account.store().current_keys(user)?;
-    let public = |role| current.get(&role).map(|k| Ed25519PublicKey(k.public_key));
+    let public = |role| current.get(&role).and_then(|k| k.public_key.ed25519());
     let own = OwnKeys {
         user_id: user.to_string(),
         master: public(KeyRole::Master).ok_or_else(|| AccountError::NoIdentityOnToken {
@@ -159,14 +171,14 @@ fn candidates(account: &Account, own: &OwnKeys, answer: &Value) -> Vec<DeviceCan
             let object = objects?.get(&d.device_id)?.clone();
             let own_id = format!("ed25519:{}", d.device_id);
             let self_signature = match &d.ed25519 {
-                None => Err("it has no valid Ed25519 key".to_string()),
-                Some(k) => verify_json(&object, me, &own_id, k).map_err(|e| e.to_string()),
+                None => Err(SelfSignatureError::NoKey),
+                Some(k) => verify_json(&object, me, &own_id, k).map_err(SelfSignatureError::from),
             };
             let self_signature = self_signature.and_then(|()| {
                 (object.get("user_id").and_then(Value::as_str) == Some(me)
                     && object.get("device_id").and_then(Value::as_str) == Some(&d.device_id))
                 .then_some(())
-                .ok_or_else(|| "the device object names another user or device".to_string())
+                .ok_or(SelfSignatureError::OtherDevice)
             });
             Some(DeviceCandidate {
                 is_this_device: d.device_id == account.device_id(),
@@ -317,7 +329,7 @@ pub(crate) fn sign_this_device(
             device_id: account.device_id().to_string(),
         })?;
     let object = own_device_object(account, served)?;
-    let ssk_key = Ed25519PublicKey(ssk.public_key);
+    let ssk_key = ssk.ed25519()?;
     if verify_json(served, me, &ssk_key.key_id(), &ssk_key).is_ok() {
         return Ok(false);
     }
@@ -338,10 +350,7 @@ fn upload_device_signatures(
 ) -> Result<(), AccountError> {
     let me = account.user_id();
     let store = account.keys();
-    let signer = TokenSigner {
-        store,
-        key: ssk.clone(),
-    };
+    let signer = TokenSigner::new(store, ssk.clone())?;
     let key_id = signer.public_key().key_id();
     let mut uploads = serde_json::Map::new();
     let mut signed = Vec::new();
@@ -410,14 +419,14 @@ pub fn sign_user(
         .ok_or_else(|| AccountError::NoPublishedIdentity(user_id.to_string()))?
         .clone();
     let master_key =
-        cross_signing::parse_key_object(&object, user_id, Usage::Master).map_err(|e| {
+        cross_signing::parse_key_object(&object, user_id, KeyRole::Master).map_err(|e| {
             AccountError::Refused(format!(
                 "the master key of {} is malformed: {}",
                 crate::text::escape(user_id),
-                crate::text::escape(&e)
+                crate::text::escape(&e.to_string())
             ))
         })?;
-    let usk_pk = Ed25519PublicKey(usk.public_key);
+    let usk_pk = usk.ed25519()?;
     let candidate = UserCandidate {
         user_id: user_id.to_string(),
         master_key,
@@ -426,7 +435,7 @@ pub fn sign_user(
     };
     confirm(&candidate)?;
     let store = account.keys();
-    let signer = TokenSigner { store, key: usk };
+    let signer = TokenSigner::new(store, usk)?;
     let mut signed = without_signatures(&candidate.object);
     sign_json(&mut signed, me, &usk_pk.key_id(), &signer)?;
     let failures = account.client().upload_signatures(

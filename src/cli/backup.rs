@@ -10,7 +10,6 @@ use mxhsm::account::AccountError;
 use mxhsm::account::backup::{self, BackupReplacement, FileFormat};
 use mxhsm::account::restore::{self, RestoreOptions, RestoreProgress};
 use mxhsm::matrix::key_export;
-use mxhsm::matrix::signed_json::encode_base64;
 use serde_json::json;
 
 use super::output::{self, esc, note, say};
@@ -154,7 +153,7 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
                     .map_err(|e| AccountError::Refused(format!("{e:#}")))
             };
             let c = backup::create(&account, import, replace, &mut confirm)?;
-            let public = encode_base64(&c.public_key);
+            let public = c.public_key.to_base64();
             output::emit(
                 global.json,
                 json!({
@@ -188,13 +187,13 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
             let Some(s) = backup::status(&account)? else {
                 return Err(AccountError::NoBackup.into());
             };
-            let token_key = s.token_key.map(|k| encode_base64(&k));
+            let token_key = s.token_key.map(|k| k.to_base64());
             output::emit(
                 global.json,
                 json!({
                     "version": s.version, "algorithm": s.algorithm, "count": s.count,
                     "public_key": s.public_key, "master_signature_valid": s.signed_by_master.is_ok(),
-                    "master_signature_error": s.signed_by_master.as_ref().err(),
+                    "master_signature_error": s.signed_by_master.as_ref().err().map(|e| e.to_string()),
                     "token_backup_key": token_key, "public_key_is_token_key": s.is_token_key(),
                     "problems": s.has_problems(),
                 }),
@@ -207,7 +206,7 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
                     );
                     match &s.signed_by_master {
                         Ok(()) => say!("  auth_data: validly signed by your master key"),
-                        Err(e) => say!("  auth_data: NOT trusted: {}", esc(e)),
+                        Err(e) => say!("  auth_data: NOT trusted: {}", esc(&e.to_string())),
                     }
                     let public = esc(&s.public_key);
                     match (&token_key, s.is_token_key()) {

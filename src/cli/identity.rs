@@ -388,7 +388,7 @@ fn candidate_line(c: &DeviceCandidate) -> String {
             .unwrap_or_else(|| "(no Ed25519 key)".into()),
         match &c.self_signature {
             Ok(()) => "valid".to_string(),
-            Err(e) => format!("BAD: {}", esc(e)),
+            Err(e) => format!("BAD: {}", esc(&e.to_string())),
         },
         if c.is_this_device { ", this mxhsm" } else { "" },
         c.trust.as_str()

@@ -7,7 +7,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 #[cfg(feature = "yubikey")]
 use mxhsm::token::yubikey::{YubiKeyStore, attestation};
-use mxhsm::token::{KeyInfo, KeyOptions, KeyRole, PinPolicy, Store, TouchPolicy};
+use mxhsm::token::{
+    KeyBackend, KeyInfo, KeyOptions, KeyRole, PinPolicy, RetiredSlot, Store, TouchPolicy,
+};
 use serde_json::json;
 
 #[cfg(feature = "yubikey")]
@@ -51,8 +53,8 @@ pub enum KeysCommand {
         #[command(flatten)]
         target: KeyTarget,
         /// The retired slot (82 to 95, hex).
-        #[arg(long, value_parser = parse_slot)]
-        slot: u8,
+        #[arg(long)]
+        slot: RetiredSlot,
     },
     /// List the mxhsm keys on the token.
     List {
@@ -87,8 +89,8 @@ pub struct KeyTarget {
 #[derive(Debug, Args)]
 pub struct Placement {
     /// YubiKey: the retired slot (82 to 95, hex). Default: the first free one.
-    #[arg(long, value_parser = parse_slot)]
-    pub slot: Option<u8>,
+    #[arg(long)]
+    pub slot: Option<RetiredSlot>,
     /// YubiKey: when the PIN is needed: never, once (default) or always.
     #[arg(long)]
     pub pin_policy: Option<PinPolicy>,
@@ -114,14 +116,6 @@ impl Placement {
         }
         Ok(o)
     }
-}
-
-fn parse_slot(s: &str) -> Result<u8, String> {
-    let s = s.trim_start_matches("0x");
-    u8::from_str_radix(s, 16)
-        .ok()
-        .filter(|n| mxhsm::token::is_retired_slot(*n))
-        .ok_or_else(|| format!("{s:?} is not a retired PIV slot (82 to 95, hex)"))
 }
 
 #[cfg(feature = "yubikey")]
@@ -307,12 +301,12 @@ fn attest(_: &GlobalArgs, _: KeyTarget, _: Vec<PathBuf>) -> Result<()> {
 
 /// `keys adopt`: records a key already in a PIV slot.
 #[cfg(feature = "yubikey")]
-fn adopt(store: &Store, target: &KeyTarget, slot: u8) -> Result<KeyInfo> {
+fn adopt(store: &Store, target: &KeyTarget, slot: RetiredSlot) -> Result<KeyInfo> {
     Ok(yubikey(store)?.adopt(&target.user, target.role, slot)?)
 }
 
 #[cfg(not(feature = "yubikey"))]
-fn adopt(_: &Store, _: &KeyTarget, _: u8) -> Result<KeyInfo> {
+fn adopt(_: &Store, _: &KeyTarget, _: RetiredSlot) -> Result<KeyInfo> {
     bail!("this mxhsm was built without YubiKey support (the `yubikey` feature)")
 }
 
@@ -341,13 +335,14 @@ fn report_new_key(global: &GlobalArgs, verb: &str, key: &KeyInfo) {
 }
 
 fn protection_summary(k: &KeyInfo) -> String {
-    if let Some((pin, touch)) = k.piv_policy {
+    if let KeyBackend::Piv { pin, touch, .. } = &k.backend {
         // A PIV key never leaves the card; what protects its use is the PIN and touch.
+        let or_unknown = |p: Option<&'static str>| p.unwrap_or("unknown");
         return format!(
             "{}, PIN {}, touch {}",
-            k.locator,
-            pin.as_str(),
-            touch.as_str()
+            k.backend,
+            or_unknown(pin.map(|p| p.as_str())),
+            or_unknown(touch.map(|t| t.as_str()))
         );
     }
     let problems = k.protection.problems(k.algorithm());
@@ -360,6 +355,10 @@ fn protection_summary(k: &KeyInfo) -> String {
 
 pub fn key_json(k: &KeyInfo) -> serde_json::Value {
     let p = &k.protection;
+    let piv = match k.backend {
+        KeyBackend::Piv { pin, touch, .. } => Some((pin, touch)),
+        KeyBackend::Pkcs11 { .. } => None,
+    };
     json!({
         "user_id": k.user_id,
         "role": k.role.as_str(),
@@ -367,10 +366,10 @@ pub fn key_json(k: &KeyInfo) -> serde_json::Value {
         "public_key": k.public_key_base64(),
         "origin": k.origin.as_str(),
         "created_ms": k.created_ms,
-        "x25519_mechanism": k.x25519_mechanism.map(|m| m.as_str()),
-        "locator": k.locator.to_string(),
-        "pin_policy": k.piv_policy.map(|p| p.0.as_str()),
-        "touch_policy": k.piv_policy.map(|p| p.1.as_str()),
+        "x25519_mechanism": k.x25519_mechanism().map(|m| m.as_str()),
+        "locator": k.backend.to_string(),
+        "pin_policy": piv.and_then(|p| p.0).map(|p| p.as_str()),
+        "touch_policy": piv.and_then(|p| p.1).map(|t| t.as_str()),
         "attributes": {
             "token": p.token,
             "private": p.private,

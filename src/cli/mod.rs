@@ -162,13 +162,26 @@ fn advice(e: &anyhow::Error) -> Option<String> {
                 _ => None,
             };
         }
-        if let Some(TokenError::KeyNotFound { role, .. }) = cause.downcast_ref::<TokenError>() {
-            return Some(match role {
-                mxhsm::token::KeyRole::Backup => {
-                    "create a backup with its key on the token: `mxhsm backup create`".into()
+        if let Some(t) = cause.downcast_ref::<TokenError>() {
+            return match t {
+                TokenError::KeyNotFound { role, .. } => Some(match role {
+                    mxhsm::token::KeyRole::Backup => {
+                        "create a backup with its key on the token: `mxhsm backup create`".into()
+                    }
+                    _ => "see `mxhsm keys list`; `mxhsm identity create` makes the missing keys"
+                        .into(),
+                }),
+                TokenError::SlotOccupied { .. } => Some(
+                    "pass --force to overwrite it (the key in the slot is destroyed), or choose another --slot".into(),
+                ),
+                TokenError::NoFreeSlot { .. } => {
+                    Some("delete a key first (`mxhsm keys delete`)".into())
                 }
-                _ => "see `mxhsm keys list`; `mxhsm identity create` makes the missing keys".into(),
-            });
+                TokenError::NoManagementKey { .. } | TokenError::ManagementKeyRefused { .. } => {
+                    Some("give the management key with --management-key-file".into())
+                }
+                _ => None,
+            };
         }
     }
     None
@@ -206,7 +219,7 @@ fn open_store(global: &GlobalArgs) -> Result<Store> {
                 "touch your YubiKey to use the {} key of {} ({})",
                 key.role,
                 output::esc(&key.user_id),
-                key.locator
+                key.backend
             );
         }));
     }

@@ -68,7 +68,7 @@ pub fn emit(json_mode: bool, value: serde_json::Value, human: impl FnOnce()) {
 }
 
 /// `AAAA BBBB …`: a key in groups of four for reading aloud.
-pub fn fingerprint(key: &mxhsm::matrix::signed_json::Ed25519PublicKey) -> String {
+pub fn fingerprint(key: &mxhsm::matrix::keys::Ed25519PublicKey) -> String {
     let b = key.to_base64();
     b.as_bytes()
         .chunks(4)

@@ -8,7 +8,6 @@ use anyhow::Result;
 use clap::Subcommand;
 use mxhsm::account::AccountError;
 use mxhsm::account::secret_storage;
-use mxhsm::matrix::signed_json::encode_base64;
 use mxhsm::token::KeyAlgorithm;
 use serde_json::json;
 
@@ -38,7 +37,7 @@ pub fn run(global: &GlobalArgs, cmd: SecretStorageCommand) -> Result<ExitCode> {
     match cmd {
         SecretStorageCommand::Status => {
             let s = secret_storage::status(&account)?;
-            let key = |k: &Option<[u8; 32]>| k.as_ref().map(|k| encode_base64(k));
+            let key = |k: &Option<mxhsm::token::PublicKey>| k.as_ref().map(|k| k.to_base64());
             output::emit(
                 global.json,
                 json!({

@@ -25,9 +25,9 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
+use super::keys::{Curve25519PublicKey, Ed25519PublicKey};
 use super::signed_json::{
-    Ed25519PublicKey, Ed25519Signer, SignedJsonError, decode_base64, encode_base64, sign_json,
-    verify_json,
+    Ed25519Signer, SignedJsonError, decode_base64, encode_base64, sign_json, verify_json,
 };
 
 /// The backup algorithm mxhsm speaks.
@@ -37,9 +37,9 @@ pub const MEGOLM_ALGORITHM: &str = "m.megolm.v1.aes-sha2";
 
 /// Something that does X25519 with a private key it keeps: the token, or software.
 pub trait X25519Agreement: Sync {
-    fn public_key(&self) -> [u8; 32];
+    fn public_key(&self) -> Curve25519PublicKey;
     /// X25519(private, `peer`). Must refuse an all-zero result.
-    fn agree(&self, peer: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, AgreementError>;
+    fn agree(&self, peer: &Curve25519PublicKey) -> Result<Zeroizing<[u8; 32]>, AgreementError>;
 }
 
 /// The agreement failed (the token refused, a small-order peer key, …). The source is the
@@ -69,11 +69,13 @@ pub struct SmallOrder;
 pub struct SoftwareX25519(pub x25519_dalek::StaticSecret);
 
 impl X25519Agreement for SoftwareX25519 {
-    fn public_key(&self) -> [u8; 32] {
-        x25519_dalek::PublicKey::from(&self.0).to_bytes()
+    fn public_key(&self) -> Curve25519PublicKey {
+        Curve25519PublicKey::from_bytes(x25519_dalek::PublicKey::from(&self.0).to_bytes())
     }
-    fn agree(&self, peer: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, AgreementError> {
-        let shared = self.0.diffie_hellman(&x25519_dalek::PublicKey::from(*peer));
+    fn agree(&self, peer: &Curve25519PublicKey) -> Result<Zeroizing<[u8; 32]>, AgreementError> {
+        let shared = self
+            .0
+            .diffie_hellman(&x25519_dalek::PublicKey::from(*peer.as_bytes()));
         if !shared.was_contributory() {
             return Err(AgreementError::new(SmallOrder));
         }
@@ -103,7 +105,7 @@ pub enum BackupError {
 /// The three fields of `session_data`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct EncryptedSessionData {
-    pub ephemeral: [u8; 32],
+    pub ephemeral: Curve25519PublicKey,
     pub ciphertext: Vec<u8>,
     pub mac: Vec<u8>,
 }
@@ -111,7 +113,7 @@ pub struct EncryptedSessionData {
 impl fmt::Debug for EncryptedSessionData {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EncryptedSessionData")
-            .field("ephemeral", &encode_base64(&self.ephemeral))
+            .field("ephemeral", &self.ephemeral.to_base64())
             .field("ciphertext_len", &self.ciphertext.len())
             .finish_non_exhaustive()
     }
@@ -126,8 +128,8 @@ impl EncryptedSessionData {
                 .ok_or_else(|| BackupError::Malformed(format!("no {name}")))?;
             decode_base64(s).map_err(|_| BackupError::Malformed(format!("{name} is not base64")))
         };
-        let ephemeral = field("ephemeral")?
-            .try_into()
+        let ephemeral = <[u8; 32]>::try_from(field("ephemeral")?)
+            .map(Curve25519PublicKey::from_bytes)
             .map_err(|_| BackupError::EphemeralKey)?;
         Ok(EncryptedSessionData {
             ephemeral,
@@ -138,7 +140,7 @@ impl EncryptedSessionData {
 
     pub fn to_json(&self) -> Value {
         json!({
-            "ephemeral": encode_base64(&self.ephemeral),
+            "ephemeral": self.ephemeral.to_base64(),
             "ciphertext": encode_base64(&self.ciphertext),
             "mac": encode_base64(&self.mac),
         })
@@ -190,9 +192,6 @@ pub fn agree(
     key: &dyn X25519Agreement,
     data: &EncryptedSessionData,
 ) -> Result<Zeroizing<[u8; 32]>, BackupError> {
-    if vodozemac::Curve25519PublicKey::from_slice(&data.ephemeral).is_err() {
-        return Err(BackupError::EphemeralKey);
-    }
     key.agree(&data.ephemeral)
         .map_err(|e| BackupError::Agreement(e.to_string()))
 }
@@ -296,15 +295,15 @@ pub fn restore_all(
 
 /// Encrypts `plaintext` to the backup public key (software ephemeral key, vodozemac).
 pub fn encrypt(
-    backup_public: &[u8; 32],
+    backup_public: &Curve25519PublicKey,
     plaintext: &[u8],
 ) -> Result<EncryptedSessionData, BackupError> {
-    let public = vodozemac::Curve25519PublicKey::from_bytes(*backup_public);
+    let public = vodozemac::Curve25519PublicKey::from_bytes(*backup_public.as_bytes());
     let message = vodozemac::pk_encryption::PkEncryption::from_key(public)
         .encrypt(plaintext)
         .map_err(|e| BackupError::Agreement(e.to_string()))?;
     Ok(EncryptedSessionData {
-        ephemeral: message.ephemeral_key.to_bytes(),
+        ephemeral: Curve25519PublicKey::from_bytes(message.ephemeral_key.to_bytes()),
         ciphertext: message.ciphertext,
         mac: message.mac,
     })
@@ -418,16 +417,27 @@ pub fn backup_plaintext(key: &Value) -> Result<Vec<u8>, BackupError> {
 /// by the device, when there is one).
 pub fn auth_data(
     user_id: &str,
-    backup_public: &[u8; 32],
+    backup_public: &Curve25519PublicKey,
     master: &dyn Ed25519Signer,
     device: Option<(&str, &dyn Ed25519Signer)>,
 ) -> Result<Value, SignedJsonError> {
-    let mut auth = json!({ "public_key": encode_base64(backup_public) });
+    let mut auth = json!({ "public_key": backup_public.to_base64() });
     sign_json(&mut auth, user_id, &master.public_key().key_id(), master)?;
     if let Some((device_id, signer)) = device {
         sign_json(&mut auth, user_id, &format!("ed25519:{device_id}"), signer)?;
     }
     Ok(auth)
+}
+
+/// Why a backup's `auth_data` cannot be trusted.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuthDataError {
+    #[error(transparent)]
+    Signature(#[from] SignedJsonError),
+    #[error("auth_data has no public_key")]
+    NoPublicKey,
+    #[error("auth_data.public_key: {0}")]
+    BadPublicKey(#[from] super::keys::KeyError),
 }
 
 /// Checks that `auth_data` carries a valid signature by our master key and returns its
@@ -436,15 +446,13 @@ pub fn verify_auth_data(
     user_id: &str,
     auth_data: &Value,
     master: &Ed25519PublicKey,
-) -> Result<[u8; 32], SignedJsonError> {
+) -> Result<Curve25519PublicKey, AuthDataError> {
     verify_json(auth_data, user_id, &master.key_id(), master)?;
     let pk = auth_data
         .get("public_key")
         .and_then(Value::as_str)
-        .and_then(|s| decode_base64(s).ok())
-        .and_then(|b| <[u8; 32]>::try_from(b).ok())
-        .ok_or_else(|| SignedJsonError::InvalidKey("auth_data.public_key".into()))?;
-    Ok(pk)
+        .ok_or(AuthDataError::NoPublicKey)?;
+    Ok(Curve25519PublicKey::from_base64(pk)?)
 }
 
 #[cfg(test)]
@@ -470,7 +478,7 @@ mod tests {
     fn js_sdk_vector() {
         let k = key("dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=");
         assert_eq!(
-            encode_base64(&k.public_key()),
+            k.public_key().to_base64(),
             "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo"
         );
         let d = data(
@@ -522,7 +530,9 @@ mod tests {
             "OibmACbORhI",
         );
         let mut bad_eph = good.clone();
-        bad_eph.ephemeral[3] ^= 1;
+        let mut flipped = *bad_eph.ephemeral.as_bytes();
+        flipped[3] ^= 1;
+        bad_eph.ephemeral = Curve25519PublicKey::from_bytes(flipped);
         assert!(matches!(
             decrypt(&k, &bad_eph),
             Err(BackupError::Mac | BackupError::EphemeralKey)
@@ -554,7 +564,7 @@ mod tests {
     fn rust_sdk_and_mautrix_vectors() {
         let k = key("Ha9cklU/9NqFo9WKdVfGzmqUL/9wlkdxfEitbSIPVXw");
         assert_eq!(
-            encode_base64(&k.public_key()),
+            k.public_key().to_base64(),
             "6Q6b15s4YM2jCs38pHiN8wiRkiuCcvpsM9S3/qm31Co"
         );
         let d = data(
@@ -574,7 +584,7 @@ mod tests {
 
         let k = key("ReSMMZeRtDSdrwXzu2OvN0B73KUXkYPt3kaYfFIkw10");
         assert_eq!(
-            encode_base64(&k.public_key()),
+            k.public_key().to_base64(),
             "QeTvLLbpkE4iel5+VxNYWmgi1JVvaUSjX+fS02T0LWk"
         );
         let d = data(
@@ -604,13 +614,13 @@ mod tests {
             let secret = SoftwareX25519(x25519_dalek::StaticSecret::from(
                 *pk.secret_key().to_bytes(),
             ));
-            let public = pk.public_key().to_bytes();
+            let public = Curve25519PublicKey::from_bytes(pk.public_key().to_bytes());
             let plaintext = vec![b'x'; i * 13];
             let enc = encrypt(&public, &plaintext).unwrap();
             let msg = vodozemac::pk_encryption::Message::from_base64(
                 &encode_base64(&enc.ciphertext),
                 &encode_base64(&enc.mac),
-                &encode_base64(&enc.ephemeral),
+                &enc.ephemeral.to_base64(),
             )
             .unwrap();
             assert_eq!(pk.decrypt(&msg).unwrap(), plaintext);
@@ -618,7 +628,7 @@ mod tests {
                 .encrypt(&plaintext)
                 .unwrap();
             let d = EncryptedSessionData {
-                ephemeral: msg.ephemeral_key.to_bytes(),
+                ephemeral: Curve25519PublicKey::from_bytes(msg.ephemeral_key.to_bytes()),
                 ciphertext: msg.ciphertext,
                 mac: msg.mac,
             };
@@ -648,7 +658,9 @@ mod tests {
         unsigned.as_object_mut().unwrap().remove("signatures");
         assert!(matches!(
             verify_auth_data("@alice:localhost", &unsigned, &mpk),
-            Err(SignedJsonError::MissingSignature { .. })
+            Err(AuthDataError::Signature(
+                SignedJsonError::MissingSignature { .. }
+            ))
         ));
     }
 }

@@ -13,30 +13,12 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use super::signed_json::{
-    Ed25519PublicKey, Ed25519Signer, SignedJsonError, sign_json, verify_json,
-};
+use super::keys::{Ed25519PublicKey, KeyError, KeyRole};
+use super::signed_json::{Ed25519Signer, SignedJsonError, sign_json, verify_json};
 
-/// The `usage` of a cross-signing key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Usage {
-    Master,
-    SelfSigning,
-    UserSigning,
-}
-
-impl Usage {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Usage::Master => "master",
-            Usage::SelfSigning => "self_signing",
-            Usage::UserSigning => "user_signing",
-        }
-    }
-}
-
-/// The unsigned cross-signing key object for `key` (spec `CrossSigningKey`).
-pub fn key_object(user_id: &str, usage: Usage, key: &Ed25519PublicKey) -> Value {
+/// The unsigned cross-signing key object for `key` (spec `CrossSigningKey`). `usage` is
+/// one of [`KeyRole::CROSS_SIGNING`].
+pub fn key_object(user_id: &str, usage: KeyRole, key: &Ed25519PublicKey) -> Value {
     json!({
         "user_id": user_id,
         "usage": [usage.as_str()],
@@ -54,12 +36,31 @@ pub fn identity_objects(
     user_signing: &Ed25519PublicKey,
 ) -> Result<[Value; 3], SignedJsonError> {
     let msk = master.public_key();
-    let master_obj = key_object(user_id, Usage::Master, &msk);
-    let mut ssk = key_object(user_id, Usage::SelfSigning, self_signing);
-    let mut usk = key_object(user_id, Usage::UserSigning, user_signing);
+    let master_obj = key_object(user_id, KeyRole::Master, &msk);
+    let mut ssk = key_object(user_id, KeyRole::SelfSigning, self_signing);
+    let mut usk = key_object(user_id, KeyRole::UserSigning, user_signing);
     sign_json(&mut ssk, user_id, &msk.key_id(), master)?;
     sign_json(&mut usk, user_id, &msk.key_id(), master)?;
     Ok([master_obj, ssk, usk])
+}
+
+/// Why an object is not a cross-signing key of the expected user and usage.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyObjectError {
+    #[error("its user_id is not {0}")]
+    OtherUser(String),
+    #[error("its usage does not include {0}")]
+    OtherUsage(KeyRole),
+    #[error("it has no keys")]
+    NoKeys,
+    #[error("it has {0} keys instead of one")]
+    SeveralKeys(usize),
+    #[error("its key is not a string")]
+    NotAString,
+    #[error("its key is not an Ed25519 public key: {0}")]
+    BadKey(#[from] KeyError),
+    #[error("its key ID {} does not name its key {key}", crate::text::escape(.id))]
+    KeyIdMismatch { id: String, key: Ed25519PublicKey },
 }
 
 /// The single Ed25519 key of a cross-signing key object, checked for shape: `user_id`,
@@ -67,27 +68,30 @@ pub fn identity_objects(
 pub fn parse_key_object(
     object: &Value,
     user_id: &str,
-    usage: Usage,
-) -> Result<Ed25519PublicKey, String> {
+    usage: KeyRole,
+) -> Result<Ed25519PublicKey, KeyObjectError> {
     if object.get("user_id").and_then(Value::as_str) != Some(user_id) {
-        return Err(format!("its user_id is not {user_id}"));
+        return Err(KeyObjectError::OtherUser(user_id.to_string()));
     }
     let usages = object.get("usage").and_then(Value::as_array);
     if !usages.is_some_and(|u| u.iter().any(|x| x.as_str() == Some(usage.as_str()))) {
-        return Err(format!("its usage does not include {}", usage.as_str()));
+        return Err(KeyObjectError::OtherUsage(usage));
     }
     let keys = object
         .get("keys")
         .and_then(Value::as_object)
-        .ok_or("it has no keys")?;
-    if keys.len() != 1 {
-        return Err(format!("it has {} keys instead of one", keys.len()));
-    }
-    let (id, value) = keys.iter().next().ok_or("it has no keys")?;
-    let value = value.as_str().ok_or("its key is not a string")?;
-    let key = Ed25519PublicKey::from_base64(value).map_err(|e| e.to_string())?;
+        .ok_or(KeyObjectError::NoKeys)?;
+    let (id, value) = match keys.len() {
+        1 => keys.iter().next().ok_or(KeyObjectError::NoKeys)?,
+        0 => return Err(KeyObjectError::NoKeys),
+        n => return Err(KeyObjectError::SeveralKeys(n)),
+    };
+    let key = Ed25519PublicKey::from_base64(value.as_str().ok_or(KeyObjectError::NotAString)?)?;
     if id != &key.key_id() {
-        return Err(format!("its key ID {id} does not name its key {value}"));
+        return Err(KeyObjectError::KeyIdMismatch {
+            id: id.clone(),
+            key,
+        });
     }
     Ok(key)
 }
@@ -169,7 +173,7 @@ fn cross_signing_key<'a>(answer: &'a Value, field: &str, user: &str) -> Option<&
 fn checked_subkey(
     answer: &Value,
     field: &str,
-    usage: Usage,
+    usage: KeyRole,
     user: &str,
     master: &Ed25519PublicKey,
 ) -> Result<Ed25519PublicKey, Trust> {
@@ -275,7 +279,7 @@ pub fn evaluate(own: &OwnKeys, answer: &Value) -> TrustReport {
         None => {
             own_identity.push("the server has no master key for us: publish the identity".into())
         }
-        Some(obj) => match parse_key_object(obj, me, Usage::Master) {
+        Some(obj) => match parse_key_object(obj, me, KeyRole::Master) {
             Ok(k) if k == own.master => {}
             Ok(k) => own_identity.push(format!(
                 "the server serves the master key {k}, not the token's {}",
@@ -285,7 +289,7 @@ pub fn evaluate(own: &OwnKeys, answer: &Value) -> TrustReport {
         },
     }
     let master_ok = own_identity.is_empty();
-    let anchor_error = |usage: Usage| {
+    let anchor_error = |usage: KeyRole| {
         Trust::ChainBroken(format!(
             "our master key on the server is not the token's, so its {} key cannot be trusted",
             usage.as_str()
@@ -294,7 +298,7 @@ pub fn evaluate(own: &OwnKeys, answer: &Value) -> TrustReport {
 
     // Our SSK and USK as the server serves them: signed by the token's master key, and
     // the token's own keys where the token has them.
-    let mut own_subkey = |field: &str, usage: Usage, on_token: Option<&Ed25519PublicKey>| {
+    let mut own_subkey = |field: &str, usage: KeyRole, on_token: Option<&Ed25519PublicKey>| {
         let mut key = if master_ok {
             checked_subkey(answer, field, usage, me, &own.master)
         } else {
@@ -318,12 +322,12 @@ pub fn evaluate(own: &OwnKeys, answer: &Value) -> TrustReport {
     };
     let ssk = own_subkey(
         "self_signing_keys",
-        Usage::SelfSigning,
+        KeyRole::SelfSigning,
         own.self_signing.as_ref(),
     );
     let usk = own_subkey(
         "user_signing_keys",
-        Usage::UserSigning,
+        KeyRole::UserSigning,
         own.user_signing.as_ref(),
     );
     own_identity.dedup();
@@ -345,7 +349,7 @@ pub fn evaluate(own: &OwnKeys, answer: &Value) -> TrustReport {
                 None,
                 Trust::Unsigned(format!("{user} has no cross-signing identity")),
             ),
-            Some(obj) => match parse_key_object(obj, user, Usage::Master) {
+            Some(obj) => match parse_key_object(obj, user, KeyRole::Master) {
                 Err(e) => (
                     None,
                     Trust::ChainBroken(format!("their master key is malformed: {e}")),
@@ -373,7 +377,7 @@ pub fn evaluate(own: &OwnKeys, answer: &Value) -> TrustReport {
         // Their devices: trusted through their SSK, signed by their (verified) master key.
         let their_ssk = match (&master_key, &trust) {
             (Some(mk), Trust::Verified) => {
-                checked_subkey(answer, "self_signing_keys", Usage::SelfSigning, user, mk)
+                checked_subkey(answer, "self_signing_keys", KeyRole::SelfSigning, user, mk)
             }
             _ => Err(Trust::ChainBroken(format!("{user} is not verified"))),
         };
@@ -506,7 +510,7 @@ mod tests {
         let mut a = answer(&alice, &bob);
         // A server that swaps in its own SSK, "signed" with a forged signature.
         let evil = Ed25519SecretKey::from_slice(&[99; 32]);
-        let mut forged = key_object(ME, Usage::SelfSigning, &Ed25519Signer::public_key(&evil));
+        let mut forged = key_object(ME, KeyRole::SelfSigning, &Ed25519Signer::public_key(&evil));
         sign_json(
             &mut forged,
             ME,

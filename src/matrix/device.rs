@@ -5,7 +5,8 @@
 use serde_json::{Value, json};
 use vodozemac::olm::Account;
 
-use super::signed_json::{Ed25519PublicKey, Ed25519Signer, SignError, SignedJsonError, sign_json};
+use super::keys::Ed25519PublicKey;
+use super::signed_json::{Ed25519Signer, SignError, SignedJsonError, sign_json};
 
 /// The algorithms an Olm device advertises.
 pub const ALGORITHMS: [&str; 2] = ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"];
@@ -15,7 +16,7 @@ pub struct DeviceSigner<'a>(pub &'a Account);
 
 impl Ed25519Signer for DeviceSigner<'_> {
     fn public_key(&self) -> Ed25519PublicKey {
-        Ed25519PublicKey(*self.0.ed25519_key().as_bytes())
+        self.0.ed25519_key().into()
     }
     fn sign(&self, message: &[u8]) -> Result<[u8; 64], SignError> {
         Ok(self.0.sign(message).to_bytes())

@@ -6,6 +6,7 @@ pub mod backup;
 pub mod cross_signing;
 pub mod device;
 pub mod key_export;
+pub mod keys;
 pub mod secret_storage;
 pub mod signed_json;
 

@@ -18,64 +18,14 @@
 //! and puts the unpadded-base64 signature at `signatures[entity][key_id]`, keeping any
 //! signatures already there. Verification is strict (vodozemac, `verify_strict`).
 
-use std::fmt;
-
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use serde_json::{Map, Value};
 
+use super::keys::{Ed25519PublicKey, KeyError};
+
 /// Largest integer canonical JSON allows (2^53 − 1).
 const MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
-
-/// A raw Ed25519 public key (32 bytes).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Ed25519PublicKey(pub [u8; 32]);
-
-impl Ed25519PublicKey {
-    /// Parses unpadded or padded standard base64.
-    pub fn from_base64(s: &str) -> Result<Self, SignedJsonError> {
-        let bytes = decode_base64(s).map_err(|_| SignedJsonError::InvalidKey(s.to_string()))?;
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| SignedJsonError::InvalidKey(s.to_string()))?;
-        // Reject points that are not valid Ed25519 public keys.
-        vodozemac::Ed25519PublicKey::from_slice(&arr)
-            .map_err(|_| SignedJsonError::InvalidKey(s.to_string()))?;
-        Ok(Ed25519PublicKey(arr))
-    }
-
-    pub fn to_base64(&self) -> String {
-        STANDARD_NO_PAD.encode(self.0)
-    }
-
-    /// The key ID of a cross-signing key: `ed25519:<unpadded base64 of the key>`.
-    pub fn key_id(&self) -> String {
-        format!("ed25519:{}", self.to_base64())
-    }
-
-    /// Strict Ed25519 verification (vodozemac, i.e. ed25519-dalek `verify_strict`).
-    pub fn verify(&self, message: &[u8], signature: &[u8; 64]) -> bool {
-        let Ok(key) = vodozemac::Ed25519PublicKey::from_slice(&self.0) else {
-            return false;
-        };
-        let Ok(sig) = vodozemac::Ed25519Signature::from_slice(signature) else {
-            return false;
-        };
-        key.verify(message, &sig).is_ok()
-    }
-}
-
-impl fmt::Debug for Ed25519PublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Ed25519PublicKey({})", self.to_base64())
-    }
-}
-
-impl fmt::Display for Ed25519PublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_base64())
-    }
-}
 
 /// Something that makes pure Ed25519 signatures: a key on a token, or a software key.
 pub trait Ed25519Signer {
@@ -87,38 +37,52 @@ pub trait Ed25519Signer {
 /// A signer failed (the token refused, was unplugged, …). The source is the signer's own
 /// error — for a key on a token, a `TokenError`, which a caller can downcast to tell a
 /// wrong PIN from a missing card.
-#[derive(Debug, thiserror::Error)]
-#[error("signing failed: {source}")]
+///
+/// Shared (an `Arc`) so that errors holding it stay `Clone`, as a typed verdict kept in a
+/// status report must be.
+#[derive(Debug, Clone)]
 pub struct SignError {
-    #[source]
-    pub source: Box<dyn std::error::Error + Send + Sync>,
+    cause: std::sync::Arc<dyn std::error::Error + Send + Sync>,
 }
 
 impl SignError {
     pub fn new(source: impl std::error::Error + Send + Sync + 'static) -> Self {
         SignError {
-            source: Box::new(source),
+            cause: std::sync::Arc::new(source),
         }
+    }
+}
+
+impl std::fmt::Display for SignError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "signing failed: {}", self.cause)
+    }
+}
+
+impl std::error::Error for SignError {
+    /// The signer's own error itself (not the `Arc`, whose `source` would skip it).
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.cause)
     }
 }
 
 impl Ed25519Signer for vodozemac::Ed25519SecretKey {
     fn public_key(&self) -> Ed25519PublicKey {
-        Ed25519PublicKey(self.public_key().as_bytes().to_owned())
+        self.public_key().into()
     }
     fn sign(&self, message: &[u8]) -> Result<[u8; 64], SignError> {
         Ok(vodozemac::Ed25519SecretKey::sign(self, message).to_bytes())
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SignedJsonError {
     #[error("canonical JSON does not allow the number {0} (only integers within ±(2^53−1))")]
     Number(String),
     #[error("a signed JSON value must be an object")]
     NotAnObject,
-    #[error("{0:?} is not an Ed25519 public key")]
-    InvalidKey(String),
+    #[error("not an Ed25519 public key: {0}")]
+    InvalidKey(#[from] KeyError),
     #[error("no signature by {entity} with key {key_id}")]
     MissingSignature { entity: String, key_id: String },
     #[error("the signature by {entity} with key {key_id} is not valid base64 of 64 bytes")]
@@ -355,7 +319,7 @@ mod tests {
         struct Failing;
         impl Ed25519Signer for Failing {
             fn public_key(&self) -> Ed25519PublicKey {
-                Ed25519PublicKey([0; 32])
+                Ed25519Signer::public_key(&vodozemac::Ed25519SecretKey::new())
             }
             fn sign(&self, _: &[u8]) -> Result<[u8; 64], SignError> {
                 Err(SignError::new(Gone))

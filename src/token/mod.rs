@@ -23,95 +23,62 @@ use std::str::FromStr;
 
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
+pub use crate::matrix::keys::{Curve25519PublicKey, KeyAlgorithm, KeyRole, PublicKey};
 pub use pin::{PinProvider, PinRequest, PinStatus};
 pub use store::{Store, StoreOptions, TokenChoice};
 
-/// The retired key-management slots of a YubiKey's PIV application that mxhsm uses.
-pub const RETIRED_SLOTS: std::ops::RangeInclusive<u8> = 0x82..=0x95;
-
-/// Whether `slot` is one of the retired PIV slots.
-pub fn is_retired_slot(slot: u8) -> bool {
-    RETIRED_SLOTS.contains(&slot)
-}
-
-/// What a key is for in Matrix's key infrastructure.
+/// One of the 20 retired key-management slots of a YubiKey's PIV application
+/// (0x82..=0x95), the only slots mxhsm puts keys in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum KeyRole {
-    /// The cross-signing master key (MSK): signs the SSK, the USK and backup `auth_data`.
-    Master,
-    /// The self-signing key (SSK): signs the user's own devices.
-    SelfSigning,
-    /// The user-signing key (USK): signs other users' master keys.
-    UserSigning,
-    /// The key-backup decryption key (`m.megolm_backup.v1.curve25519-aes-sha2`).
-    Backup,
-}
+pub struct RetiredSlot(u8);
 
-impl KeyRole {
-    /// Every role, in the order they are created and listed.
-    pub const ALL: [KeyRole; 4] = [
-        KeyRole::Master,
-        KeyRole::SelfSigning,
-        KeyRole::UserSigning,
-        KeyRole::Backup,
-    ];
+impl RetiredSlot {
+    const RANGE: std::ops::RangeInclusive<u8> = 0x82..=0x95;
 
-    /// The role's name as used in Matrix (`usage` of a cross-signing key) and in labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeyRole::Master => "master",
-            KeyRole::SelfSigning => "self_signing",
-            KeyRole::UserSigning => "user_signing",
-            KeyRole::Backup => "backup",
+    pub fn new(slot: u8) -> Result<Self, TokenError> {
+        if Self::RANGE.contains(&slot) {
+            Ok(RetiredSlot(slot))
+        } else {
+            Err(TokenError::NotRetiredSlot(slot))
         }
     }
 
-    /// The algorithm every key of this role uses.
-    pub fn algorithm(self) -> KeyAlgorithm {
-        match self {
-            KeyRole::Backup => KeyAlgorithm::X25519,
-            _ => KeyAlgorithm::Ed25519,
-        }
+    /// Every retired slot, in order.
+    pub fn all() -> impl Iterator<Item = RetiredSlot> {
+        Self::RANGE.map(RetiredSlot)
+    }
+
+    pub fn get(self) -> u8 {
+        self.0
     }
 }
 
-impl fmt::Display for KeyRole {
+impl fmt::Display for RetiredSlot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        write!(f, "{:02x}", self.0)
     }
 }
 
-impl FromStr for KeyRole {
+impl fmt::LowerHex for RetiredSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
+/// A slot as a user writes it: hex, with or without `0x` (`82`, `0x95`).
+impl FromStr for RetiredSlot {
     type Err = TokenError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "master" | "msk" => Ok(KeyRole::Master),
-            "self_signing" | "self-signing" | "ssk" => Ok(KeyRole::SelfSigning),
-            "user_signing" | "user-signing" | "usk" => Ok(KeyRole::UserSigning),
-            "backup" => Ok(KeyRole::Backup),
-            other => Err(TokenError::UnknownName {
-                what: "key role",
-                value: other.to_string(),
-                expected: "master, self_signing, user_signing or backup",
+        let hex = s.strip_prefix("0x").unwrap_or(s);
+        match u8::from_str_radix(hex, 16) {
+            Ok(n) if hex.len() == 2 => RetiredSlot::new(n),
+            _ => Err(TokenError::UnknownName {
+                what: "PIV slot",
+                value: s.to_string(),
+                expected: "a retired slot in hex, 82 to 95",
             }),
         }
-    }
-}
-
-/// The two key algorithms Matrix needs from a token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KeyAlgorithm {
-    Ed25519,
-    X25519,
-}
-
-impl fmt::Display for KeyAlgorithm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            KeyAlgorithm::Ed25519 => "ed25519",
-            KeyAlgorithm::X25519 => "x25519",
-        })
     }
 }
 
@@ -281,16 +248,15 @@ pub struct KeyInfo {
     pub role: KeyRole,
     /// Creation time, milliseconds since the Unix epoch, when the token records it.
     pub created_ms: Option<u64>,
-    /// The raw 32-byte public key (Ed25519 or X25519).
-    pub public_key: [u8; 32],
+    /// Of the role's algorithm: the backends build it with [`PublicKey::new`] from
+    /// `role.algorithm()`.
+    pub public_key: PublicKey,
     pub origin: KeyOrigin,
+    /// What the token reports of the private key (for a PIV slot, what its policies and
+    /// origin mean in PKCS#11's terms), for the doctor's audit.
     pub protection: KeyProtection,
-    /// For backup keys: how the token does X25519 with this key.
-    pub x25519_mechanism: Option<X25519Mechanism>,
-    /// Where the key lives on the token, backend-specific (e.g. the PKCS#11 `CKA_ID`).
-    pub locator: KeyLocator,
-    /// PIV: the PIN and touch policies the card reports for the key.
-    pub piv_policy: Option<(PinPolicy, TouchPolicy)>,
+    /// Where the key lives on its token, and what only that kind of token knows of it.
+    pub backend: KeyBackend,
 }
 
 impl KeyInfo {
@@ -300,31 +266,68 @@ impl KeyInfo {
 
     /// The public key as Matrix writes it: unpadded standard base64.
     pub fn public_key_base64(&self) -> String {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD_NO_PAD.encode(self.public_key)
+        self.public_key.to_base64()
+    }
+
+    /// The Ed25519 public key of a cross-signing key.
+    pub fn ed25519(&self) -> Result<crate::matrix::keys::Ed25519PublicKey, TokenError> {
+        self.public_key.ed25519().ok_or(TokenError::WrongAlgorithm {
+            role: self.role,
+            operation: "sign",
+        })
+    }
+
+    /// The Curve25519 public key of a backup key.
+    pub fn curve25519(&self) -> Result<Curve25519PublicKey, TokenError> {
+        self.public_key
+            .curve25519()
+            .ok_or(TokenError::WrongAlgorithm {
+                role: self.role,
+                operation: "do X25519",
+            })
+    }
+
+    /// For backup keys: how the token does X25519 with this key.
+    pub fn x25519_mechanism(&self) -> Option<X25519Mechanism> {
+        match &self.backend {
+            KeyBackend::Pkcs11 { x25519, .. } => *x25519,
+            KeyBackend::Piv { .. } => {
+                (self.algorithm() == KeyAlgorithm::X25519).then_some(X25519Mechanism::Piv)
+            }
+        }
     }
 }
 
-/// Where a key is on its token. Opaque above the `token` module.
+/// Where a key is on its token, and what is specific to that kind of token.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum KeyLocator {
-    /// A PKCS#11 key pair sharing this `CKA_ID` and `CKA_LABEL`.
-    Pkcs11 { id: Vec<u8>, label: String },
-    /// A PIV slot (retired key management slots 0x82..=0x95).
-    Piv { slot: u8 },
+pub enum KeyBackend {
+    /// A PKCS#11 key pair sharing this `CKA_ID` and `CKA_LABEL`; for a backup key, the
+    /// mechanism the token does X25519 with.
+    Pkcs11 {
+        id: Vec<u8>,
+        label: String,
+        x25519: Option<X25519Mechanism>,
+    },
+    /// A retired PIV slot, with the PIN and touch policies the card reports for the key
+    /// (`None` when the card does not report them).
+    Piv {
+        slot: RetiredSlot,
+        pin: Option<PinPolicy>,
+        touch: Option<TouchPolicy>,
+    },
 }
 
-impl fmt::Display for KeyLocator {
+impl fmt::Display for KeyBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            KeyLocator::Pkcs11 { id, .. } => {
+            KeyBackend::Pkcs11 { id, .. } => {
                 f.write_str("id=")?;
                 for b in id {
                     write!(f, "{b:02x}")?;
                 }
                 Ok(())
             }
-            KeyLocator::Piv { slot } => write!(f, "slot {slot:02x}"),
+            KeyBackend::Piv { slot, .. } => write!(f, "slot {slot}"),
         }
     }
 }
@@ -340,12 +343,12 @@ pub struct KeyOptions {
     pub touch_policy: Option<TouchPolicy>,
     /// PIV: overwrite a slot that already holds a key.
     pub force: bool,
-    /// PIV: the slot to use (a retired slot, 0x82..=0x95); by default the first free one.
-    pub slot: Option<u8>,
+    /// PIV: the slot to use; by default the first free one.
+    pub slot: Option<RetiredSlot>,
 }
 
 /// PIV PIN policy of a key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PinPolicy {
     Never,
     Once,
@@ -379,7 +382,7 @@ impl FromStr for PinPolicy {
 }
 
 /// PIV touch policy of a key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TouchPolicy {
     Never,
     Always,
@@ -472,14 +475,18 @@ impl SecretKeyBytes {
     }
 
     /// The public key that belongs to this secret, for a key of `algorithm`.
-    pub fn public_key(&self, algorithm: KeyAlgorithm) -> [u8; 32] {
+    pub fn public_key(&self, algorithm: KeyAlgorithm) -> PublicKey {
         match algorithm {
-            KeyAlgorithm::Ed25519 => ed25519_dalek::SigningKey::from_bytes(&self.0)
-                .verifying_key()
-                .to_bytes(),
+            KeyAlgorithm::Ed25519 => PublicKey::Ed25519(
+                ed25519_dalek::SigningKey::from_bytes(&self.0)
+                    .verifying_key()
+                    .into(),
+            ),
             KeyAlgorithm::X25519 => {
                 let secret = x25519_dalek::StaticSecret::from(self.0);
-                x25519_dalek::PublicKey::from(&secret).to_bytes()
+                PublicKey::Curve25519(Curve25519PublicKey::from_bytes(
+                    x25519_dalek::PublicKey::from(&secret).to_bytes(),
+                ))
             }
         }
     }
@@ -575,9 +582,13 @@ pub trait KeyStore: Send + Sync {
     /// A pure Ed25519 (RFC 8032) signature over exactly `message`.
     fn sign_ed25519(&self, key: &KeyInfo, message: &[u8]) -> Result<[u8; 64], TokenError>;
 
-    /// X25519 of the key with a peer's raw 32-byte public key. An all-zero result is an
-    /// error ([`TokenError::NonContributory`]).
-    fn x25519(&self, key: &KeyInfo, peer_public: &[u8; 32]) -> Result<SharedSecret, TokenError>;
+    /// X25519 of the key with a peer's public key. An all-zero result is an error
+    /// ([`TokenError::NonContributory`]).
+    fn x25519(
+        &self,
+        key: &KeyInfo,
+        peer_public: &Curve25519PublicKey,
+    ) -> Result<SharedSecret, TokenError>;
 
     /// Destroys the key (private and public objects).
     fn delete(&self, key: &KeyInfo) -> Result<(), TokenError>;
@@ -610,13 +621,26 @@ pub trait KeyStore: Send + Sync {
 
 /// A key on a token as a Matrix signer.
 pub struct TokenSigner<'a> {
-    pub store: &'a dyn KeyStore,
-    pub key: KeyInfo,
+    store: &'a dyn KeyStore,
+    key: KeyInfo,
+    public: crate::matrix::keys::Ed25519PublicKey,
+}
+
+impl<'a> TokenSigner<'a> {
+    /// Refuses a key that is not Ed25519 (a backup key).
+    pub fn new(store: &'a dyn KeyStore, key: KeyInfo) -> Result<Self, TokenError> {
+        let public = key.ed25519()?;
+        Ok(TokenSigner { store, key, public })
+    }
+
+    pub fn key(&self) -> &KeyInfo {
+        &self.key
+    }
 }
 
 impl crate::matrix::signed_json::Ed25519Signer for TokenSigner<'_> {
-    fn public_key(&self) -> crate::matrix::signed_json::Ed25519PublicKey {
-        crate::matrix::signed_json::Ed25519PublicKey(self.key.public_key)
+    fn public_key(&self) -> crate::matrix::keys::Ed25519PublicKey {
+        self.public
     }
     fn sign(&self, message: &[u8]) -> Result<[u8; 64], crate::matrix::signed_json::SignError> {
         self.store
@@ -627,17 +651,34 @@ impl crate::matrix::signed_json::Ed25519Signer for TokenSigner<'_> {
 
 /// A backup key on a token as an X25519 agreement for key-backup decryption.
 pub struct TokenAgreement<'a> {
-    pub store: &'a dyn KeyStore,
-    pub key: KeyInfo,
+    store: &'a dyn KeyStore,
+    key: KeyInfo,
+    public: Curve25519PublicKey,
+}
+
+impl<'a> TokenAgreement<'a> {
+    /// Refuses a key that is not X25519 (a cross-signing key).
+    pub fn new(store: &'a dyn KeyStore, key: KeyInfo) -> Result<Self, TokenError> {
+        let public = key.curve25519()?;
+        Ok(TokenAgreement { store, key, public })
+    }
+
+    pub fn key(&self) -> &KeyInfo {
+        &self.key
+    }
+
+    pub fn store(&self) -> &'a dyn KeyStore {
+        self.store
+    }
 }
 
 impl crate::matrix::backup::X25519Agreement for TokenAgreement<'_> {
-    fn public_key(&self) -> [u8; 32] {
-        self.key.public_key
+    fn public_key(&self) -> Curve25519PublicKey {
+        self.public
     }
     fn agree(
         &self,
-        peer: &[u8; 32],
+        peer: &Curve25519PublicKey,
     ) -> Result<zeroize::Zeroizing<[u8; 32]>, crate::matrix::backup::AgreementError> {
         self.store
             .x25519(&self.key, peer)
@@ -733,8 +774,63 @@ pub enum TokenError {
     TokenChoice(String),
     #[error("a message of {len} bytes is too long to sign (at most {max} bytes)")]
     MessageTooLong { len: usize, max: usize },
-    #[error("{0}")]
-    InvalidInput(String),
+    #[error("a YubiKey is already open in this process; close it first")]
+    AlreadyOpen,
+    #[error("slot {0:02x} is not a retired key-management slot (82 to 95)")]
+    NotRetiredSlot(u8),
+    #[error("slot {slot} of {token} {}", match .holder {
+        Some((role, user)) => format!("holds the {role} key of {}", crate::text::escape(user)),
+        None => format!("already holds a key ({})", .contents),
+    })]
+    SlotOccupied {
+        token: String,
+        slot: RetiredSlot,
+        /// mxhsm's record of the key there, when the card agrees with it.
+        holder: Option<(KeyRole, String)>,
+        /// What the card says is there, when mxhsm has no record of it.
+        contents: String,
+    },
+    #[error("all 20 retired slots of {token} hold keys (the slot map is {})", .slot_map.display())]
+    NoFreeSlot {
+        token: String,
+        slot_map: std::path::PathBuf,
+    },
+    #[error("slot {slot} is already mapped to the {role} key of {}", crate::text::escape(.user_id))]
+    SlotMapped {
+        slot: RetiredSlot,
+        role: KeyRole,
+        user_id: String,
+    },
+    #[error("slot {slot} of {token} is empty")]
+    SlotEmpty { token: String, slot: RetiredSlot },
+    #[error("slot {slot} does not hold an {algorithm} key, which a {role} key needs")]
+    SlotAlgorithm {
+        slot: RetiredSlot,
+        algorithm: KeyAlgorithm,
+        role: KeyRole,
+    },
+    #[error("slot {slot} of {token} is not mapped to that key")]
+    SlotNotMapped { token: String, slot: RetiredSlot },
+    #[error("slot {slot} of {token} now holds another key than the {role} key of {}; it was not deleted", crate::text::escape(.user_id))]
+    SlotChanged {
+        token: String,
+        slot: RetiredSlot,
+        role: KeyRole,
+        user_id: String,
+    },
+    #[error("the YubiKey slot map {}: {reason}", .path.display())]
+    SlotMap {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error("the management key given has {given} bytes; the card's is {expected}")]
+    ManagementKeyLength { given: usize, expected: String },
+    #[error(
+        "{token} has a non-default management key, and no PIN-protected one could be read from the card ({reason})"
+    )]
+    NoManagementKey { token: String, reason: String },
+    #[error("{token} refused the management key")]
+    ManagementKeyRefused { token: String },
     #[error("{token} returned data mxhsm cannot use: {what}")]
     BadTokenData { token: String, what: String },
     #[error("the X25519 agreement gave an all-zero secret (the peer key is of small order)")]

@@ -35,9 +35,9 @@ use self::ec::Curve;
 pub use self::uri::Pkcs11Uri;
 use super::pin::{NoPins, PinProvider, PinRequest, PinStatus, read_pin_file};
 use super::{
-    Capabilities, KeyAlgorithm, KeyInfo, KeyLocator, KeyOptions, KeyOrigin, KeyProtection, KeyRole,
-    KeyStore, SecretKeyBytes, SharedSecret, TokenError, TokenSummary, X25519Mechanism,
-    check_user_id,
+    Capabilities, Curve25519PublicKey, KeyAlgorithm, KeyBackend, KeyInfo, KeyOptions, KeyOrigin,
+    KeyProtection, KeyRole, KeyStore, PublicKey, SecretKeyBytes, SharedSecret, TokenError,
+    TokenSummary, X25519Mechanism, check_user_id,
 };
 
 /// Environment variable naming the default PKCS#11 module when a URI has none.
@@ -607,7 +607,7 @@ impl Pkcs11Store {
     }
 
     fn private_handle(&self, session: &Session, key: &KeyInfo) -> Result<ObjectHandle, TokenError> {
-        let KeyLocator::Pkcs11 { id, label } = &key.locator else {
+        let KeyBackend::Pkcs11 { id, label, .. } = &key.backend else {
             return Err(self.other_token(key));
         };
         if let Some(h) = self
@@ -736,11 +736,13 @@ impl Pkcs11Store {
         local: Option<bool>,
         protection: KeyProtection,
     ) -> Result<KeyInfo, TokenError> {
-        let public_key = point.ok_or_else(|| {
+        let point = point.ok_or_else(|| {
             self.bad_data(format!(
                 "no readable public key (CKA_EC_POINT) for {label:?}"
             ))
         })?;
+        let public_key = PublicKey::new(role.algorithm(), &point)
+            .map_err(|e| self.bad_data(format!("the public key of {label:?}: {e}")))?;
         Ok(KeyInfo {
             user_id,
             role,
@@ -748,9 +750,11 @@ impl Pkcs11Store {
             public_key,
             origin: origin(local),
             protection,
-            x25519_mechanism,
-            locator: KeyLocator::Pkcs11 { id, label },
-            piv_policy: None,
+            backend: KeyBackend::Pkcs11 {
+                id,
+                label,
+                x25519: x25519_mechanism,
+            },
         })
     }
 
@@ -836,7 +840,7 @@ impl Pkcs11Store {
 
     /// Checks that the token holds the private key of `expected` (after an import): a
     /// signature that verifies, or an agreement that matches software.
-    fn prove(&self, key: &KeyInfo, expected_public: &[u8; 32]) -> Result<(), TokenError> {
+    fn prove(&self, key: &KeyInfo, expected_public: &PublicKey) -> Result<(), TokenError> {
         if &key.public_key != expected_public {
             return Err(
                 self.bad_data("the stored public key differs from the imported key's".into())
@@ -846,14 +850,11 @@ impl Pkcs11Store {
             KeyAlgorithm::Ed25519 => {
                 let challenge = b"mxhsm import check";
                 let sig = self.sign_ed25519(key, challenge)?;
-                let vk =
-                    ed25519_dalek::VerifyingKey::from_bytes(expected_public).map_err(|_| {
-                        TokenError::BadPrivateKey("the imported Ed25519 key is invalid".into())
-                    })?;
-                vk.verify_strict(challenge, &ed25519_dalek::Signature::from_bytes(&sig))
-                    .map_err(|_| {
-                        self.bad_data("a signature by the imported key does not verify".into())
-                    })
+                if key.ed25519()?.verify(challenge, &sig) {
+                    Ok(())
+                } else {
+                    Err(self.bad_data("a signature by the imported key does not verify".into()))
+                }
             }
             KeyAlgorithm::X25519 => {
                 let mut seed = [0u8; 32];
@@ -861,8 +862,10 @@ impl Pkcs11Store {
                 let eph = x25519_dalek::StaticSecret::from(seed);
                 seed.zeroize();
                 let eph_pub = x25519_dalek::PublicKey::from(&eph);
-                let on_token = self.x25519(key, eph_pub.as_bytes())?;
-                let soft = eph.diffie_hellman(&x25519_dalek::PublicKey::from(*expected_public));
+                let on_token =
+                    self.x25519(key, &Curve25519PublicKey::from_bytes(eph_pub.to_bytes()))?;
+                let soft =
+                    eph.diffie_hellman(&x25519_dalek::PublicKey::from(*expected_public.as_bytes()));
                 if on_token.expose() == soft.as_bytes() {
                     Ok(())
                 } else {
@@ -929,13 +932,15 @@ impl Pkcs11Store {
         let point = session
             .get_attributes(public, &[AttributeType::EcPoint])
             .map_err(self.dev("C_GetAttributeValue"))?;
-        let public_key = point
+        let point = point
             .into_iter()
             .find_map(|a| match a {
                 Attribute::EcPoint(v) => ec::decode_point(&v),
                 _ => None,
             })
             .ok_or_else(|| self.bad_data("no readable CKA_EC_POINT on a new key".into()))?;
+        let public_key = PublicKey::new(algorithm, &point)
+            .map_err(|e| self.bad_data(format!("the public key of a new key: {e}")))?;
         let key = KeyInfo {
             user_id: "@mxhsm-selftest:localhost".into(),
             role,
@@ -943,15 +948,14 @@ impl Pkcs11Store {
             public_key,
             origin: KeyOrigin::Generated,
             protection: KeyProtection::default(),
-            x25519_mechanism: self
-                .capabilities
-                .x25519
-                .filter(|_| algorithm == KeyAlgorithm::X25519),
-            locator: KeyLocator::Pkcs11 {
+            backend: KeyBackend::Pkcs11 {
                 id: id.clone(),
                 label: label.to_string(),
+                x25519: self
+                    .capabilities
+                    .x25519
+                    .filter(|_| algorithm == KeyAlgorithm::X25519),
             },
-            piv_policy: None,
         };
         self.handles
             .lock()
@@ -1199,7 +1203,7 @@ impl KeyStore for Pkcs11Store {
             Attribute::Class(ObjectClass::PUBLIC_KEY),
             Attribute::KeyType(key_type),
             Attribute::EcParams(params.to_vec()),
-            Attribute::EcPoint(ec::encode_point(&public_key)),
+            Attribute::EcPoint(ec::encode_point(public_key.as_bytes())),
             Attribute::Token(true),
             Attribute::Private(false),
             Attribute::Label(label.clone().into_bytes()),
@@ -1247,19 +1251,20 @@ impl KeyStore for Pkcs11Store {
             .try_into()
             .map_err(|_| self.bad_data(format!("an Ed25519 signature of {} bytes", sig.len())))?;
         // A signature that does not verify is never handed on (it would be published).
-        let vk = ed25519_dalek::VerifyingKey::from_bytes(&key.public_key)
-            .map_err(|_| self.bad_data("an invalid Ed25519 public key".into()))?;
-        vk.verify_strict(message, &ed25519_dalek::Signature::from_bytes(&sig))
-            .map_err(|_| {
-                self.bad_data(format!(
-                    "the {} key of {} made a signature that does not verify with its public key",
-                    key.role, key.user_id
-                ))
-            })?;
+        if !key.ed25519()?.verify(message, &sig) {
+            return Err(self.bad_data(format!(
+                "the {} key of {} made a signature that does not verify with its public key",
+                key.role, key.user_id
+            )));
+        }
         Ok(sig)
     }
 
-    fn x25519(&self, key: &KeyInfo, peer_public: &[u8; 32]) -> Result<SharedSecret, TokenError> {
+    fn x25519(
+        &self,
+        key: &KeyInfo,
+        peer_public: &Curve25519PublicKey,
+    ) -> Result<SharedSecret, TokenError> {
         if key.algorithm() != KeyAlgorithm::X25519 {
             return Err(TokenError::WrongAlgorithm {
                 role: key.role,
@@ -1270,7 +1275,10 @@ impl KeyStore for Pkcs11Store {
         let session = self.session()?;
         let handle = self.private_handle(&session, key)?;
         // Raw 32-byte peer key: Kryoptic refuses the DER form, ykcs11 needs exactly 32.
-        let mechanism = Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::null(), peer_public));
+        let mechanism = Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(
+            EcKdf::null(),
+            peer_public.as_bytes(),
+        ));
         let template = [
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::KeyType(KeyType::GENERIC_SECRET),
@@ -1301,7 +1309,7 @@ impl KeyStore for Pkcs11Store {
     }
 
     fn delete(&self, key: &KeyInfo) -> Result<(), TokenError> {
-        let KeyLocator::Pkcs11 { id, label } = &key.locator else {
+        let KeyBackend::Pkcs11 { id, label, .. } = &key.backend else {
             return Err(self.other_token(key));
         };
         self.login()?;

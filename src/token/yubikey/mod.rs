@@ -28,9 +28,10 @@ use zeroize::Zeroizing;
 
 use super::pin::NoPins;
 use super::{
-    Capabilities, KeyAlgorithm, KeyInfo, KeyLocator, KeyOptions, KeyOrigin, KeyProtection, KeyRole,
-    KeyStore, PinPolicy, PinProvider, PinRequest, PinStatus, SecretKeyBytes, SharedSecret,
-    TokenError, TokenSummary, TouchPolicy, X25519Mechanism, check_user_id,
+    Capabilities, Curve25519PublicKey, KeyAlgorithm, KeyBackend, KeyInfo, KeyOptions, KeyOrigin,
+    KeyProtection, KeyRole, KeyStore, PinPolicy, PinProvider, PinRequest, PinStatus, PublicKey,
+    RetiredSlot, SecretKeyBytes, SharedSecret, TokenError, TokenSummary, TouchPolicy,
+    X25519Mechanism, check_user_id,
 };
 use apdu::{ApduError, RawCard};
 use slot_map::{Entry, SlotMap};
@@ -42,8 +43,6 @@ const DEFAULT_MANAGEMENT_KEY: [u8; 24] = [
 
 /// The first firmware with Ed25519 and X25519 in PIV.
 pub const MIN_FIRMWARE: (u8, u8) = (5, 7);
-
-pub use super::{RETIRED_SLOTS, is_retired_slot};
 
 /// How mxhsm authenticates with the card's management key (needed to generate, import or
 /// delete keys).
@@ -123,9 +122,7 @@ impl ProcessClaim {
     fn take() -> Result<ProcessClaim, TokenError> {
         let mut open = OPEN_IN_PROCESS.lock().unwrap_or_else(|e| e.into_inner());
         if *open {
-            return Err(TokenError::InvalidInput(
-                "a YubiKey is already open in this process; close it first".into(),
-            ));
+            return Err(TokenError::AlreadyOpen);
         }
         *open = true;
         Ok(ProcessClaim)
@@ -206,7 +203,7 @@ pub struct YubiKeyStore {
     /// Where the PIN comes from when the store verifies it by itself (see `open_lazy`).
     pins: Option<Arc<dyn PinProvider>>,
     /// When each slot last needed a touch, for the "cached" policy.
-    last_touch: Mutex<std::collections::HashMap<u8, std::time::Instant>>,
+    last_touch: Mutex<std::collections::HashMap<RetiredSlot, std::time::Instant>>,
     _process_lock: std::fs::File,
     _claim: ProcessClaim,
 }
@@ -451,27 +448,25 @@ impl YubiKeyStore {
         };
         let key = match &self.management_key {
             ManagementKey::Given(bytes) => MgmKey::from_bytes(bytes.as_slice(), Some(alg))
-                .map_err(|_| {
-                    TokenError::InvalidInput(format!(
-                        "the management key given has {} bytes; the card's is {alg:?}",
-                        bytes.len()
-                    ))
+                .map_err(|_| TokenError::ManagementKeyLength {
+                    given: bytes.len(),
+                    expected: format!("{alg:?}"),
                 })?,
             ManagementKey::Auto if meta.default == Some(true) => {
                 MgmKey::from_bytes(DEFAULT_MANAGEMENT_KEY, Some(alg))
                     .map_err(|e| self.device_error("using the default management key", e))?
             }
-            ManagementKey::Auto => MgmKey::get_protected(&mut card.yk).map_err(|e| {
-                TokenError::InvalidInput(format!(
-                    "{} has a non-default management key, and no PIN-protected one could be read from the card ({e}); give it with --management-key-file",
-                    self.summary
-                ))
-            })?,
+            ManagementKey::Auto => {
+                MgmKey::get_protected(&mut card.yk).map_err(|e| TokenError::NoManagementKey {
+                    token: self.summary.to_string(),
+                    reason: e.to_string(),
+                })?
+            }
         };
         card.yk.authenticate(&key).map_err(|e| match e {
-            yubikey::Error::AuthenticationError => {
-                TokenError::InvalidInput(format!("{} refused the management key", self.summary))
-            }
+            yubikey::Error::AuthenticationError => TokenError::ManagementKeyRefused {
+                token: self.summary.to_string(),
+            },
             e => self.device_error("authenticating with the management key", e),
         })?;
         card.mgm_authenticated = true;
@@ -479,7 +474,11 @@ impl YubiKeyStore {
     }
 
     /// What `slot` holds: (algorithm, public key, policy, origin), or `None` when empty.
-    fn slot_contents(&self, card: &mut Card, slot: u8) -> Result<Option<SlotContents>, TokenError> {
+    fn slot_contents(
+        &self,
+        card: &mut Card,
+        slot: RetiredSlot,
+    ) -> Result<Option<SlotContents>, TokenError> {
         let id = slot_id(slot)?;
         match unpanicked("GET METADATA", || piv::metadata(&mut card.yk, id))? {
             Ok(meta) => {
@@ -514,12 +513,24 @@ impl YubiKeyStore {
         }
     }
 
-    fn key_info(&self, slot: u8, entry: &Entry, contents: &SlotContents) -> KeyInfo {
-        KeyInfo {
+    fn key_info(
+        &self,
+        slot: RetiredSlot,
+        entry: &Entry,
+        contents: &SlotContents,
+    ) -> Result<KeyInfo, TokenError> {
+        let public_key =
+            PublicKey::new(entry.role.algorithm(), &entry.public_key).map_err(|e| {
+                TokenError::BadTokenData {
+                    token: self.summary.to_string(),
+                    what: format!("the key in slot {slot}: {e}"),
+                }
+            })?;
+        Ok(KeyInfo {
             user_id: entry.user_id.clone(),
             role: entry.role,
             created_ms: Some(entry.created_ms),
-            public_key: entry.public_key,
+            public_key,
             origin: contents.origin,
             protection: KeyProtection {
                 token: Some(true),
@@ -532,31 +543,30 @@ impl YubiKeyStore {
                 local: Some(contents.origin == KeyOrigin::Generated),
                 ..KeyProtection::default()
             },
-            x25519_mechanism: (entry.role.algorithm() == KeyAlgorithm::X25519)
-                .then_some(X25519Mechanism::Piv),
-            locator: KeyLocator::Piv { slot },
-            piv_policy: contents.policy,
-        }
+            backend: KeyBackend::Piv {
+                slot,
+                pin: contents.policy.map(|p| p.0),
+                touch: contents.policy.map(|p| p.1),
+            },
+        })
     }
 
     /// Every slot-map entry with what the card holds there; `Err` for entries the card
     /// contradicts (empty slot, other key), which are never used.
-    pub fn audit(&self) -> Result<Vec<AuditEntry>, TokenError> {
+    pub fn audit(&self) -> Result<Vec<SlotAudit>, TokenError> {
         let map = SlotMap::load(&self.slot_map, self.serial)?;
         let mut card = self.card();
         let mut out = Vec::new();
         for (slot, entry) in map.slots {
             let state = match self.slot_contents(&mut card, slot)? {
-                None => Err(format!("slot {slot:02x} is empty")),
-                Some(c) if c.public != Some(entry.public_key) => Err(format!(
-                    "slot {slot:02x} holds another key than the one mxhsm put there"
-                )),
+                None => Err(SlotProblem::Empty),
+                Some(c) if c.public != Some(entry.public_key) => Err(SlotProblem::OtherKey),
                 Some(c) if c.algorithm != Some(entry.role.algorithm()) => {
-                    Err(format!("slot {slot:02x} holds a key of another algorithm"))
+                    Err(SlotProblem::OtherAlgorithm)
                 }
-                Some(c) => Ok(self.key_info(slot, &entry, &c)),
+                Some(c) => Ok(self.key_info(slot, &entry, &c)?),
             };
-            out.push((slot, entry, state));
+            out.push(SlotAudit { slot, entry, state });
         }
         Ok(out)
     }
@@ -568,13 +578,8 @@ impl YubiKeyStore {
         card: &mut Card,
         map: &SlotMap,
         options: &KeyOptions,
-    ) -> Result<u8, TokenError> {
+    ) -> Result<RetiredSlot, TokenError> {
         if let Some(slot) = options.slot {
-            if !is_retired_slot(slot) {
-                return Err(TokenError::InvalidInput(format!(
-                    "slot {slot:02x} is not a retired key-management slot (82 to 95)"
-                )));
-            }
             if !options.force
                 && let Some(c) = self.slot_contents(card, slot)?
             {
@@ -582,35 +587,32 @@ impl YubiKeyStore {
                     .slots
                     .get(&slot)
                     .filter(|e| c.public == Some(e.public_key));
-                return Err(TokenError::InvalidInput(match ours {
-                    Some(e) => format!(
-                        "slot {slot:02x} of {} holds the {} key of {}; pass --force to overwrite it",
-                        self.summary, e.role, e.user_id
-                    ),
-                    None => format!(
-                        "slot {slot:02x} of {} already holds a key ({}, {}); pass --force to overwrite it",
-                        self.summary,
+                return Err(TokenError::SlotOccupied {
+                    token: self.summary.to_string(),
+                    slot,
+                    holder: ours.map(|e| (e.role, e.user_id.clone())),
+                    contents: format!(
+                        "{}, {}",
                         c.algorithm
                             .map(|a| a.to_string())
                             .unwrap_or_else(|| "another algorithm".into()),
                         c.origin.as_str()
                     ),
-                }));
+                });
             }
             return Ok(slot);
         }
         // A mapped slot that is empty on the card (the card was reset, or the key deleted
         // by another tool) is free again; its stale entry is replaced.
-        for slot in RETIRED_SLOTS {
+        for slot in RetiredSlot::all() {
             if self.slot_contents(card, slot)?.is_none() {
                 return Ok(slot);
             }
         }
-        Err(TokenError::InvalidInput(format!(
-            "all 20 retired slots of {} hold keys; delete one first (the slot map is {})",
-            self.summary,
-            self.slot_map.display()
-        )))
+        Err(TokenError::NoFreeSlot {
+            token: self.summary.to_string(),
+            slot_map: self.slot_map.clone(),
+        })
     }
 
     /// Generates or imports a key: the shared part (slot, policies, map).
@@ -663,7 +665,7 @@ impl YubiKeyStore {
                 .map_err(|e| {
                     self.device_error(&format!("importing a key into slot {slot:02x}"), e)
                 })?;
-                secret.public_key(algorithm)
+                *secret.public_key(algorithm).as_bytes()
             }
         };
         let imported = secret.is_some();
@@ -680,7 +682,7 @@ impl YubiKeyStore {
         let contents = match checked {
             Ok(c) => c,
             Err(problem) => {
-                let _ = card.raw.delete_key(slot);
+                let _ = card.raw.delete_key(slot.get());
                 return Err(TokenError::BadTokenData {
                     token: self.summary.to_string(),
                     what: format!(
@@ -694,15 +696,15 @@ impl YubiKeyStore {
         map.slots.insert(slot, entry.clone());
         if let Err(e) = map.save(&self.slot_map, self.serial) {
             // Without the map entry nobody would find the key: take it off the card again.
-            let _ = card.raw.delete_key(slot);
+            let _ = card.raw.delete_key(slot.get());
             return Err(e);
         }
-        Ok(self.key_info(slot, &entry, &contents))
+        self.key_info(slot, &entry, &contents)
     }
 
     /// The slot `key` names, if it is a PIV key of `algorithm`.
-    fn slot_for(&self, key: &KeyInfo, algorithm: KeyAlgorithm) -> Result<u8, TokenError> {
-        let KeyLocator::Piv { slot } = key.locator else {
+    fn slot_for(&self, key: &KeyInfo, algorithm: KeyAlgorithm) -> Result<RetiredSlot, TokenError> {
+        let KeyBackend::Piv { slot, .. } = key.backend else {
             return Err(TokenError::OtherToken {
                 role: key.role,
                 user_id: key.user_id.clone(),
@@ -723,10 +725,16 @@ impl YubiKeyStore {
 
     /// Tells the user (through the touch notice, outside any lock) when using `key` may wait
     /// for a touch. Returns whether it did.
-    fn announce_touch(&self, key: &KeyInfo, slot: u8) -> bool {
-        let touch = match key.piv_policy {
-            Some((_, TouchPolicy::Always)) => true,
-            Some((_, TouchPolicy::Cached)) => self
+    fn announce_touch(&self, key: &KeyInfo, slot: RetiredSlot) -> bool {
+        let touch = match key.backend {
+            KeyBackend::Piv {
+                touch: Some(TouchPolicy::Always),
+                ..
+            } => true,
+            KeyBackend::Piv {
+                touch: Some(TouchPolicy::Cached),
+                ..
+            } => self
                 .last_touch
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -741,7 +749,7 @@ impl YubiKeyStore {
     }
 
     /// Records a touch that was given (the operation succeeded).
-    fn touched(&self, slot: u8) {
+    fn touched(&self, slot: RetiredSlot) {
         self.last_touch
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -751,7 +759,13 @@ impl YubiKeyStore {
     /// For keys with PIN policy "always": the PIN again, right before the use. If the card
     /// refuses it (the PIN was changed meanwhile), it is forgotten and never sent again.
     fn reverify(&self, card: &mut Card, key: &KeyInfo) -> Result<(), TokenError> {
-        if !matches!(key.piv_policy, Some((PinPolicy::Always, _))) {
+        if !matches!(
+            key.backend,
+            KeyBackend::Piv {
+                pin: Some(PinPolicy::Always),
+                ..
+            }
+        ) {
             return Ok(());
         }
         self.resend_pin(card)
@@ -795,17 +809,20 @@ impl YubiKeyStore {
         result
     }
 
-    fn card_refused(&self, operation: &str, slot: u8, e: ApduError) -> TokenError {
+    fn card_refused(&self, operation: &str, slot: RetiredSlot, e: ApduError) -> TokenError {
         self.device_error(&format!("{operation} with slot {slot:02x}"), e)
     }
 
     /// Retired slots that hold a key but are not in the slot map: (slot, algorithm, origin).
     /// `keys adopt` can map them.
-    pub fn unmapped_slots(&self) -> Result<Vec<(u8, Option<KeyAlgorithm>, KeyOrigin)>, TokenError> {
+    #[allow(clippy::type_complexity)]
+    pub fn unmapped_slots(
+        &self,
+    ) -> Result<Vec<(RetiredSlot, Option<KeyAlgorithm>, KeyOrigin)>, TokenError> {
         let map = SlotMap::load(&self.slot_map, self.serial)?;
         let mut card = self.card();
         let mut out = Vec::new();
-        for slot in RETIRED_SLOTS {
+        for slot in RetiredSlot::all() {
             if !map.slots.contains_key(&slot)
                 && let Some(c) = self.slot_contents(&mut card, slot)?
             {
@@ -836,33 +853,43 @@ impl YubiKeyStore {
 
     /// Records an existing key in `slot` as (`user_id`, `role`) in the slot map, e.g. on a
     /// new machine or after another tool put the key there. Nothing on the card changes.
-    pub fn adopt(&self, user_id: &str, role: KeyRole, slot: u8) -> Result<KeyInfo, TokenError> {
+    pub fn adopt(
+        &self,
+        user_id: &str,
+        role: KeyRole,
+        slot: RetiredSlot,
+    ) -> Result<KeyInfo, TokenError> {
         check_user_id(user_id)?;
-        slot_id(slot)?;
         let mut card = self.card();
         let mut map = SlotMap::load(&self.slot_map, self.serial)?;
         if let Some(e) = map.slots.get(&slot) {
-            return Err(TokenError::InvalidInput(format!(
-                "slot {slot:02x} is already mapped to the {} key of {}",
-                e.role, e.user_id
-            )));
+            return Err(TokenError::SlotMapped {
+                slot,
+                role: e.role,
+                user_id: e.user_id.clone(),
+            });
         }
-        let contents = self.slot_contents(&mut card, slot)?.ok_or_else(|| {
-            TokenError::InvalidInput(format!("slot {slot:02x} of {} is empty", self.summary))
-        })?;
+        let contents =
+            self.slot_contents(&mut card, slot)?
+                .ok_or_else(|| TokenError::SlotEmpty {
+                    token: self.summary.to_string(),
+                    slot,
+                })?;
         let (Some(public), true) = (
             contents.public,
             contents.algorithm == Some(role.algorithm()),
         ) else {
-            return Err(TokenError::InvalidInput(format!(
-                "slot {slot:02x} does not hold an {} key, which a {role} key needs",
-                role.algorithm()
-            )));
+            return Err(TokenError::SlotAlgorithm {
+                slot,
+                algorithm: role.algorithm(),
+                role,
+            });
         };
         let entry = Entry::new(user_id, role, public);
-        map.slots.insert(slot, entry.clone());
+        let key = self.key_info(slot, &entry, &contents)?;
+        map.slots.insert(slot, entry);
         map.save(&self.slot_map, self.serial)?;
-        Ok(self.key_info(slot, &entry, &contents))
+        Ok(key)
     }
 
     /// The attestation of `key` (generated keys only), verified up to one of `roots`: the
@@ -873,7 +900,10 @@ impl YubiKeyStore {
         key: &KeyInfo,
         roots: &[attestation::Root],
     ) -> Result<attestation::Attestation, TokenError> {
-        let KeyLocator::Piv { slot } = key.locator else {
+        let KeyBackend::Piv {
+            slot, pin, touch, ..
+        } = key.backend
+        else {
             return Err(TokenError::OtherToken {
                 role: key.role,
                 user_id: key.user_id.clone(),
@@ -908,7 +938,7 @@ impl YubiKeyStore {
             device,
             &attestation::yubico_intermediates(),
             roots,
-            &key.public_key,
+            key.public_key.as_bytes(),
         )
         .map_err(|e| {
             bad(format!(
@@ -921,7 +951,7 @@ impl YubiKeyStore {
                 a.serial, self.serial
             )));
         }
-        let expected = key.piv_policy.map(|(p, t)| [pin_code(p), touch_code(t)]);
+        let expected = pin.zip(touch).map(|(p, t)| [pin_code(p), touch_code(t)]);
         if a.policy.is_some() && a.policy != expected {
             return Err(bad(format!(
                 "the attestation of slot {slot:02x} states other policies ({:?}) than the card's metadata ({:?})",
@@ -950,7 +980,24 @@ fn touch_code(t: TouchPolicy) -> u8 {
 }
 
 /// A slot-map entry and what the card holds in its slot ([`YubiKeyStore::audit`]).
-pub type AuditEntry = (u8, Entry, Result<KeyInfo, String>);
+#[derive(Debug)]
+pub struct SlotAudit {
+    pub slot: RetiredSlot,
+    pub entry: Entry,
+    /// The key, or why the card contradicts the map (such an entry is never used).
+    pub state: Result<KeyInfo, SlotProblem>,
+}
+
+/// How the card contradicts a slot-map entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SlotProblem {
+    #[error("the slot is empty")]
+    Empty,
+    #[error("the slot holds another key than the one mxhsm put there")]
+    OtherKey,
+    #[error("the slot holds a key of another algorithm")]
+    OtherAlgorithm,
+}
 
 struct SlotContents {
     algorithm: Option<KeyAlgorithm>,
@@ -1052,13 +1099,8 @@ fn default_policy(role: KeyRole, options: &KeyOptions) -> (PinPolicy, TouchPolic
     )
 }
 
-fn slot_id(slot: u8) -> Result<SlotId, TokenError> {
-    if !is_retired_slot(slot) {
-        return Err(TokenError::InvalidInput(format!(
-            "slot {slot:02x} is not a retired key-management slot (82 to 95)"
-        )));
-    }
-    SlotId::try_from(slot).map_err(|_| TokenError::InvalidInput(format!("bad slot {slot:02x}")))
+fn slot_id(slot: RetiredSlot) -> Result<SlotId, TokenError> {
+    SlotId::try_from(slot.get()).map_err(|_| TokenError::NotRetiredSlot(slot.get()))
 }
 
 fn piv_pin(p: PinPolicy) -> yubikey::PinPolicy {
@@ -1120,7 +1162,7 @@ impl KeyStore for YubiKeyStore {
         let mut keys: Vec<KeyInfo> = self
             .audit()?
             .into_iter()
-            .filter_map(|(_, _, state)| state.ok())
+            .filter_map(|a| a.state.ok())
             .filter(|k| user_id.is_none_or(|u| k.user_id == u))
             .collect();
         keys.sort_by(|a, b| {
@@ -1160,11 +1202,11 @@ impl KeyStore for YubiKeyStore {
         let touch = self.announce_touch(key, slot);
         let mut card = self.card();
         self.reverify(&mut card, key)?;
-        let mut result = card.raw.sign_ed25519(slot, message);
+        let mut result = card.raw.sign_ed25519(slot.get(), message);
         if let Some(reset) = result.as_ref().err().and_then(ApduError::lost_state) {
             // Another program got between: once more, with the card set up again.
             self.recover(&mut card, reset)?;
-            result = card.raw.sign_ed25519(slot, message);
+            result = card.raw.sign_ed25519(slot.get(), message);
         }
         let sig = result.map_err(|e| self.card_refused("signing", slot, e))?;
         drop(card);
@@ -1172,23 +1214,22 @@ impl KeyStore for YubiKeyStore {
             self.touched(slot);
         }
         // A signature that does not verify is never handed on (it would be published).
-        let vk = ed25519_dalek::VerifyingKey::from_bytes(&key.public_key).map_err(|_| {
-            TokenError::BadTokenData {
-                token: self.summary.to_string(),
-                what: "an invalid Ed25519 public key".into(),
-            }
-        })?;
-        vk.verify_strict(message, &ed25519_dalek::Signature::from_bytes(&sig))
-            .map_err(|_| TokenError::BadTokenData {
+        if !key.ed25519()?.verify(message, &sig) {
+            return Err(TokenError::BadTokenData {
                 token: self.summary.to_string(),
                 what: format!(
                     "slot {slot:02x} returned a signature that does not verify with its public key"
                 ),
-            })?;
+            });
+        }
         Ok(sig)
     }
 
-    fn x25519(&self, key: &KeyInfo, peer_public: &[u8; 32]) -> Result<SharedSecret, TokenError> {
+    fn x25519(
+        &self,
+        key: &KeyInfo,
+        peer_public: &Curve25519PublicKey,
+    ) -> Result<SharedSecret, TokenError> {
         let slot = self.slot_for(key, KeyAlgorithm::X25519)?;
         self.ensure_pin(&mut self.card())?;
         let touch = self.announce_touch(key, slot);
@@ -1197,7 +1238,12 @@ impl KeyStore for YubiKeyStore {
         let id = slot_id(slot)?;
         let agree = |card: &mut Card| {
             unpanicked("GENERAL AUTHENTICATE", || {
-                piv::decrypt_data(&mut card.yk, peer_public, AlgorithmId::X25519, id)
+                piv::decrypt_data(
+                    &mut card.yk,
+                    peer_public.as_bytes(),
+                    AlgorithmId::X25519,
+                    id,
+                )
             })
         };
         let mut result = agree(&mut card)?;
@@ -1235,7 +1281,7 @@ impl KeyStore for YubiKeyStore {
     }
 
     fn delete(&self, key: &KeyInfo) -> Result<(), TokenError> {
-        let KeyLocator::Piv { slot } = key.locator else {
+        let KeyBackend::Piv { slot, .. } = key.backend else {
             return Err(TokenError::OtherToken {
                 role: key.role,
                 user_id: key.user_id.clone(),
@@ -1244,27 +1290,30 @@ impl KeyStore for YubiKeyStore {
         };
         let mut card = self.card();
         let mut map = SlotMap::load(&self.slot_map, self.serial)?;
-        if map.slots.get(&slot).map(|e| e.public_key) != Some(key.public_key) {
-            return Err(TokenError::InvalidInput(format!(
-                "slot {slot:02x} of {} is not mapped to that key",
-                self.summary
-            )));
+        let public = *key.public_key.as_bytes();
+        if map.slots.get(&slot).map(|e| e.public_key) != Some(public) {
+            return Err(TokenError::SlotNotMapped {
+                token: self.summary.to_string(),
+                slot,
+            });
         }
         match self.slot_contents(&mut card, slot)? {
             // Already gone: only the map entry is left to remove.
             None => {}
-            Some(c) if c.public == Some(key.public_key) => {
+            Some(c) if c.public == Some(public) => {
                 self.ensure_pin(&mut card)?;
                 self.authenticate(&mut card)?;
                 card.raw
-                    .delete_key(slot)
+                    .delete_key(slot.get())
                     .map_err(|e| self.card_refused("deleting the key", slot, e))?;
             }
             Some(_) => {
-                return Err(TokenError::InvalidInput(format!(
-                    "slot {slot:02x} of {} now holds another key than the {} key of {}; it was not deleted",
-                    self.summary, key.role, key.user_id
-                )));
+                return Err(TokenError::SlotChanged {
+                    token: self.summary.to_string(),
+                    slot,
+                    role: key.role,
+                    user_id: key.user_id.clone(),
+                });
             }
         }
         map.slots.remove(&slot);

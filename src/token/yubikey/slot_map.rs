@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use crate::token::{KeyRole, TokenError};
+use crate::token::{KeyRole, RetiredSlot, TokenError};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD_NO_PAD;
 
@@ -60,7 +60,7 @@ struct FileFormat {
 /// The slot map of one YubiKey.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlotMap {
-    pub slots: BTreeMap<u8, Entry>,
+    pub slots: BTreeMap<RetiredSlot, Entry>,
 }
 
 /// The default place of the map for the YubiKey with `serial`.
@@ -71,11 +71,9 @@ pub fn default_path(serial: u32) -> PathBuf {
 impl SlotMap {
     /// Reads the map; a missing file is an empty map.
     pub fn load(path: &Path, serial: u32) -> Result<SlotMap, TokenError> {
-        let bad = |reason: String| {
-            TokenError::InvalidInput(format!(
-                "the YubiKey slot map {} is damaged: {reason}",
-                path.display()
-            ))
+        let bad = |reason: String| TokenError::SlotMap {
+            path: path.to_path_buf(),
+            reason: format!("damaged: {reason}"),
         };
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
@@ -94,10 +92,9 @@ impl SlotMap {
         }
         let mut slots = BTreeMap::new();
         for (slot, e) in file.slots {
-            let slot = u8::from_str_radix(&slot, 16)
-                .ok()
-                .filter(|s| super::is_retired_slot(*s))
-                .ok_or_else(|| bad(format!("{slot:?} is not a retired PIV slot")))?;
+            let slot = slot
+                .parse::<RetiredSlot>()
+                .map_err(|_| bad(format!("{slot:?} is not a retired PIV slot")))?;
             let public_key = B64
                 .decode(&e.public_key)
                 .ok()
@@ -149,11 +146,9 @@ impl SlotMap {
             }
             crate::files::write_private(path, text.as_bytes())
         };
-        write().map_err(|e| {
-            TokenError::InvalidInput(format!(
-                "cannot write the YubiKey slot map {}: {e}",
-                path.display()
-            ))
+        write().map_err(|e| TokenError::SlotMap {
+            path: path.to_path_buf(),
+            reason: format!("cannot write it: {e}"),
         })
     }
 }
@@ -169,7 +164,7 @@ mod tests {
         assert_eq!(SlotMap::load(&path, 7).unwrap(), SlotMap::default());
         let mut map = SlotMap::default();
         map.slots.insert(
-            0x82,
+            RetiredSlot::new(0x82).unwrap(),
             Entry {
                 user_id: "@a:b".into(),
                 role: KeyRole::Master,
