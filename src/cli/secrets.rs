@@ -46,7 +46,7 @@ pub fn pins(pin_file: Option<PathBuf>) -> Arc<dyn PinProvider> {
 }
 
 /// A secret from a file (its first line).
-pub fn from_file(path: &Path, what: &str) -> Result<SecretString> {
+pub fn from_file(path: &Path, what: &'static str) -> Result<SecretString> {
     mxhsm::token::pin::read_secret_line(path, what).map_err(|reason| {
         anyhow::anyhow!("cannot read the {what} from {}: {reason}", path.display())
     })

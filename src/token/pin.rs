@@ -126,20 +126,31 @@ impl PinProvider for NoPins {
 
 /// Reads a PIN from a file: its first line, without the line ending.
 pub fn read_pin_file(path: &Path) -> Result<SecretString, TokenError> {
-    read_secret_line(path, "PIN").map_err(|reason| TokenError::PinSource {
+    read_secret_line(path, "PIN").map_err(|e| TokenError::PinSource {
         path: path.display().to_string(),
-        reason,
+        reason: e.to_string(),
     })
+}
+
+/// Why a file holding a secret cannot be used. It never holds any of the file's bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretFileError {
+    #[error("{0}")]
+    Read(std::io::Error),
+    #[error("the {0} is not UTF-8")]
+    NotUtf8(&'static str),
+    #[error("the file is empty")]
+    Empty,
 }
 
 /// The first line of a file holding a secret (`what`: "PIN", "password", …), without its
 /// line ending; the error is the reason it cannot be used.
-pub fn read_secret_line(path: &Path, what: &str) -> Result<SecretString, String> {
-    let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| e.to_string())?);
-    let text = std::str::from_utf8(&bytes).map_err(|_| format!("the {what} is not UTF-8"))?;
+pub fn read_secret_line(path: &Path, what: &'static str) -> Result<SecretString, SecretFileError> {
+    let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(SecretFileError::Read)?);
+    let text = std::str::from_utf8(&bytes).map_err(|_| SecretFileError::NotUtf8(what))?;
     let line = text.lines().next().unwrap_or("");
     if line.is_empty() {
-        return Err("the file is empty".into());
+        return Err(SecretFileError::Empty);
     }
     Ok(SecretString::from(line.to_string()))
 }

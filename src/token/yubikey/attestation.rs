@@ -60,6 +60,31 @@ pub struct Attestation {
     pub policy: Option<[u8; 2]>,
 }
 
+/// Why an attestation (or a root given for it) is not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttestationError {
+    #[error("{what} is not an X.509 certificate: {reason}")]
+    NotACertificate { what: String, reason: String },
+    #[error("the attestation certifies a different public key than the slot's")]
+    OtherKey,
+    #[error("the slot certificate was not issued by the card's attestation certificate \"{0}\"")]
+    NotIssuedByCard(String),
+    /// A certificate of the chain is out of its validity period or badly signed.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the chain does not reach a trusted root: {0}")]
+    NoTrustedRoot(String),
+    #[error("the attestation chain is too long")]
+    ChainTooLong,
+}
+
+fn not_a_certificate(what: &str, e: impl std::fmt::Display) -> AttestationError {
+    AttestationError::NotACertificate {
+        what: what.to_string(),
+        reason: e.to_string(),
+    }
+}
+
 /// A trust anchor: a root certificate.
 pub struct Root {
     pub name: String,
@@ -68,14 +93,14 @@ pub struct Root {
 
 impl Root {
     /// Parses a PEM or DER certificate.
-    pub fn parse(name: &str, bytes: &[u8]) -> Result<Root, String> {
+    pub fn parse(name: &str, bytes: &[u8]) -> Result<Root, AttestationError> {
         let cert = if bytes.starts_with(b"-----") {
             use der::DecodePem;
             Certificate::from_pem(bytes)
         } else {
             Certificate::from_der(bytes)
         }
-        .map_err(|e| format!("{name}: not an X.509 certificate: {e}"))?;
+        .map_err(|e| not_a_certificate(name, e))?;
         Ok(Root {
             name: name.to_string(),
             cert,
@@ -114,39 +139,37 @@ pub fn verify(
     intermediates: &[Vec<u8>],
     roots: &[Root],
     public_key: &[u8; 32],
-) -> Result<Attestation, String> {
-    let leaf_cert = Certificate::from_der(leaf)
-        .map_err(|e| format!("the slot certificate does not parse: {e}"))?;
+) -> Result<Attestation, AttestationError> {
+    let leaf_cert =
+        Certificate::from_der(leaf).map_err(|e| not_a_certificate("the slot certificate", e))?;
     let certified = leaf_cert
         .tbs_certificate()
         .subject_public_key_info()
         .subject_public_key
         .raw_bytes();
     if certified != public_key {
-        return Err("the attestation certifies a different public key than the slot's".into());
+        return Err(AttestationError::OtherKey);
     }
     let device_cert = Certificate::from_der(device)
-        .map_err(|e| format!("the card's attestation certificate does not parse: {e}"))?;
+        .map_err(|e| not_a_certificate("the card's attestation certificate", e))?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     let name = |c: &Certificate| c.tbs_certificate().subject().to_string();
     if leaf_cert.tbs_certificate().issuer() != device_cert.tbs_certificate().subject() {
-        return Err(format!(
-            "the slot certificate was not issued by the card's attestation certificate \"{}\"",
-            name(&device_cert)
-        ));
+        return Err(AttestationError::NotIssuedByCard(name(&device_cert)));
     }
     check_validity(&leaf_cert, now)?;
-    check_signature(leaf, &device_cert)
-        .map_err(|e| format!("{}: signature by the card: {e}", name(&leaf_cert)))?;
+    check_signature(leaf, &device_cert).map_err(|e| {
+        AttestationError::Invalid(format!("{}: signature by the card: {e}", name(&leaf_cert)))
+    })?;
 
     let pool: Vec<(Certificate, &[u8])> = intermediates
         .iter()
         .map(|d| {
             Certificate::from_der(d)
                 .map(|c| (c, d.as_slice()))
-                .map_err(|e| format!("an attestation intermediate does not parse: {e}"))
+                .map_err(|e| not_a_certificate("an attestation intermediate", e))
         })
         .collect::<Result<_, _>>()?;
     let mut chain = vec![name(&leaf_cert), name(&device_cert)];
@@ -193,34 +216,31 @@ pub fn verify(
                 }
             });
         let Some(next) = next else {
-            return Err(if failures.is_empty() {
-                format!(
-                    "the chain does not reach a trusted root: nothing known issued \"{}\" (issuer \"{issuer}\")",
-                    chain.last().unwrap()
-                )
+            let last = chain.last().map(String::as_str).unwrap_or("");
+            return Err(AttestationError::NoTrustedRoot(if failures.is_empty() {
+                format!("nothing known issued \"{last}\" (issuer \"{issuer}\")")
             } else {
                 format!(
-                    "the chain does not reach a trusted root: \"{}\" is signed by none of the certificates named \"{issuer}\" ({})",
-                    chain.last().unwrap(),
+                    "\"{last}\" is signed by none of the certificates named \"{issuer}\" ({})",
                     failures.join("; ")
                 )
-            });
+            }));
         };
         chain.push(name(&next.0));
         current = (next.0.clone(), next.1);
     }
-    Err("the attestation chain is too long".into())
+    Err(AttestationError::ChainTooLong)
 }
 
-fn check_validity(cert: &Certificate, now: std::time::Duration) -> Result<(), String> {
+fn check_validity(cert: &Certificate, now: std::time::Duration) -> Result<(), AttestationError> {
     let v = cert.tbs_certificate().validity();
     if now < v.not_before.to_unix_duration() || now > v.not_after.to_unix_duration() {
-        return Err(format!(
+        return Err(AttestationError::Invalid(format!(
             "\"{}\" is not valid now (valid {} to {})",
             cert.tbs_certificate().subject(),
             v.not_before,
             v.not_after
-        ));
+        )));
     }
     Ok(())
 }
@@ -372,6 +392,6 @@ mod tests {
         let pool = yubico_intermediates();
         let key: [u8; 32] = [0; 32];
         let err = verify(&pool[0], &pool[1], &pool, &[], &key).unwrap_err();
-        assert!(err.contains("different public key"), "{err}");
+        assert_eq!(err, AttestationError::OtherKey);
     }
 }
