@@ -1,0 +1,201 @@
+//! Loading a PKCS#11 module once per process, finding it on the usual paths, listing its
+//! tokens, and probing what a token can do from its mechanism list.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::MechanismType;
+use cryptoki::slot::{Slot, TokenInfo};
+
+use super::uri::Pkcs11Uri;
+use crate::token::pin::PinStatus;
+use crate::token::{Capabilities, TokenError, TokenSummary, X25519Mechanism};
+
+/// Environment variable naming the default PKCS#11 module when a URI has none.
+pub const MODULE_ENV: &str = "MXHSM_PKCS11_MODULE";
+
+/// Directories searched for `module-name=` (RFC 7512 leaves the search to the consumer).
+pub(super) const MODULE_DIRS: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/pkcs11",
+    "/usr/lib/aarch64-linux-gnu/pkcs11",
+    "/usr/lib/pkcs11",
+    "/usr/lib/softhsm",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib64/pkcs11",
+    "/usr/local/lib",
+];
+
+/// Every loaded module, initialised once and kept for the life of the process:
+/// `C_Initialize` may be called only once per module, and unloading SoftHSM without
+/// `C_Finalize` is not safe.
+pub(super) fn modules() -> &'static Mutex<HashMap<PathBuf, Pkcs11>> {
+    pub(super) static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+    MODULES.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Loads and initialises the PKCS#11 module at `path` (once per process).
+pub fn load_module(path: &Path) -> Result<Pkcs11, TokenError> {
+    let shown = path.display().to_string();
+    let canonical = path
+        .canonicalize()
+        .map_err(|_| TokenError::ModuleNotFound {
+            path: shown.clone(),
+        })?;
+    let mut map = modules().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(ctx) = map.get(&canonical) {
+        return Ok(ctx.clone());
+    }
+    let ctx = Pkcs11::new(&canonical).map_err(|e| TokenError::ModuleLoad {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => {
+            return Err(TokenError::ModuleLoad {
+                path: shown,
+                reason: format!("C_Initialize: {e}"),
+            });
+        }
+    }
+    map.insert(canonical, ctx.clone());
+    Ok(ctx)
+}
+
+/// The module a URI names: `module-path`, `module-name` (searched in the usual
+/// directories), or the `MXHSM_PKCS11_MODULE` environment variable.
+pub fn resolve_module_path(uri: &Pkcs11Uri) -> Result<PathBuf, TokenError> {
+    if let Some(p) = &uri.module_path {
+        return Ok(p.clone());
+    }
+    if let Some(name) = &uri.module_name {
+        let file = if name.ends_with(".so") {
+            name.clone()
+        } else {
+            format!("{name}.so")
+        };
+        return MODULE_DIRS
+            .iter()
+            .map(|d| Path::new(d).join(&file))
+            .find(|p| p.exists())
+            .ok_or_else(|| TokenError::ModuleNotFound {
+                path: format!("{file} (module-name, searched {})", MODULE_DIRS.join(", ")),
+            });
+    }
+    if let Some(p) = std::env::var_os(MODULE_ENV) {
+        return Ok(PathBuf::from(p));
+    }
+    Err(TokenError::InvalidUri {
+        uri: uri.original.clone(),
+        reason: format!("no module: add ?module-path=/path/to/module.so or set {MODULE_ENV}"),
+    })
+}
+
+/// The process lock for `module`, if it is a file-backed software token (see
+/// `process_lock`).
+pub(super) fn soft_token_lock(module: &Path) -> Result<Option<std::fs::File>, TokenError> {
+    match crate::token::process_lock::soft_token_config_var(module) {
+        Some(var) if module.exists() => {
+            crate::token::process_lock::lock_soft_token(module, var).map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
+pub(super) fn is_softhsm(manufacturer: &str) -> bool {
+    manufacturer.trim().starts_with("SoftHSM")
+}
+
+pub(super) fn pin_status(info: &TokenInfo) -> PinStatus {
+    PinStatus {
+        count_low: info.user_pin_count_low(),
+        final_try: info.user_pin_final_try(),
+        locked: info.user_pin_locked(),
+        retries: None,
+    }
+}
+
+pub(super) fn summary_of(info: &TokenInfo, module: &Path) -> TokenSummary {
+    TokenSummary {
+        manufacturer: info.manufacturer_id().trim().to_string(),
+        model: info.model().trim().to_string(),
+        label: info.label().trim().to_string(),
+        serial: info.serial_number().trim().to_string(),
+        source: module.display().to_string(),
+    }
+}
+
+/// Probes what a token can do from its mechanism list.
+pub(super) fn probe(ctx: &Pkcs11, slot: Slot, info: &TokenInfo) -> Result<Capabilities, CkError> {
+    let mechs = ctx.get_mechanism_list(slot)?;
+    let has = |m: MechanismType| mechs.contains(&m);
+    let edwards_gen = has(MechanismType::ECC_EDWARDS_KEY_PAIR_GEN);
+    let derive = has(MechanismType::ECDH1_DERIVE);
+    let x25519 = if has(MechanismType::ECC_MONTGOMERY_KEY_PAIR_GEN) && derive {
+        Some(X25519Mechanism::Montgomery)
+    } else if is_softhsm(info.manufacturer_id()) && edwards_gen && derive {
+        Some(X25519Mechanism::SoftHsmEdwards)
+    } else {
+        None
+    };
+    Ok(Capabilities {
+        ed25519: edwards_gen && has(MechanismType::EDDSA),
+        x25519,
+        import: !info.write_protected(),
+    })
+}
+
+/// Turns a cryptoki error of `operation` on the module at `module` into a [`TokenError`].
+pub(super) fn module_error(
+    module: &Path,
+    operation: &'static str,
+) -> impl Fn(CkError) -> TokenError {
+    let module = module.display().to_string();
+    move |e| TokenError::Device {
+        token: module.clone(),
+        operation: operation.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// One token as `mxhsm token list` shows it.
+#[derive(Debug, Clone)]
+pub struct TokenEntry {
+    pub slot_id: u64,
+    pub slot_description: String,
+    pub summary: TokenSummary,
+    /// `None` for a slot whose token is not initialised (e.g. SoftHSM's spare slot).
+    pub capabilities: Option<Capabilities>,
+    pub pin_status: PinStatus,
+    pub uri: String,
+}
+
+/// Every slot with a token in the module at `path`.
+pub fn list_tokens(path: &Path) -> Result<Vec<TokenEntry>, TokenError> {
+    let _lock = soft_token_lock(path)?;
+    let ctx = load_module(path)?;
+    let dev = |op| module_error(path, op);
+    let mut out = Vec::new();
+    for slot in ctx.get_slots_with_token().map_err(dev("C_GetSlotList"))? {
+        let sinfo = ctx.get_slot_info(slot).map_err(dev("C_GetSlotInfo"))?;
+        let tinfo = ctx.get_token_info(slot).map_err(dev("C_GetTokenInfo"))?;
+        let summary = summary_of(&tinfo, path);
+        let capabilities = if tinfo.token_initialized() {
+            Some(probe(&ctx, slot, &tinfo).map_err(dev("C_GetMechanismList"))?)
+        } else {
+            None
+        };
+        out.push(TokenEntry {
+            slot_id: slot.id(),
+            slot_description: sinfo.slot_description().trim().to_string(),
+            uri: Pkcs11Uri::for_token(&summary.label, &summary.serial, &path.display().to_string()),
+            summary,
+            capabilities,
+            pin_status: pin_status(&tinfo),
+        });
+    }
+    Ok(out)
+}
