@@ -186,37 +186,46 @@ fn set_once<T>(slot: &mut Option<T>, value: T, name: &str) -> Result<(), String>
     Ok(())
 }
 
+/// RFC 7512 percent-decoding, refusing a `%` that is not followed by two hex digits (the
+/// crate would pass it through as is).
 fn percent_decode(s: &str) -> Result<String, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
+    let b = s.as_bytes();
+    let malformed = b.iter().enumerate().any(|(i, &c)| {
+        c == b'%'
+            && !b
                 .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("bad percent-encoding in {s:?}"))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if malformed {
+        return Err(format!("bad percent-encoding in {s:?}"));
     }
-    String::from_utf8(out).map_err(|_| format!("{s:?} does not decode to UTF-8"))
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(|c| c.into_owned())
+        .map_err(|_| format!("{s:?} does not decode to UTF-8"))
 }
 
+/// What a URI value may hold unencoded: RFC 3986's unreserved characters and the ones RFC
+/// 7512 allows in a path attribute value (`/:@!$'()*+,`).
+const VALUE_SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/')
+    .remove(b':')
+    .remove(b'@')
+    .remove(b'!')
+    .remove(b'$')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')')
+    .remove(b'*')
+    .remove(b'+')
+    .remove(b',');
+
 fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/:@!$'()*+,".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, VALUE_SET).to_string()
 }
 
 #[cfg(test)]
@@ -279,9 +288,13 @@ mod tests {
 
     #[test]
     fn for_token_round_trips() {
-        let s = Pkcs11Uri::for_token("a b;c", "12", "/usr/lib/softhsm/libsofthsm2.so");
+        let s = Pkcs11Uri::for_token("a b;cé%", "12", "/usr/lib/softhsm/libsofthsm2.so");
+        assert_eq!(
+            s,
+            "pkcs11:token=a%20b%3Bc%C3%A9%25;serial=12?module-path=/usr/lib/softhsm/libsofthsm2.so"
+        );
         let u = Pkcs11Uri::parse(&s).unwrap();
-        assert_eq!(u.token.as_deref(), Some("a b;c"));
+        assert_eq!(u.token.as_deref(), Some("a b;cé%"));
         assert_eq!(u.serial.as_deref(), Some("12"));
         assert_eq!(
             u.module_path,
