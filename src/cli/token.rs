@@ -1,6 +1,6 @@
 //! `mxhsm token list | doctor | bench`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
@@ -11,13 +11,6 @@ use serde_json::json;
 
 use super::output::{self, note, say};
 use super::{GlobalArgs, open_store};
-
-/// Modules `token list` looks for when none is named.
-const WELL_KNOWN_MODULES: &[&str] = &[
-    "/usr/lib/softhsm/libsofthsm2.so",
-    "/usr/lib/x86_64-linux-gnu/libykcs11.so",
-    "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so",
-];
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
@@ -207,28 +200,13 @@ fn list_yubikeys() -> Result<Vec<YubiKeyEntry>, mxhsm::token::TokenError> {
     Ok(Vec::new())
 }
 
+/// The module of --token/$MXHSM_TOKEN, $MXHSM_PKCS11_MODULE and the usual install paths.
 fn default_modules(global: &GlobalArgs) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = Vec::new();
-    let mut add = |p: PathBuf| {
-        if !out.contains(&p) {
-            out.push(p);
-        }
+    let uri = match config::token_choice(global.token.as_deref(), global.yubikey.as_deref()) {
+        Ok(config::TokenChoice::Pkcs11(uri)) => Some(uri),
+        _ => None,
     };
-    if let Ok(config::TokenChoice::Pkcs11(uri)) =
-        config::token_choice(global.token.as_deref(), global.yubikey.as_deref())
-        && let Ok(p) = pkcs11::resolve_module_path(&uri)
-    {
-        add(p);
-    }
-    if let Some(p) = std::env::var_os(pkcs11::MODULE_ENV) {
-        add(PathBuf::from(p));
-    }
-    for p in WELL_KNOWN_MODULES {
-        if Path::new(p).exists() {
-            add(PathBuf::from(p));
-        }
-    }
-    out
+    pkcs11::default_modules(uri.as_deref())
 }
 
 fn token_json(t: &TokenEntry) -> serde_json::Value {

@@ -23,7 +23,9 @@ mod objects;
 mod session;
 pub mod uri;
 
-pub use module::{MODULE_ENV, TokenEntry, list_tokens, load_module, resolve_module_path};
+pub use module::{
+    MODULE_ENV, TokenEntry, default_modules, list_tokens, load_module, resolve_module_path,
+};
 pub use objects::key_label;
 
 use std::collections::HashMap;

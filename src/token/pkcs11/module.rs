@@ -17,16 +17,52 @@ use crate::token::{Capabilities, TokenError, TokenSummary, X25519Mechanism};
 /// Environment variable naming the default PKCS#11 module when a URI has none.
 pub const MODULE_ENV: &str = "MXHSM_PKCS11_MODULE";
 
-/// Directories searched for `module-name=` (RFC 7512 leaves the search to the consumer).
+/// Directories searched for `module-name=` (RFC 7512 leaves the search to the consumer) and
+/// for the well-known modules.
 pub(super) const MODULE_DIRS: &[&str] = &[
     "/usr/lib/x86_64-linux-gnu/pkcs11",
     "/usr/lib/aarch64-linux-gnu/pkcs11",
     "/usr/lib/pkcs11",
     "/usr/lib/softhsm",
+    "/usr/lib/x86_64-linux-gnu/softhsm",
     "/usr/lib/x86_64-linux-gnu",
     "/usr/lib64/pkcs11",
     "/usr/local/lib",
 ];
+
+/// Modules known to hold tokens, by file name: what `token list` looks for in
+/// [`MODULE_DIRS`] when no module is named.
+const WELL_KNOWN_MODULES: &[&str] = &["libsofthsm2.so", "libykcs11.so", "opensc-pkcs11.so"];
+
+/// The modules to look in when none is named: the module `uri` names, then
+/// `$MXHSM_PKCS11_MODULE`, then the well-known modules found in the search directories.
+/// Each file appears once (a module linked into two directories is one module).
+pub fn default_modules(uri: Option<&Pkcs11Uri>) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    let mut seen = Vec::new();
+    let mut add = |p: PathBuf| {
+        let real = std::fs::canonicalize(&p).unwrap_or_else(|_| p.clone());
+        if !seen.contains(&real) {
+            seen.push(real);
+            out.push(p);
+        }
+    };
+    if let Some(p) = uri.and_then(|u| resolve_module_path(u).ok()) {
+        add(p);
+    }
+    if let Some(p) = std::env::var_os(MODULE_ENV) {
+        add(PathBuf::from(p));
+    }
+    for name in WELL_KNOWN_MODULES {
+        for dir in MODULE_DIRS {
+            let p = Path::new(dir).join(name);
+            if p.exists() {
+                add(p);
+            }
+        }
+    }
+    out
+}
 
 /// Every loaded module, initialised once and kept for the life of the process:
 /// `C_Initialize` may be called only once per module, and unloading SoftHSM without
