@@ -14,8 +14,8 @@ use zeroize::Zeroizing;
 
 use super::sign::{anchors, take_key};
 use super::{Account, AccountError, PublishedIdentity};
-use crate::homeserver::HomeserverError;
-use crate::matrix::backup;
+
+use crate::matrix::backup::{self, BackupVersion};
 use crate::matrix::device::DeviceSigner;
 use crate::matrix::key_export;
 use crate::matrix::keys::{Curve25519PublicKey, Ed25519PublicKey};
@@ -51,47 +51,24 @@ impl BackupStatus {
     }
 }
 
-/// The version string and the whole description of the current backup.
-pub(crate) fn current_version(account: &Account) -> Result<Option<(String, Value)>, AccountError> {
-    let Some(v) = account.client().backup_version(None)? else {
-        return Ok(None);
-    };
-    let version = v
-        .get("version")
-        .and_then(Value::as_str)
-        .ok_or_else(|| {
-            AccountError::Homeserver(HomeserverError::BadResponse {
-                endpoint: "GET /room_keys/version".into(),
-                reason: "no version".into(),
-            })
-        })?
-        .to_string();
-    Ok(Some((version, v)))
+/// The current backup version, if there is one.
+pub(crate) fn current_version(account: &Account) -> Result<Option<BackupVersion>, AccountError> {
+    Ok(account.client().backup_version(None)?)
 }
 
 /// The backup version `v` judged against the token's master key and backup key.
 fn describe(
     me: &str,
-    version: String,
-    v: &Value,
+    v: &BackupVersion,
     master: &Ed25519PublicKey,
     token_key: Option<Curve25519PublicKey>,
 ) -> BackupStatus {
-    let auth = v.get("auth_data").cloned().unwrap_or(Value::Null);
     BackupStatus {
-        version,
-        algorithm: v
-            .get("algorithm")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string(),
-        count: v.get("count").and_then(Value::as_u64).unwrap_or(0),
-        public_key: auth
-            .get("public_key")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string(),
-        signed_by_master: backup::verify_auth_data(me, &auth, master).map(|_| ()),
+        version: v.version.clone(),
+        algorithm: v.algorithm.clone(),
+        count: v.count,
+        public_key: v.claimed_public_key().to_string(),
+        signed_by_master: v.verified_key(me, master).map(|_| ()),
         token_key,
     }
 }
@@ -105,13 +82,12 @@ fn token_keys(account: &Account) -> Result<(KeyInfo, Option<KeyInfo>), AccountEr
 
 /// The current backup, judged against the token; `None` when the server has none.
 pub fn status(account: &Account) -> Result<Option<BackupStatus>, AccountError> {
-    let Some((version, v)) = current_version(account)? else {
+    let Some(v) = current_version(account)? else {
         return Ok(None);
     };
     let (master, backup_key) = token_keys(account)?;
     Ok(Some(describe(
         account.user_id(),
-        version,
         &v,
         &master.ed25519()?,
         backup_key.map(|k| k.curve25519()).transpose()?,
@@ -174,10 +150,10 @@ pub fn create(
     }
     let current = current_version(account)?;
     let mut replaced = None;
-    if let Some((version, v)) = &current {
+    if let Some(v) = &current {
+        let version = &v.version;
         let status = describe(
             &me,
-            version.clone(),
             v,
             &own.master,
             token_key.as_ref().map(|k| k.curve25519()).transpose()?,
@@ -273,10 +249,9 @@ fn read_back(
 ) -> Result<(), AccountError> {
     let served = account.client().backup_version(Some(version))?;
     let ok = served.as_ref().is_some_and(|v| {
-        v.get("algorithm").and_then(Value::as_str) == Some(backup::ALGORITHM)
-            && v.get("auth_data").is_some_and(|a| {
-                backup::verify_auth_data(account.user_id(), a, master).ok() == Some(*public_key)
-            })
+        v.version == version
+            && v.algorithm == backup::ALGORITHM
+            && v.verified_key(account.user_id(), master).ok() == Some(*public_key)
     });
     if ok {
         Ok(())
@@ -314,11 +289,11 @@ pub fn upload(
     progress: &dyn Fn(usize, usize),
 ) -> Result<Uploaded, AccountError> {
     let me = account.user_id();
-    let (version, v) = current_version(account)?.ok_or(AccountError::NoBackup)?;
+    let v = current_version(account)?.ok_or(AccountError::NoBackup)?;
+    let version = v.version.clone();
     let (master, backup_key) = token_keys(account)?;
     let master = master.ed25519()?;
-    let auth = v.get("auth_data").cloned().unwrap_or(Value::Null);
-    let public = backup::verify_auth_data(me, &auth, &master).map_err(|e| {
+    let public = v.verified_key(me, &master).map_err(|e| {
         AccountError::Refused(format!(
             "refusing to upload: the auth_data of backup version {} is not signed by your master key {master} ({}); the server may have swapped in another backup key",
             crate::text::escape(&version),

@@ -91,14 +91,11 @@ fn replacement(
         .self_signing
         .map(|ssk| devices_signed_by(answer, me, &ssk))
         .unwrap_or_default();
-    let trusted_backup = account.client().backup_version(None)?.and_then(|v| {
-        let auth = v.get("auth_data")?;
-        crate::matrix::backup::verify_auth_data(me, auth, &master).ok()?;
-        Some((
-            v.get("version")?.as_str()?.to_string(),
-            v.get("count").and_then(Value::as_u64).unwrap_or(0),
-        ))
-    });
+    let trusted_backup = account
+        .client()
+        .backup_version(None)?
+        .filter(|v| v.verified_key(me, &master).is_ok())
+        .map(|v| (v.version, v.count));
     Ok(Replacement {
         user_id: me.to_string(),
         published_master: master,

@@ -381,12 +381,9 @@ impl Progress {
 
 /// The current backup version, which must be encrypted to `key` (the token's backup key).
 fn ours_current_version(account: &Account, key: &KeyInfo) -> Result<String, AccountError> {
-    let (version, v) = super::backup::current_version(account)?.ok_or(AccountError::NoBackup)?;
-    let public = v
-        .pointer("/auth_data/public_key")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .trim_end_matches('=');
+    let v = super::backup::current_version(account)?.ok_or(AccountError::NoBackup)?;
+    let version = v.version.clone();
+    let public = v.claimed_public_key().trim_end_matches('=');
     if public != key.public_key_base64() {
         return Err(AccountError::Refused(format!(
             "backup version {} is encrypted to {}, not to the token's backup key {}",

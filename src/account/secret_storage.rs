@@ -31,12 +31,7 @@ fn published(account: &Account) -> Result<[Option<PublicKey>; 4], AccountError> 
     let backup = account
         .client()
         .backup_version(None)?
-        .and_then(|v| {
-            v.pointer("/auth_data/public_key")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
-        .and_then(|s| Curve25519PublicKey::from_base64(&s).ok());
+        .and_then(|v| Curve25519PublicKey::from_base64(v.claimed_public_key()).ok());
     Ok([
         p.master.map(PublicKey::Ed25519),
         p.self_signing.map(PublicKey::Ed25519),

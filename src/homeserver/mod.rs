@@ -34,6 +34,7 @@ use serde_json::{Value, json};
 pub use session::Session;
 pub use url::HomeserverUrl;
 
+use crate::matrix::backup::BackupVersion;
 use crate::text::escape;
 
 /// Attempts per request (first try + retries).
@@ -829,18 +830,27 @@ impl Client {
 
     /// `GET /room_keys/version[/{version}]`: the current backup version (or the one
     /// named), or `None` if there is none.
-    pub fn backup_version(&self, version: Option<&str>) -> Result<Option<Value>, HomeserverError> {
+    pub fn backup_version(
+        &self,
+        version: Option<&str>,
+    ) -> Result<Option<BackupVersion>, HomeserverError> {
         let path = match version {
             None => "/room_keys/version".to_string(),
             Some(v) => format!("/room_keys/version/{}", path_segment(v)),
         };
-        match self.json_or_status(Method::Get, &path, None, Repeat::Safe, Limit::Small)? {
-            Ok(v) => check(Method::Get, &path, 200, v).map(Some),
+        let v = match self.json_or_status(Method::Get, &path, None, Repeat::Safe, Limit::Small)? {
+            Ok(v) => check(Method::Get, &path, 200, v)?,
             Err((404, v)) if v.get("errcode").and_then(Value::as_str) == Some("M_NOT_FOUND") => {
-                Ok(None)
+                return Ok(None);
             }
-            Err((status, v)) => check(Method::Get, &path, status, v).map(Some),
-        }
+            Err((status, v)) => check(Method::Get, &path, status, v)?,
+        };
+        BackupVersion::from_json(&v)
+            .map(Some)
+            .ok_or_else(|| HomeserverError::BadResponse {
+                endpoint: format!("GET {path}"),
+                reason: "no version or algorithm".into(),
+            })
     }
 
     /// `GET /room_keys/keys?version=V`: every backed-up session, streamed into `sink`

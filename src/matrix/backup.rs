@@ -429,6 +429,52 @@ pub fn auth_data(
     Ok(auth)
 }
 
+/// A backup version as the server describes it (`GET /room_keys/version`): untrusted.
+/// `auth_data` stays JSON, because its signatures are checked over exactly what the server
+/// sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupVersion {
+    pub version: String,
+    pub algorithm: String,
+    /// The number of keys the server says it holds (0 when it does not say).
+    pub count: u64,
+    pub etag: Option<String>,
+    /// `Null` when the server sent none.
+    pub auth_data: Value,
+}
+
+impl BackupVersion {
+    /// The typed view of a server's answer; `None` when `version` or `algorithm` is not a
+    /// string.
+    pub fn from_json(v: &Value) -> Option<BackupVersion> {
+        Some(BackupVersion {
+            version: v.get("version")?.as_str()?.to_string(),
+            algorithm: v.get("algorithm")?.as_str()?.to_string(),
+            count: v.get("count").and_then(Value::as_u64).unwrap_or(0),
+            etag: v.get("etag").and_then(Value::as_str).map(str::to_string),
+            auth_data: v.get("auth_data").cloned().unwrap_or(Value::Null),
+        })
+    }
+
+    /// `auth_data.public_key` as the server wrote it (untrusted text; empty if absent).
+    pub fn claimed_public_key(&self) -> &str {
+        self.auth_data
+            .get("public_key")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    }
+
+    /// The backup key, when `auth_data` carries a valid signature by `master` (else why
+    /// not).
+    pub fn verified_key(
+        &self,
+        user_id: &str,
+        master: &Ed25519PublicKey,
+    ) -> Result<Curve25519PublicKey, AuthDataError> {
+        verify_auth_data(user_id, &self.auth_data, master)
+    }
+}
+
 /// Why a backup's `auth_data` cannot be trusted.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuthDataError {
@@ -633,6 +679,31 @@ mod tests {
                 mac: msg.mac,
             };
             assert_eq!(*decrypt(&secret, &d).unwrap(), plaintext);
+        }
+    }
+
+    #[test]
+    fn backup_version_views_only_what_the_server_typed_right() {
+        let v = BackupVersion::from_json(&json!({
+            "version": "7", "algorithm": ALGORITHM, "count": 3, "etag": "e",
+            "auth_data": {"public_key": "abc"},
+        }))
+        .unwrap();
+        assert_eq!(
+            (v.version.as_str(), v.count, v.etag.as_deref()),
+            ("7", 3, Some("e"))
+        );
+        assert_eq!(v.claimed_public_key(), "abc");
+        let bare = BackupVersion::from_json(&json!({"version": "8", "algorithm": "x"})).unwrap();
+        assert_eq!((bare.count, bare.auth_data.clone()), (0, Value::Null));
+        assert_eq!(bare.claimed_public_key(), "");
+        for bad in [
+            json!({"algorithm": ALGORITHM}),
+            json!({"version": 7, "algorithm": ALGORITHM}),
+            json!({"version": "7"}),
+            json!([]),
+        ] {
+            assert_eq!(BackupVersion::from_json(&bad), None, "{bad}");
         }
     }
 
