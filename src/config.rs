@@ -15,11 +15,10 @@ pub fn parse_yubikey(value: &str) -> Result<Option<u32>, TokenError> {
     if value == "any" {
         return Ok(None);
     }
-    value.parse().map(Some).map_err(|_| {
-        TokenError::TokenChoice(format!(
-            "--yubikey takes a serial number (see `mxhsm token list`) or `any`, not {value:?}"
-        ))
-    })
+    value
+        .parse()
+        .map(Some)
+        .map_err(|_| TokenError::BadYubiKeyChoice(value.to_string()))
 }
 
 /// The device to use: `--token` or `--yubikey` (not both), else `MXHSM_TOKEN` or
@@ -28,22 +27,16 @@ pub fn token_choice(token: Option<&str>, yubikey: Option<&str>) -> Result<TokenC
     let env = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
     let (token, yubikey) = match (token, yubikey) {
         (Some(_), Some(_)) => {
-            return Err(TokenError::TokenChoice(
-                "pass --token or --yubikey, not both".into(),
-            ));
+            return Err(TokenError::TwoTokens { from_env: false });
         }
         (None, None) => (env(TOKEN_ENV), env(YUBIKEY_ENV)),
         (t, y) => (t.map(str::to_string), y.map(str::to_string)),
     };
     match (token, yubikey) {
-        (Some(_), Some(_)) => Err(TokenError::TokenChoice(format!(
-            "both {TOKEN_ENV} and {YUBIKEY_ENV} are set: unset one, or choose with --token or --yubikey"
-        ))),
+        (Some(_), Some(_)) => Err(TokenError::TwoTokens { from_env: true }),
         (Some(uri), None) => Ok(TokenChoice::Pkcs11(Box::new(Pkcs11Uri::parse(&uri)?))),
         (None, Some(serial)) => Ok(TokenChoice::YubiKey(parse_yubikey(&serial)?)),
-        (None, None) => Err(TokenError::TokenChoice(format!(
-            "no token given: pass --token 'pkcs11:token=…?module-path=…' or --yubikey SERIAL, or set {TOKEN_ENV} or {YUBIKEY_ENV} (see `mxhsm token list`)"
-        ))),
+        (None, None) => Err(TokenError::NoTokenChosen),
     }
 }
 

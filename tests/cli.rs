@@ -353,7 +353,10 @@ fn bad_module_and_uri_errors() {
             .env_remove("MXHSM_TOKEN")
             .args(["keys", "list"]),
     );
-    assert!(err.contains("no token given"), "{err}");
+    assert!(
+        err.contains("no token is chosen") && err.contains("pass --token"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -13,6 +13,21 @@ pub struct Check {
     pub name: String,
     pub ok: bool,
     pub detail: String,
+    /// What the user can do about it, when mxhsm knows.
+    pub fix: Option<Fix>,
+}
+
+/// A remedy the caller can offer (the CLI names its command).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fix {
+    /// A key mxhsm does not know is in this slot: adopting it maps it to a user and role.
+    AdoptSlot(crate::token::RetiredSlot),
+    /// The slot map's entry for `slot` contradicts the card: remove it from `map`, or adopt
+    /// what the slot holds.
+    SlotMapEntry {
+        map: std::path::PathBuf,
+        slot: crate::token::RetiredSlot,
+    },
 }
 
 fn check(name: impl Into<String>, r: Result<String, AccountError>) -> Check {
@@ -21,11 +36,13 @@ fn check(name: impl Into<String>, r: Result<String, AccountError>) -> Check {
             name: name.into(),
             ok: true,
             detail,
+            fix: None,
         },
         Err(e) => Check {
             name: name.into(),
             ok: false,
             detail: e.to_string(),
+            fix: None,
         },
     }
 }
@@ -82,6 +99,7 @@ pub fn doctor(store: &Store) -> Result<Vec<Check>, AccountError> {
         name: "capabilities".into(),
         ok: caps.ed25519,
         detail: caps.summary(),
+        fix: None,
     }];
     if caps.ed25519 {
         checks.push(check("ed25519 sign + verify", (|| {
@@ -137,6 +155,7 @@ pub fn doctor(store: &Store) -> Result<Vec<Check>, AccountError> {
             detail:
                 "not supported by this token: keep the backup key elsewhere (cross-signing works)"
                     .into(),
+            fix: None,
         });
     }
     let keys = store.list_keys(None);
@@ -147,6 +166,7 @@ pub fn doctor(store: &Store) -> Result<Vec<Check>, AccountError> {
                     name: "key audit".into(),
                     ok: true,
                     detail: "no mxhsm keys on this token".into(),
+                    fix: None,
                 });
             }
             for k in &keys {
@@ -172,6 +192,7 @@ pub fn doctor(store: &Store) -> Result<Vec<Check>, AccountError> {
                     } else {
                         problems.join("; ")
                     },
+                    fix: None,
                 });
             }
         }
@@ -179,6 +200,7 @@ pub fn doctor(store: &Store) -> Result<Vec<Check>, AccountError> {
             name: "key audit".into(),
             ok: false,
             detail: e.to_string(),
+            fix: None,
         }),
     }
     #[cfg(feature = "yubikey")]
@@ -204,12 +226,14 @@ pub fn doctor(store: &Store) -> Result<Vec<Check>, AccountError> {
                             still.join(", ")
                         )
                     },
+                    fix: None,
                 });
             }
             Err(e) => checks.push(Check {
                 name: "factory credentials".into(),
                 ok: false,
                 detail: e.to_string(),
+                fix: None,
             }),
         }
         match y.unmapped_slots() {
@@ -219,10 +243,12 @@ pub fn doctor(store: &Store) -> Result<Vec<Check>, AccountError> {
                         name: format!("slot {slot:02x}"),
                         ok: true,
                         detail: format!(
-                            "holds a key mxhsm does not know ({}, {}); `mxhsm keys adopt --slot {slot:02x} …` maps it",
-                            alg.map(|a| a.to_string()).unwrap_or_else(|| "another algorithm".into()),
+                            "holds a key mxhsm does not know ({}, {})",
+                            alg.map(|a| a.to_string())
+                                .unwrap_or_else(|| "another algorithm".into()),
                             origin.as_str()
                         ),
+                        fix: Some(Fix::AdoptSlot(slot)),
                     });
                 }
             }
@@ -230,6 +256,7 @@ pub fn doctor(store: &Store) -> Result<Vec<Check>, AccountError> {
                 name: "unmapped slots".into(),
                 ok: false,
                 detail: e.to_string(),
+                fix: None,
             }),
         }
         // Slot-map entries the card contradicts are never used; say so.
@@ -240,10 +267,11 @@ pub fn doctor(store: &Store) -> Result<Vec<Check>, AccountError> {
                         checks.push(Check {
                             name: format!("slot map {slot:02x} ({} {})", entry.user_id, entry.role),
                             ok: false,
-                            detail: format!(
-                                "{problem}; fix {} (remove the entry) or `mxhsm keys adopt`",
-                                y.slot_map_path().display()
-                            ),
+                            detail: problem.to_string(),
+                            fix: Some(Fix::SlotMapEntry {
+                                map: y.slot_map_path().to_path_buf(),
+                                slot,
+                            }),
                         });
                     }
                 }
@@ -252,6 +280,7 @@ pub fn doctor(store: &Store) -> Result<Vec<Check>, AccountError> {
                 name: "slot map".into(),
                 ok: false,
                 detail: e.to_string(),
+                fix: None,
             }),
         }
     }

@@ -244,6 +244,17 @@ pub enum AccountError {
     },
     #[error("the server has no key backup")]
     NoBackup,
+    #[error(
+        "{rounds} PBKDF2 rounds make the export passphrase cheap to guess (at least {minimum} are needed)"
+    )]
+    WeakExportRounds { rounds: u32, minimum: u32 },
+    #[error("an interrupted restore into {} exists ({})", .out.display(), .state.display())]
+    RestoreInterrupted {
+        out: std::path::PathBuf,
+        state: std::path::PathBuf,
+    },
+    #[error("fetching the backup failed; nothing was written ({0})")]
+    BackupDownload(HomeserverError),
     /// A refusal; the message escapes whatever untrusted text it quotes.
     #[error("{0}")]
     Refused(String),

@@ -411,11 +411,10 @@ pub fn restore(
         && options.rounds < key_export::MIN_ROUNDS
         && !options.weak_rounds
     {
-        return Err(AccountError::Refused(format!(
-            "{} PBKDF2 rounds make the export passphrase cheap to guess (at least {} are needed); pass --weak-rounds only for tests",
-            options.rounds,
-            key_export::MIN_ROUNDS
-        )));
+        return Err(AccountError::WeakExportRounds {
+            rounds: options.rounds,
+            minimum: key_export::MIN_ROUNDS,
+        });
     }
     if out.exists() {
         return Err(AccountError::Refused(format!(
@@ -426,11 +425,10 @@ pub fn restore(
     crate::files::remove_stale_temporaries(out);
     let dir = state_dir(me, out)?;
     if dir.exists() && !options.resume {
-        return Err(AccountError::Refused(format!(
-            "an interrupted restore into {} exists ({}): run again with --resume, or delete that directory",
-            out.display(),
-            dir.display()
-        )));
+        return Err(AccountError::RestoreInterrupted {
+            out: out.to_path_buf(),
+            state: dir,
+        });
     }
     let key = store.find_key(me, KeyRole::Backup)?;
     let version = ours_current_version(account, &key)?;
@@ -483,9 +481,7 @@ pub fn restore(
                 },
                 &|bytes| progress.downloaded(bytes),
             )
-            .map_err(|e| AccountError::Refused(format!(
-                "fetching the backup failed; nothing was written ({e}). Run the restore again with --resume when the server is back"
-            )))?;
+            .map_err(AccountError::BackupDownload)?;
         crate::files::write_private(&spool_version, version.as_bytes())
             .map_err(|e| AccountError::file("cannot write", &spool_version, e))?;
     }

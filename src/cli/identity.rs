@@ -332,6 +332,9 @@ fn print_status(global: &GlobalArgs, s: &identity::Status) {
             for p in &report.own_identity {
                 say!("  PROBLEM: {}", esc(p));
             }
+            if !report.own_identity.is_empty() {
+                say!("  (`mxhsm identity publish` publishes the token's keys)");
+            }
             say!("");
             let rows: Vec<Vec<String>> = report
                 .devices

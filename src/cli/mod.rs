@@ -153,38 +153,76 @@ fn advice(e: &anyhow::Error) -> Option<String> {
                     "`mxhsm login --replace` logs that session out first (its device is deleted), or run `mxhsm logout`".into(),
                 ),
                 AccountError::NoOlmDevice => Some("log in again with `mxhsm login --replace`".into()),
+                AccountError::WeakExportRounds { .. } => {
+                    Some("pass --weak-rounds only for tests".into())
+                }
+                AccountError::RestoreInterrupted { .. } => Some(
+                    "run the same command again with --resume, or delete that directory to start over".into(),
+                ),
+                AccountError::BackupDownload(_) => Some(
+                    "run the restore again with --resume when the server is back".into(),
+                ),
+                // Transparent wrappers: their own source is the inner error's source.
+                AccountError::Token(t) => token_advice(t),
+                AccountError::Homeserver(h) => homeserver_advice(h),
                 _ => None,
             };
         }
         if let Some(h) = cause.downcast_ref::<HomeserverError>() {
-            return match h {
-                HomeserverError::NotLoggedIn { .. } => Some("run `mxhsm login` first".into()),
-                _ => None,
-            };
+            return homeserver_advice(h);
         }
         if let Some(t) = cause.downcast_ref::<TokenError>() {
-            return match t {
-                TokenError::KeyNotFound { role, .. } => Some(match role {
-                    mxhsm::token::KeyRole::Backup => {
-                        "create a backup with its key on the token: `mxhsm backup create`".into()
-                    }
-                    _ => "see `mxhsm keys list`; `mxhsm identity create` makes the missing keys"
-                        .into(),
-                }),
-                TokenError::SlotOccupied { .. } => Some(
-                    "pass --force to overwrite it (the key in the slot is destroyed), or choose another --slot".into(),
-                ),
-                TokenError::NoFreeSlot { .. } => {
-                    Some("delete a key first (`mxhsm keys delete`)".into())
-                }
-                TokenError::NoManagementKey { .. } | TokenError::ManagementKeyRefused { .. } => {
-                    Some("give the management key with --management-key-file".into())
-                }
-                _ => None,
-            };
+            return token_advice(t);
         }
     }
     None
+}
+
+fn homeserver_advice(h: &HomeserverError) -> Option<String> {
+    match h {
+        HomeserverError::NotLoggedIn { .. } => Some("run `mxhsm login` first".into()),
+        _ => None,
+    }
+}
+
+fn token_advice(t: &TokenError) -> Option<String> {
+    match t {
+        TokenError::KeyNotFound { role, .. } => Some(match role {
+            mxhsm::token::KeyRole::Backup => {
+                "create a backup with its key on the token: `mxhsm backup create`".into()
+            }
+            _ => "see `mxhsm keys list`; `mxhsm identity create` makes the missing keys"
+                .into(),
+        }),
+        TokenError::BadYubiKeyChoice(_) => Some(
+            "--yubikey takes a serial number (see `mxhsm token list`) or `any`".into(),
+        ),
+        TokenError::TwoTokens { from_env: false } => {
+            Some("pass --token or --yubikey, not both".into())
+        }
+        TokenError::TwoTokens { from_env: true } => {
+            Some("unset one, or choose with --token or --yubikey".into())
+        }
+        TokenError::NoTokenChosen => Some(
+            "pass --token 'pkcs11:token=…?module-path=…' or --yubikey SERIAL, or set MXHSM_TOKEN or MXHSM_YUBIKEY (see `mxhsm token list`)".into(),
+        ),
+        TokenError::NoPin { .. } => Some(
+            "pass --pin-file, set MXHSM_PIN, or add pin-source= to the token URI".into(),
+        ),
+        TokenError::AmbiguousYubiKey { .. } => {
+            Some("choose one with --yubikey SERIAL".into())
+        }
+        TokenError::SlotOccupied { .. } => Some(
+            "pass --force to overwrite it (the key in the slot is destroyed), or choose another --slot".into(),
+        ),
+        TokenError::NoFreeSlot { .. } => {
+            Some("delete a key first (`mxhsm keys delete`)".into())
+        }
+        TokenError::NoManagementKey { .. } | TokenError::ManagementKeyRefused { .. } => {
+            Some("give the management key with --management-key-file".into())
+        }
+        _ => None,
+    }
 }
 
 /// How to reach the homeserver: the user's flags and environment.

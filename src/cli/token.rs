@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Result, bail};
 use clap::Subcommand;
+use mxhsm::account::doctor::{Check, Fix};
 use mxhsm::config;
 use mxhsm::token::pkcs11::{self, TokenEntry};
 use serde_json::json;
@@ -232,6 +233,22 @@ fn token_json(t: &TokenEntry) -> serde_json::Value {
     })
 }
 
+/// A doctor line with its remedy as a command.
+fn detail(c: &Check) -> String {
+    match &c.fix {
+        None => c.detail.clone(),
+        Some(Fix::AdoptSlot(slot)) => format!(
+            "{}; `mxhsm keys adopt --slot {slot} --user … --role …` maps it",
+            c.detail
+        ),
+        Some(Fix::SlotMapEntry { map, slot }) => format!(
+            "{}; remove the entry for slot {slot} from {}, or run `mxhsm keys adopt --slot {slot}`",
+            c.detail,
+            map.display()
+        ),
+    }
+}
+
 fn doctor(global: &GlobalArgs) -> Result<ExitCode> {
     let store = open_store(global)?;
     let checks = mxhsm::account::doctor::doctor(&store)?;
@@ -241,7 +258,7 @@ fn doctor(global: &GlobalArgs) -> Result<ExitCode> {
         json!({
             "token": store.summary().to_string(),
             "ok": failed == 0,
-            "checks": checks.iter().map(|c| json!({"name": c.name, "ok": c.ok, "detail": c.detail})).collect::<Vec<_>>(),
+            "checks": checks.iter().map(|c| json!({"name": c.name, "ok": c.ok, "detail": detail(c)})).collect::<Vec<_>>(),
         }),
         || {
             say!("{}", store.summary());
@@ -251,7 +268,7 @@ fn doctor(global: &GlobalArgs) -> Result<ExitCode> {
                     vec![
                         if c.ok { "ok" } else { "FAIL" }.to_string(),
                         c.name.clone(),
-                        c.detail.clone(),
+                        detail(c),
                     ]
                 })
                 .collect();

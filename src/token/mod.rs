@@ -723,7 +723,7 @@ pub enum TokenError {
     NoMatchingToken { uri: String, available: Vec<String> },
     #[error("{uri} matches {} tokens ({}); add serial= or token= to choose one", .matches.len(), .matches.join("; "))]
     AmbiguousToken { uri: String, matches: Vec<String> },
-    #[error("{} YubiKeys are present ({}); choose one with --yubikey SERIAL", .present.len(), .present.join("; "))]
+    #[error("{} YubiKeys are present ({})", .present.len(), .present.join("; "))]
     AmbiguousYubiKey { present: Vec<String> },
     #[error("wrong PIN for {token}{}", status_suffix(.status))]
     WrongPin { token: String, status: PinStatus },
@@ -770,8 +770,19 @@ pub enum TokenError {
         user_id: String,
         token: String,
     },
-    #[error("{0}")]
-    TokenChoice(String),
+    #[error(
+        "a YubiKey is chosen by its serial number or `any`, not {:?}",
+        crate::text::escape(.0)
+    )]
+    BadYubiKeyChoice(String),
+    #[error("{}", if *.from_env {
+        "both MXHSM_TOKEN and MXHSM_YUBIKEY are set"
+    } else {
+        "a PKCS#11 token and a YubiKey are both chosen"
+    })]
+    TwoTokens { from_env: bool },
+    #[error("no token is chosen")]
+    NoTokenChosen,
     #[error("a message of {len} bytes is too long to sign (at most {max} bytes)")]
     MessageTooLong { len: usize, max: usize },
     #[error("a YubiKey is already open in this process; close it first")]

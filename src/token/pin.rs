@@ -105,7 +105,7 @@ impl PinProvider for PinSources {
             None => Err(TokenError::NoPin {
                 token: request.token.clone(),
                 reason: format!(
-                    "set {PIN_ENV}, pass --pin-file, add pin-source= to the token URI, or run in a terminal to be asked"
+                    "{PIN_ENV} is not set, the token URI has no pin-source, and there is no terminal to ask on"
                 ),
             }),
         }
