@@ -10,7 +10,7 @@ use common::clients::{phone, software_identity, verifies};
 use common::synapse::Synapse;
 use common::{Kind, TestToken, fixed_pin};
 use mxhsm::account::identity::{self, CreateOptions, PublishPrompts};
-use mxhsm::account::login::{self, CrossSigned, Credential, LoginOutcome, LoginRequest};
+use mxhsm::account::login::{self, Credential, CrossSigned, LoginOutcome, LoginRequest};
 use mxhsm::account::sign::{self, DeviceSelection};
 use mxhsm::account::{Account, AccountError, backup};
 use mxhsm::homeserver::{ClientOptions, HomeserverError};
@@ -86,7 +86,10 @@ fn every_flow_through_the_library() {
         },
     )
     .unwrap();
-    assert!(published.published && published.device_signed, "{published:?}");
+    assert!(
+        published.published && published.device_signed,
+        "{published:?}"
+    );
     let status = identity::status(&account, &[]).unwrap();
     assert!(!status.has_problems(), "{:?}", status.report);
     assert_eq!(status.own.master, published.master);
@@ -126,10 +129,7 @@ fn every_flow_through_the_library() {
     let bob_token = synapse.login(&bob, "BOBPHONE");
     let bob_msk = software_identity(synapse, &bob, &bob_token);
     let candidate = sign::sign_user(&account, &bob.user_id, &mut |c| {
-        assert_eq!(
-            *c.master_key.as_bytes(),
-            bob_msk.verifying_key().to_bytes()
-        );
+        assert_eq!(*c.master_key.as_bytes(), bob_msk.verifying_key().to_bytes());
         Ok(())
     })
     .unwrap();
@@ -153,15 +153,19 @@ fn every_flow_through_the_library() {
     assert!(!status.has_problems());
 
     // A wrong PIN comes back as the token's own error, so a caller can tell it from a
-    // missing card: nothing is signed.
-    let wrong = Store::open(
-        &TokenChoice::Pkcs11(Box::new(token.parsed_uri())),
-        StoreOptions::default(),
-        Arc::new(fixed_pin("999999")),
-    )
-    .unwrap();
-    let session = account.session().clone();
+    // missing card: nothing is signed. (The token is opened once per process: a second
+    // store fails at once until the account lets go of it.)
+    let open_wrong = || {
+        Store::open(
+            &TokenChoice::Pkcs11(Box::new(token.parsed_uri())),
+            StoreOptions::default(),
+            Arc::new(fixed_pin("999999")),
+        )
+    };
+    assert!(matches!(open_wrong(), Err(TokenError::AlreadyOpen { .. })));
     drop(account);
+    let wrong = open_wrong().unwrap();
+    let session = mxhsm::homeserver::Session::load(&session_path).unwrap();
     let account = Account::open(session, wrong, &ClientOptions::default()).unwrap();
     let err = sign::sign_devices(
         &account,

@@ -650,3 +650,32 @@ mod backup_vectors {
         super::backup_vectors_decrypt_through_the_token(super::Kind::Kryoptic)
     }
 }
+
+/// A second store on a token this process already has open fails at once (it would wait
+/// for the process's own lock otherwise); after the first is dropped, it opens.
+fn a_second_open_in_one_process_fails_at_once(kind: Kind) {
+    let t = TestToken::new(kind);
+    let first = t.open();
+    let start = std::time::Instant::now();
+    let err = Pkcs11Store::open(&t.parsed_uri(), &fixed_pin(common::USER_PIN)).unwrap_err();
+    assert!(matches!(err, TokenError::AlreadyOpen { .. }), "{err}");
+    assert!(
+        err.to_string().contains("already open in this process"),
+        "{err}"
+    );
+    assert!(start.elapsed() < std::time::Duration::from_secs(5));
+    drop(first);
+    let again = t.open();
+    assert!(again.list_keys(None).unwrap().is_empty());
+}
+
+mod second_open {
+    #[test]
+    fn softhsm() {
+        super::a_second_open_in_one_process_fails_at_once(super::Kind::SoftHsm)
+    }
+    #[test]
+    fn kryoptic() {
+        super::a_second_open_in_one_process_fails_at_once(super::Kind::Kryoptic)
+    }
+}

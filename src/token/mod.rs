@@ -785,8 +785,8 @@ pub enum TokenError {
     NoTokenChosen,
     #[error("a message of {len} bytes is too long to sign (at most {max} bytes)")]
     MessageTooLong { len: usize, max: usize },
-    #[error("a YubiKey is already open in this process; close it first")]
-    AlreadyOpen,
+    #[error("{token} is already open in this process; close it first")]
+    AlreadyOpen { token: String },
     #[error("slot {0:02x} is not a retired key-management slot (82 to 95)")]
     NotRetiredSlot(u8),
     #[error("slot {slot} of {token} {}", match .holder {

@@ -19,17 +19,42 @@
 //! program selects its PIV application, which every new connection does; two mxhsm
 //! processes would undo each other's PIN; and since opening one card means selecting PIV on
 //! every card present, they take turns on all YubiKeys at once.
+//!
+//! Within one process, a second store on a token that is already open fails at once
+//! ([`TokenError::AlreadyOpen`]) instead of waiting for the process's own lock.
 
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::TokenError;
 
 /// How long to wait for another mxhsm process to finish with the token.
 const WAIT: Duration = Duration::from_secs(600);
+
+/// The locks this process holds or is taking, by file name.
+static HELD: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+/// A held lock: released (for other processes and this one) when dropped.
+#[derive(Debug)]
+pub struct ProcessLock {
+    _file: File,
+    name: String,
+}
+
+impl Drop for ProcessLock {
+    fn drop(&mut self) {
+        held().remove(&self.name);
+    }
+}
+
+fn held() -> std::sync::MutexGuard<'static, BTreeSet<String>> {
+    HELD.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// The environment variable naming the store of a file-backed software token, if `module`
 /// is one (judged by its file name: we must decide before loading it).
@@ -46,7 +71,7 @@ pub fn soft_token_config_var(module: &Path) -> Option<&'static str> {
 
 /// Takes the lock for (`module`, its current configuration), waiting for other mxhsm
 /// processes. The lock is released when the returned file is dropped.
-pub fn lock_soft_token(module: &Path, config_var: &str) -> Result<File, TokenError> {
+pub fn lock_soft_token(module: &Path, config_var: &str) -> Result<ProcessLock, TokenError> {
     let conf = std::env::var_os(config_var).unwrap_or_default();
     lock(
         &soft_token_lock_name(module, Path::new(&conf)),
@@ -67,7 +92,7 @@ pub(crate) fn soft_token_lock_name(module: &Path, conf: &Path) -> String {
 /// Takes the lock for YubiKeys. One for all of them: opening any card selects the PIV
 /// application of every card present, which would undo another process's PIN.
 #[cfg(feature = "yubikey")]
-pub fn lock_yubikeys() -> Result<File, TokenError> {
+pub fn lock_yubikeys() -> Result<ProcessLock, TokenError> {
     lock("yubikey.lock", "the YubiKeys")
 }
 
@@ -75,7 +100,24 @@ pub fn lock_yubikeys() -> Result<File, TokenError> {
 /// locks`, else `~/.cache/mxhsm/locks`; 0700, ours), for `token` (in messages). The file
 /// is opened without following symbolic links and must belong to us: nobody else can point
 /// it elsewhere or hold it to stop us.
-fn lock(name: &str, token: &str) -> Result<File, TokenError> {
+fn lock(name: &str, token: &str) -> Result<ProcessLock, TokenError> {
+    // Reserved before the file is locked, so two threads of this process cannot both wait.
+    if !held().insert(name.to_string()) {
+        return Err(TokenError::AlreadyOpen {
+            token: token.to_string(),
+        });
+    }
+    let taken = lock_file(name, token);
+    if taken.is_err() {
+        held().remove(name);
+    }
+    taken.map(|file| ProcessLock {
+        _file: file,
+        name: name.to_string(),
+    })
+}
+
+fn lock_file(name: &str, token: &str) -> Result<File, TokenError> {
     let err = |operation: String, reason: String| TokenError::Device {
         token: token.to_string(),
         operation,

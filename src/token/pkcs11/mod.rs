@@ -64,7 +64,7 @@ pub struct Pkcs11Store {
     capabilities: Capabilities,
     pin_status_before_login: PinStatus,
     /// Held while this store lives, for software tokens (see `process_lock`).
-    _process_lock: Option<std::fs::File>,
+    _process_lock: Option<crate::token::process_lock::ProcessLock>,
     /// Open sessions, reused; the first one is never closed (closing an application's last
     /// session logs it out).
     pool: Mutex<Vec<Session>>,

@@ -132,7 +132,9 @@ pub fn resolve_module_path(uri: &Pkcs11Uri) -> Result<PathBuf, TokenError> {
 
 /// The process lock for `module`, if it is a file-backed software token (see
 /// `process_lock`).
-pub(super) fn soft_token_lock(module: &Path) -> Result<Option<std::fs::File>, TokenError> {
+pub(super) fn soft_token_lock(
+    module: &Path,
+) -> Result<Option<crate::token::process_lock::ProcessLock>, TokenError> {
     match crate::token::process_lock::soft_token_config_var(module) {
         Some(var) if module.exists() => {
             crate::token::process_lock::lock_soft_token(module, var).map(Some)

@@ -1,7 +1,6 @@
 //! Finding YubiKeys: listing them over PC/SC, opening one by serial, and one open store per
 //! process.
 
-use std::sync::Mutex;
 use yubikey::YubiKey;
 
 use super::MIN_FIRMWARE;
@@ -40,7 +39,6 @@ pub(super) fn pcsc_error(operation: &str, e: yubikey::Error) -> TokenError {
 /// this waits for any other mxhsm process using a YubiKey (see `process_lock`), and fails
 /// if this process has one open.
 pub fn list_yubikeys() -> Result<Vec<YubiKeyEntry>, TokenError> {
-    let _claim = ProcessClaim::take()?;
     let _lock = crate::token::process_lock::lock_yubikeys()?;
     let (found, _busy) = open_all()?;
     Ok(found
@@ -51,29 +49,6 @@ pub fn list_yubikeys() -> Result<Vec<YubiKeyEntry>, TokenError> {
             entry
         })
         .collect())
-}
-
-/// At most one open YubiKey (store or listing) per process: a second would wait for this
-/// process's own lock.
-pub(super) static OPEN_IN_PROCESS: Mutex<bool> = Mutex::new(false);
-
-pub(super) struct ProcessClaim;
-
-impl ProcessClaim {
-    pub(super) fn take() -> Result<ProcessClaim, TokenError> {
-        let mut open = OPEN_IN_PROCESS.lock().unwrap_or_else(|e| e.into_inner());
-        if *open {
-            return Err(TokenError::AlreadyOpen);
-        }
-        *open = true;
-        Ok(ProcessClaim)
-    }
-}
-
-impl Drop for ProcessClaim {
-    fn drop(&mut self) {
-        *OPEN_IN_PROCESS.lock().unwrap_or_else(|e| e.into_inner()) = false;
-    }
 }
 
 /// Runs a `yubikey` crate call, turning a panic on a malformed card answer (the crate

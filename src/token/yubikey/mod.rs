@@ -45,7 +45,7 @@ use super::{
     TokenSummary, X25519Mechanism,
 };
 use apdu::{ApduError, RawCard};
-use discovery::{ProcessClaim, describe, entry_of, open_all, release, unpanicked};
+use discovery::{describe, entry_of, open_all, release, unpanicked};
 use pin::pin_status;
 use slot_map::SlotMap;
 use slots::slot_id;
@@ -79,8 +79,7 @@ pub struct YubiKeyStore {
     pins: Option<Arc<dyn PinProvider>>,
     /// When each slot last needed a touch, for the "cached" policy.
     last_touch: Mutex<std::collections::HashMap<RetiredSlot, std::time::Instant>>,
-    _process_lock: std::fs::File,
-    _claim: ProcessClaim,
+    _process_lock: crate::token::process_lock::ProcessLock,
 }
 
 /// Called before an operation that may wait for a touch (the key blinks until touched).
@@ -129,7 +128,6 @@ impl YubiKeyStore {
         options: YubiKeyOptions,
         pins: Option<Arc<dyn PinProvider>>,
     ) -> Result<Self, TokenError> {
-        let claim = ProcessClaim::take()?;
         let lock = super::process_lock::lock_yubikeys()?;
         let (mut found, busy) = open_all()?;
         let index = match options.serial {
@@ -218,7 +216,6 @@ impl YubiKeyStore {
             last_touch: Mutex::new(Default::default()),
             summary,
             _process_lock: lock,
-            _claim: claim,
         })
     }
 
