@@ -512,6 +512,16 @@ pub fn run_sign(global: &GlobalArgs, cmd: SignCommand) -> Result<ExitCode> {
                 }
             };
             let c = sign::sign_user(&account, &user_id, &mut confirm)?;
+            // `mxhsm watch` reports it if they ever publish another master key.
+            let state = mxhsm::account::watch::default_state_path();
+            if let Err(e) = mxhsm::account::watch::remember_verified(
+                &state,
+                &account,
+                &c.user_id,
+                &c.master_key,
+            ) {
+                note!("warning: `mxhsm watch` will not know of this verification: {e}");
+            }
             output::emit(
                 global.json,
                 json!({"signed_user": c.user_id, "master_key": c.master_key.to_base64()}),

@@ -10,6 +10,7 @@ mod output;
 mod secret_storage;
 mod secrets;
 mod token;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -92,6 +93,9 @@ pub enum Command {
     /// Move your existing keys from secret storage (your recovery key) onto the token.
     #[command(subcommand)]
     SecretStorage(secret_storage::SecretStorageCommand),
+    /// Watch the account for an identity reset, unsigned devices, a replaced backup, users
+    /// whose verified key changed, and copies of token keys in secret storage.
+    Watch(watch::WatchArgs),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -104,6 +108,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Sign(cmd) => identity::run_sign(&cli.global, cmd),
         Command::Backup(cmd) => backup::run(&cli.global, cmd),
         Command::SecretStorage(cmd) => secret_storage::run(&cli.global, cmd),
+        Command::Watch(args) => watch::run(&cli.global, args),
     }
 }
 

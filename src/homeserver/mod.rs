@@ -952,6 +952,34 @@ pub trait BackupSink: Write {
     fn finish(self: Box<Self>) -> std::io::Result<()>;
 }
 
+/// Sync: the long poll `watch` waits on.
+impl Client {
+    /// How long a sync may wait for news: under the idle timeout, so that a quiet server is
+    /// not taken for a dead one (at most 30 s).
+    pub fn sync_wait(&self) -> Duration {
+        (self.options.idle_timeout / 2).min(Duration::from_secs(30))
+    }
+
+    /// `GET /sync` with an inline `filter`, from `since` (the last answer's `next_batch`),
+    /// waiting up to [`Client::sync_wait`] for news; the answer is read up to
+    /// [`Limit::KeysQuery`].
+    pub fn sync(&self, since: Option<&str>, filter: &Value) -> Result<Value, HomeserverError> {
+        let mut path = format!(
+            "/sync?timeout={}&filter={}",
+            self.sync_wait().as_millis(),
+            path_segment(&filter.to_string())
+        );
+        if let Some(s) = since {
+            path.push_str("&since=");
+            path.push_str(&path_segment(s));
+        }
+        match self.json_or_status(Method::Get, &path, None, Repeat::Safe, Limit::KeysQuery)? {
+            Ok(v) => check(Method::Get, "/sync", 200, v),
+            Err((status, v)) => check(Method::Get, "/sync", status, v),
+        }
+    }
+}
+
 /// Account data (secret storage lives there).
 impl Client {
     /// `GET /user/{userId}/account_data/{type}`, or `None` when there is none.

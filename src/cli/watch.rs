@@ -1,0 +1,189 @@
+//! `mxhsm watch [--once] [--exec CMD]`: alarms when some client undoes the hardware
+//! identity, one line (or JSON line) per event.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command as Process, ExitCode, Stdio};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use mxhsm::account::watch::{self, Class, Event, Step, WatchState, Watcher};
+
+use super::output::{esc, fingerprint, note, say};
+use super::{GlobalArgs, open_account};
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Check once and exit with the code of the loudest alarm (see the README), for cron
+    /// and monitoring. Without it, mxhsm keeps watching and reports each event once.
+    #[arg(long)]
+    once: bool,
+    /// Run this shell command for each event, with the event's JSON on its standard input
+    /// and its name in $MXHSM_EVENT (server-chosen text never becomes part of the command).
+    #[arg(long, value_name = "CMD")]
+    exec: Option<String>,
+    /// Where the watch remembers what it saw (default: beside the session).
+    #[arg(long, value_name = "FILE")]
+    state: Option<PathBuf>,
+}
+
+/// The exit code of `watch --once` for the loudest class of event (also in the README).
+pub fn exit_code(class: Class) -> u8 {
+    match class {
+        Class::IdentityReset => 10,
+        Class::VerificationViolation => 11,
+        Class::Backup => 12,
+        Class::UnsignedDevice => 13,
+        Class::SecretStorageCopy => 14,
+    }
+}
+
+pub fn run(global: &GlobalArgs, args: WatchArgs) -> Result<ExitCode> {
+    let account = open_account(global)?;
+    let state_path = args.state.clone().unwrap_or_else(watch::default_state_path);
+    if args.once {
+        let mut state = WatchState::load(&state_path, &account)?;
+        let events = watch::check(&account, &mut state)?;
+        state.save(&state_path)?;
+        for e in &events {
+            report(global, &args, e);
+        }
+        return Ok(match events.iter().map(Event::class).min() {
+            None => ExitCode::SUCCESS,
+            Some(c) => ExitCode::from(exit_code(c)),
+        });
+    }
+    let mut watcher = Watcher::new(&account, &state_path)?;
+    if !global.json {
+        note!(
+            "watching {} (device {}); Ctrl-C stops",
+            esc(account.user_id()),
+            esc(account.device_id())
+        );
+    }
+    let mut failures = 0u32;
+    loop {
+        match watcher.step(failures) {
+            Step::Events(events) => {
+                failures = 0;
+                for e in &events {
+                    report(global, &args, e);
+                }
+            }
+            Step::Unreachable { error, retry_in } => {
+                failures += 1;
+                note!(
+                    "the server cannot be reached ({}); trying again in {} s",
+                    esc(&error.to_string()),
+                    retry_in.as_secs()
+                );
+                std::thread::sleep(retry_in);
+            }
+        }
+    }
+}
+
+/// Prints `e` (a line, or a JSON line) and runs the hook.
+fn report(global: &GlobalArgs, args: &WatchArgs, e: &Event) {
+    let v = e.to_json();
+    if global.json {
+        say!("{}", mxhsm::text::json_string(&v, false));
+    } else {
+        say!("{}", describe(e));
+    }
+    if let Some(cmd) = &args.exec
+        && let Err(err) = hook(cmd, e.kind(), &v)
+    {
+        note!("the --exec command failed for {}: {err:#}", e.kind());
+    }
+}
+
+/// Runs `sh -c CMD` with the event on standard input. The command line is the user's own;
+/// the event reaches it only as data.
+fn hook(cmd: &str, kind: &str, event: &serde_json::Value) -> Result<()> {
+    let mut child = Process::new("/bin/sh")
+        .args(["-c", cmd])
+        .env("MXHSM_EVENT", kind)
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("cannot start /bin/sh")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let mut line = mxhsm::text::json_string(event, false);
+        line.push('\n');
+        // A command that does not read its input is not an error.
+        let _ = stdin.write_all(line.as_bytes());
+    }
+    let status = child.wait().context("waiting for the command")?;
+    anyhow::ensure!(status.success(), "it exited with {status}");
+    Ok(())
+}
+
+/// One line for a human; untrusted text escaped.
+fn describe(e: &Event) -> String {
+    let fp = |k: &Option<mxhsm::Ed25519PublicKey>| {
+        k.as_ref().map(fingerprint).unwrap_or_else(|| "none".into())
+    };
+    match e {
+        Event::IdentityReset { token, published } => format!(
+            "ALARM identity reset: the server publishes the master key {} instead of the token's {}. Some client reset your cross-signing identity; your devices and contacts now see a new identity. To take it back, run `mxhsm identity publish --replace` (it lists what is lost and asks first), then check who verified the other key.",
+            fp(published),
+            fingerprint(token)
+        ),
+        Event::IdentityChanged { problems } => format!(
+            "ALARM identity changed: {} (`mxhsm identity status` shows it; `mxhsm identity publish` publishes the token's keys)",
+            esc(&problems.join("; "))
+        ),
+        Event::VerifiedUserChanged {
+            user_id,
+            verified,
+            now,
+        } => format!(
+            "ALARM verification violation: {} now publishes the master key {}, not the {} you verified; verify them again before trusting it",
+            esc(user_id),
+            fp(now),
+            fingerprint(verified)
+        ),
+        Event::BackupChanged { previous, current } => match current {
+            Some(v) => format!(
+                "backup changed: version {} replaced version {} (`mxhsm backup status` judges it)",
+                esc(v),
+                esc(previous)
+            ),
+            None => format!(
+                "backup changed: version {} was deleted and there is none now (`mxhsm backup create` makes one)",
+                esc(previous)
+            ),
+        },
+        Event::BackupUntrusted { version, reason } => format!(
+            "backup untrusted: the auth_data of version {} is not signed by your master key ({})",
+            esc(version),
+            esc(&reason.to_string())
+        ),
+        Event::BackupNotTokenKey {
+            version,
+            key,
+            token,
+        } => format!(
+            "backup not the token's: version {} is encrypted to {}, not to the token's backup key {}",
+            esc(version),
+            key.map(|k| k.to_base64()).unwrap_or_else(|| "?".into()),
+            token.to_base64()
+        ),
+        Event::UnsignedDevice {
+            device_id,
+            display_name,
+            ed25519,
+            reason,
+        } => format!(
+            "unsigned device {} ({}), fingerprint {}: {}; if it is yours, compare the fingerprint and run `mxhsm sign device {}`",
+            esc(device_id),
+            esc(display_name.as_deref().unwrap_or("no name")),
+            fp(ed25519),
+            esc(reason),
+            esc(device_id)
+        ),
+        Event::SecretStorageCopy { secret, role } => format!(
+            "secret storage holds a copy: {secret} (your {role} key, which is on the token) is in secret storage too; anyone with your recovery key can use it without the token"
+        ),
+    }
+}
