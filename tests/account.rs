@@ -151,6 +151,23 @@ fn every_flow_through_the_library() {
     assert_eq!(status.version, created.version);
     assert!(status.is_token_key() && status.signed_by_master.is_ok());
     assert!(!status.has_problems());
+    // Other clients are told to use it (MSC4287, and Element's current form).
+    for (kind, content) in [
+        ("m.key_backup", serde_json::json!({"enabled": true})),
+        (
+            "m.org.matrix.custom.backup_disabled",
+            serde_json::json!({"disabled": false}),
+        ),
+    ] {
+        let (st, v) = common::synapse::http(
+            &synapse.url,
+            "GET",
+            &format!("/user/{me}/account_data/{kind}"),
+            Some(&phone_token),
+            None,
+        );
+        assert_eq!((st, v), (200, content), "{kind}");
+    }
 
     // A wrong PIN comes back as the token's own error, so a caller can tell it from a
     // missing card: nothing is signed. (The token is opened once per process: a second

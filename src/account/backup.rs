@@ -168,6 +168,7 @@ pub fn create(
                 read_back(account, version, &key.curve25519()?, &own.master)?;
                 resigned = true;
             }
+            set_backup_preference(account)?;
             return Ok(Created {
                 version: version.clone(),
                 public_key: key.curve25519()?,
@@ -210,6 +211,7 @@ pub fn create(
         .client()
         .create_backup_version(backup::ALGORITHM, &auth)?;
     read_back(account, &version, &key.curve25519()?, &own.master)?;
+    set_backup_preference(account)?;
     Ok(Created {
         version,
         public_key: key.curve25519()?,
@@ -219,6 +221,30 @@ pub fn create(
         replaced,
     })
 }
+
+/// Account data that tells other clients the user wants key backup (MSC4287's
+/// `m.key_backup`, and the reversed-sense form Element reads today), so that a new login of
+/// Element X uses this backup instead of making its own. Read back.
+fn set_backup_preference(account: &Account) -> Result<(), AccountError> {
+    let me = account.user_id();
+    for (kind, content) in [
+        (BACKUP_PREFERENCE, json!({"enabled": true})),
+        (BACKUP_PREFERENCE_ELEMENT, json!({"disabled": false})),
+    ] {
+        account.client().set_account_data(me, kind, &content)?;
+        if account.client().account_data(me, kind)?.as_ref() != Some(&content) {
+            return Err(AccountError::ReadBack(format!(
+                "the account data {kind} is not served as set"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// MSC4287: whether new logins should use key backup.
+pub const BACKUP_PREFERENCE: &str = "m.key_backup";
+/// The same preference as Element clients store it today (reversed sense).
+pub const BACKUP_PREFERENCE_ELEMENT: &str = "m.org.matrix.custom.backup_disabled";
 
 /// `auth_data` for `key`, signed by the master key `master` on the token and by mxhsm's
 /// device.
