@@ -27,6 +27,7 @@ pub mod login;
 pub mod restore;
 pub mod secret_storage;
 pub mod sign;
+pub mod verify;
 pub mod watch;
 
 use serde_json::Value;

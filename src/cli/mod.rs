@@ -10,6 +10,7 @@ mod output;
 mod secret_storage;
 mod secrets;
 mod token;
+mod verify;
 mod watch;
 
 use std::path::PathBuf;
@@ -93,6 +94,9 @@ pub enum Command {
     /// Move your existing keys from secret storage (your recovery key) onto the token.
     #[command(subcommand)]
     SecretStorage(secret_storage::SecretStorageCommand),
+    /// Verify a new login of yours, or another user, by comparing emoji; on a match it is
+    /// signed with the keys on the token.
+    Verify(verify::VerifyArgs),
     /// Watch the account for an identity reset, unsigned devices, a replaced backup, users
     /// whose verified key changed, and copies of token keys in secret storage.
     Watch(watch::WatchArgs),
@@ -108,6 +112,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Sign(cmd) => identity::run_sign(&cli.global, cmd),
         Command::Backup(cmd) => backup::run(&cli.global, cmd),
         Command::SecretStorage(cmd) => secret_storage::run(&cli.global, cmd),
+        Command::Verify(args) => verify::run(&cli.global, args),
         Command::Watch(args) => watch::run(&cli.global, args),
     }
 }

@@ -980,6 +980,27 @@ impl Client {
     }
 }
 
+/// To-device messages (interactive verification).
+impl Client {
+    /// `PUT /sendToDevice/{type}/{txnId}`: `content` to one device of one user. The
+    /// transaction ID makes a retried PUT a no-op on the server.
+    pub fn send_to_device(
+        &self,
+        event_type: &str,
+        user_id: &str,
+        device_id: &str,
+        content: &Value,
+    ) -> Result<(), HomeserverError> {
+        let mut txn = [0u8; 12];
+        getrandom::fill(&mut txn).map_err(|e| HomeserverError::Input(e.to_string()))?;
+        let txn: String = txn.iter().map(|b| format!("{b:02x}")).collect();
+        let path = format!("/sendToDevice/{}/{txn}", path_segment(event_type));
+        let body = json!({ "messages": { user_id: { device_id: content } } });
+        self.call(Method::Put, &path, Some(&body), Repeat::Safe, Limit::Small)
+            .map(|_| ())
+    }
+}
+
 /// Account data (secret storage lives there).
 impl Client {
     /// `GET /user/{userId}/account_data/{type}`, or `None` when there is none.

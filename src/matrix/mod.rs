@@ -7,6 +7,7 @@ pub mod cross_signing;
 pub mod device;
 pub mod key_export;
 pub mod keys;
+pub mod sas;
 pub mod secret_storage;
 pub mod signed_json;
 
