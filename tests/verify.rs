@@ -324,3 +324,63 @@ fn a_silent_peer_times_out() {
     assert_eq!(mx.until("cancelled", T)["code"], "m.timeout");
     assert_eq!(mx.exit(T), 3);
 }
+
+/// A hostile server serves another key for the phone than the one the phone vouched for
+/// in its MAC: mxhsm refuses with `m.key_mismatch` and uploads no signature; Synapse has
+/// neither the phone nor the attacker's key signed.
+#[test]
+fn a_server_that_swaps_the_device_key_gets_nothing_signed() {
+    let mut s = setup(Kind::SoftHsm);
+    let me = s.alice.user.user_id.clone();
+    let evil = B64.encode(common::clients::random_key().verifying_key().to_bytes());
+    let paths = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = paths.clone();
+    let (me2, evil2) = (me.clone(), evil.clone());
+    let proxy = common::synapse::Proxy::start_intercepting(
+        &s.alice.synapse.url,
+        std::sync::Arc::new(move |path, _status, v| {
+            if path.starts_with("/keys/query") && v["device_keys"][&me2].get("PHONE").is_some() {
+                v["device_keys"][&me2]["PHONE"]["keys"]["ed25519:PHONE"] = json!(evil2);
+            }
+        }),
+        std::sync::Arc::new(move |path| {
+            seen.lock().unwrap().push(path.to_string());
+            None
+        }),
+    );
+    // mxhsm talks to the proxy (the phone, to Synapse).
+    let saved = std::fs::read_to_string(s.alice.session_path()).unwrap();
+    let mut session: serde_json::Value = serde_json::from_str(&saved).unwrap();
+    session["homeserver"] = json!(proxy.url);
+    std::fs::write(s.alice.session_path(), session.to_string()).unwrap();
+    let mut mx = verify_wait(&s);
+    let (sas, _, _) = up_to_the_keys(&mut s, &mut mx, "txn-evil");
+    mx.until("sas", T);
+    mx.answer("yes");
+    s.peer.expect("m.key.verification.mac", T);
+    let phone_ed = B64.encode(s.peer.key.verifying_key().to_bytes());
+    let (m, k) = macs(
+        &sas,
+        &mac_info((&me, "PHONE"), (&me, &s.mxhsm_device), "txn-evil"),
+        &BTreeMap::from([("ed25519:PHONE".to_string(), phone_ed)]),
+    );
+    s.peer.send(
+        &me,
+        &s.mxhsm_device,
+        "m.key.verification.mac",
+        json!({"transaction_id": "txn-evil", "mac": m, "keys": k}),
+    );
+    let cancel = s.peer.next(T);
+    assert_eq!(cancel["content"]["code"], "m.key_mismatch", "{cancel}");
+    assert_eq!(mx.exit(T), 3);
+    std::fs::write(s.alice.session_path(), saved).unwrap();
+    assert!(
+        !paths
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| p.contains("/keys/signatures/upload")),
+        "a signature was uploaded"
+    );
+    assert!(!phone_signed_by_ssk(&s));
+}
