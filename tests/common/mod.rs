@@ -10,7 +10,9 @@
 pub mod backups;
 pub mod clients;
 pub mod hostile;
+pub mod peer;
 pub mod piv;
+pub mod sas_peer;
 pub mod synapse;
 
 use std::path::{Path, PathBuf};

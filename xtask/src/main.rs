@@ -10,6 +10,7 @@
 
 mod demo;
 mod fuzz;
+mod peer;
 mod piv;
 mod synapse;
 mod tokens;
@@ -208,8 +209,10 @@ fn setup() -> Result<Vec<(&'static str, PathBuf)>> {
     let python = synapse::ensure_venv(&cache_dir())?;
     let card = piv::build(&cache_dir(), false)?.join("mxhsm-piv-card");
     piv::ensure_pcscd()?;
+    let sdk_peer = peer::build(&cache_dir())?;
     Ok(vec![
         ("MXHSM_TEST_PIV_CARD", card),
+        ("MXHSM_TEST_SDK_PEER", sdk_peer),
         ("MXHSM_TEST_SYNAPSE_PYTHON", python),
         ("MXHSM_TEST_SOFTHSM_MODULE", PathBuf::from(SOFTHSM_MODULE)),
         ("MXHSM_TEST_KRYOPTIC_MODULE", kryoptic),
