@@ -6,6 +6,8 @@ mod common;
 
 use std::sync::Arc;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
 use common::clients::{phone, software_identity, verifies};
 use common::synapse::Synapse;
 use common::{Kind, TestToken, fixed_pin};
@@ -111,6 +113,23 @@ fn every_flow_through_the_library() {
     let ssk = published.self_signing.to_base64();
     let q = query(synapse, &phone_token, me);
     assert!(verifies(&q["device_keys"][me]["PHONE"], me, &ssk));
+    // mxhsm's device vouches for the master key with its device key, as Element does.
+    let device_key = mxhsm::account::olm_account(account.session())
+        .unwrap()
+        .ed25519_key()
+        .to_base64();
+    let sig_id = format!("ed25519:{}", account.device_id());
+    let master_obj = &q["master_keys"][me];
+    let sig = master_obj["signatures"][me][&sig_id]
+        .as_str()
+        .expect("a device signature");
+    let vk = ed25519_dalek::VerifyingKey::from_bytes(
+        &B64.decode(&device_key).unwrap().try_into().unwrap(),
+    )
+    .unwrap();
+    let sig = ed25519_dalek::Signature::from_slice(&B64.decode(sig).unwrap()).unwrap();
+    vk.verify_strict(common::clients::canonical(master_obj).as_bytes(), &sig)
+        .expect("the device's signature over the master key verifies");
 
     // A device the callback turns down is not signed, and the error is the callback's.
     phone(synapse, &alice, "TABLET");

@@ -329,6 +329,7 @@ pub(crate) fn sign_this_device(
             device_id: account.device_id().to_string(),
         })?;
     let object = own_device_object(account, served)?;
+    device_signs_master(account, answer)?;
     let ssk_key = ssk.ed25519()?;
     if verify_json(served, me, &ssk_key.key_id(), &ssk_key).is_ok() {
         return Ok(false);
@@ -339,6 +340,45 @@ pub(crate) fn sign_this_device(
         vec![(account.device_id().to_string(), object)],
     )?;
     Ok(true)
+}
+
+/// mxhsm's device signs our master key with its device key, as Element's devices do (the
+/// master key as `answer` serves it, which must be the token's). Skipped when it already
+/// carries that signature; read back.
+fn device_signs_master(account: &Account, answer: &Value) -> Result<(), AccountError> {
+    let me = account.user_id();
+    let (own, _) = anchors(account, answer)?;
+    let Some(object) = answer.get("master_keys").and_then(|m| m.get(me)) else {
+        return Ok(());
+    };
+    // Only the object mxhsm itself would publish for the token's key: nothing the server
+    // added is vouched for.
+    let ours = cross_signing::key_object(me, KeyRole::Master, &own.master);
+    if signable_bytes(object).ok() != signable_bytes(&ours).ok() {
+        return Ok(());
+    }
+    let (olm, _) = account.own_device_keys()?;
+    let device = crate::matrix::device::DeviceSigner(&olm);
+    let key_id = format!("ed25519:{}", account.device_id());
+    if verify_json(object, me, &key_id, &device.public_key()).is_ok() {
+        return Ok(());
+    }
+    let mut signed = ours;
+    sign_json(&mut signed, me, &key_id, &device)?;
+    let failures = account
+        .client()
+        .upload_signatures(&json!({ me: { own.master.to_base64(): signed } }))?;
+    if !failures.is_empty() {
+        return Err(AccountError::SignaturesRefused(failures));
+    }
+    let back = account.client().query_keys(&[me])?;
+    let served = back.get("master_keys").and_then(|m| m.get(me));
+    if served.is_none_or(|s| verify_json(s, me, &key_id, &device.public_key()).is_err()) {
+        return Err(AccountError::ReadBack(
+            "our master key is not served with mxhsm's device signature".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Signs each (device ID, object without signatures) with `ssk`, uploads them in one
