@@ -6,19 +6,9 @@
 
 mod common;
 
-use common::peer::Peer;
+use common::peer::{Peer, device};
 use common::synapse::Synapse;
-use serde_json::{Value, json};
-
-/// One device of a `status` reply.
-fn device<'a>(status: &'a Value, device_id: &str) -> &'a Value {
-    status["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["device_id"] == device_id)
-        .unwrap_or_else(|| panic!("no {device_id} in {status}"))
-}
+use serde_json::json;
 
 #[test]
 fn two_sdk_devices_of_one_user_verify_each_other() {

@@ -14,7 +14,7 @@ use common::clients::{phone, verifies};
 use common::sas_peer::{JsonChild, RawPeer, commitment, mac_info, macs, sas_info};
 use common::synapse::{MxhsmUser, http};
 use common::{Kind, ok};
-use serde_json::json;
+use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -71,16 +71,7 @@ fn up_to_the_keys(
     txn: &str,
 ) -> (vodozemac::sas::EstablishedSas, String, String) {
     let me = s.alice.user.user_id.clone();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    s.peer.send(
-        &me,
-        &s.mxhsm_device,
-        "m.key.verification.request",
-        json!({"from_device": "PHONE", "methods": ["m.sas.v1"], "timestamp": now, "transaction_id": txn}),
-    );
+    request(s, txn, json!(["m.sas.v1"]));
     let e = mx.until("request", T);
     assert_eq!(e["device_id"], "PHONE");
     let ready = s.peer.expect("m.key.verification.ready", T);
@@ -116,6 +107,48 @@ fn up_to_the_keys(
         .diffie_hellman(vodozemac::Curve25519PublicKey::from_base64(&mx_key).unwrap())
         .unwrap();
     (established, phone_key, mx_key)
+}
+
+/// The phone asks mxhsm's device for a verification (`methods` offered).
+fn request(s: &Setup, txn: &str, methods: Value) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    s.peer.send(
+        &s.alice.user.user_id,
+        &s.mxhsm_device,
+        "m.key.verification.request",
+        json!({"from_device": "PHONE", "methods": methods, "timestamp": now, "transaction_id": txn}),
+    );
+}
+
+/// The phone's next message must be a cancel with `code`; mxhsm reports it and exits 3.
+fn cancelled_with(s: &mut Setup, mx: &mut JsonChild, code: &str) {
+    let cancel = s.peer.next(T);
+    assert_eq!(cancel["type"], "m.key.verification.cancel", "{cancel}");
+    assert_eq!(cancel["content"]["code"], code, "{cancel}");
+    let e = mx.until("cancelled", T);
+    assert_eq!(
+        (e["code"].as_str(), e["by_us"].as_bool()),
+        (Some(code), Some(true))
+    );
+}
+
+/// The phone's MAC, vouching for `key` as its device key.
+fn send_mac(s: &Setup, sas: &vodozemac::sas::EstablishedSas, txn: &str, key: String) {
+    let me = &s.alice.user.user_id;
+    let (m, k) = macs(
+        sas,
+        &mac_info((me, "PHONE"), (me, &s.mxhsm_device), txn),
+        &BTreeMap::from([("ed25519:PHONE".to_string(), key)]),
+    );
+    s.peer.send(
+        me,
+        &s.mxhsm_device,
+        "m.key.verification.mac",
+        json!({"transaction_id": txn, "mac": m, "keys": k}),
+    );
 }
 
 fn verify_wait(s: &Setup) -> JsonChild {
@@ -173,18 +206,7 @@ fn a_new_login_is_verified_by_emoji_and_signed_on_the_token() {
 
     // The phone vouches for its device key: mxhsm signs exactly that device.
     let phone_ed = B64.encode(s.peer.key.verifying_key().to_bytes());
-    let ours = BTreeMap::from([("ed25519:PHONE".to_string(), phone_ed.clone())]);
-    let (m, k) = macs(
-        &sas,
-        &mac_info((&me, "PHONE"), (&me, &s.mxhsm_device), "txn-ok"),
-        &ours,
-    );
-    s.peer.send(
-        &me,
-        &s.mxhsm_device,
-        "m.key.verification.mac",
-        json!({"transaction_id": "txn-ok", "mac": m, "keys": k}),
-    );
+    send_mac(&s, &sas, "txn-ok", phone_ed.clone());
     let signed = mx.until("signed", T);
     assert_eq!(
         (signed["device_id"].clone(), signed["key"].clone()),
@@ -204,14 +226,7 @@ fn a_mismatch_signs_nothing() {
     up_to_the_keys(&mut s, &mut mx, "txn-no");
     mx.until("sas", T);
     mx.answer("no");
-    let cancel = s.peer.next(T);
-    assert_eq!(cancel["type"], "m.key.verification.cancel", "{cancel}");
-    assert_eq!(cancel["content"]["code"], "m.mismatched_sas");
-    let e = mx.until("cancelled", T);
-    assert_eq!(
-        (e["code"].clone(), e["by_us"].clone()),
-        (json!("m.mismatched_sas"), json!(true))
-    );
+    cancelled_with(&mut s, &mut mx, "m.mismatched_sas");
     assert_eq!(mx.exit(T), 3);
     assert!(!phone_signed_by_ssk(&s));
 }
@@ -221,27 +236,14 @@ fn a_mismatch_signs_nothing() {
 #[test]
 fn a_wrong_mac_signs_nothing() {
     let mut s = setup(Kind::SoftHsm);
-    let me = s.alice.user.user_id.clone();
     let mut mx = verify_wait(&s);
     let (sas, _, _) = up_to_the_keys(&mut s, &mut mx, "txn-mac");
     mx.until("sas", T);
     mx.answer("yes");
     s.peer.expect("m.key.verification.mac", T);
     let other = B64.encode(common::clients::random_key().verifying_key().to_bytes());
-    let (m, k) = macs(
-        &sas,
-        &mac_info((&me, "PHONE"), (&me, &s.mxhsm_device), "txn-mac"),
-        &BTreeMap::from([("ed25519:PHONE".to_string(), other)]),
-    );
-    s.peer.send(
-        &me,
-        &s.mxhsm_device,
-        "m.key.verification.mac",
-        json!({"transaction_id": "txn-mac", "mac": m, "keys": k}),
-    );
-    let cancel = s.peer.next(T);
-    assert_eq!(cancel["content"]["code"], "m.key_mismatch", "{cancel}");
-    assert_eq!(mx.until("cancelled", T)["code"], "m.key_mismatch");
+    send_mac(&s, &sas, "txn-mac", other);
+    cancelled_with(&mut s, &mut mx, "m.key_mismatch");
     assert_eq!(mx.exit(T), 3);
     assert!(!phone_signed_by_ssk(&s));
 }
@@ -252,16 +254,7 @@ fn an_unknown_method_is_cancelled() {
     let mut s = setup(Kind::SoftHsm);
     let me = s.alice.user.user_id.clone();
     let mut mx = verify_wait(&s);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    s.peer.send(
-        &me,
-        &s.mxhsm_device,
-        "m.key.verification.request",
-        json!({"from_device": "PHONE", "methods": ["m.sas.v1", "m.qr_code.show.v1"], "timestamp": now, "transaction_id": "txn-m"}),
-    );
+    request(&s, "txn-m", json!(["m.sas.v1", "m.qr_code.show.v1"]));
     s.peer.expect("m.key.verification.ready", T);
     s.peer.send(
         &me,
@@ -269,9 +262,7 @@ fn an_unknown_method_is_cancelled() {
         "m.key.verification.start",
         json!({"from_device": "PHONE", "method": "m.reciprocate.v1", "transaction_id": "txn-m", "secret": "AAAA"}),
     );
-    let cancel = s.peer.next(T);
-    assert_eq!(cancel["content"]["code"], "m.unknown_method", "{cancel}");
-    assert_eq!(mx.until("cancelled", T)["code"], "m.unknown_method");
+    cancelled_with(&mut s, &mut mx, "m.unknown_method");
     assert_eq!(mx.exit(T), 3);
 }
 
@@ -303,25 +294,13 @@ fn a_cancel_from_the_other_side_signs_nothing() {
 #[test]
 fn a_silent_peer_times_out() {
     let mut s = setup(Kind::SoftHsm);
-    let me = s.alice.user.user_id.clone();
     let mut cmd = s.alice.cli();
     cmd.args(["--json", "verify", "--wait", "--timeout", "8"]);
     let mut mx = JsonChild::spawn(cmd);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    s.peer.send(
-        &me,
-        &s.mxhsm_device,
-        "m.key.verification.request",
-        json!({"from_device": "PHONE", "methods": ["m.sas.v1"], "timestamp": now, "transaction_id": "txn-t"}),
-    );
+    request(&s, "txn-t", json!(["m.sas.v1"]));
     s.peer.expect("m.key.verification.ready", T);
     // No start follows.
-    let cancel = s.peer.next(T);
-    assert_eq!(cancel["content"]["code"], "m.timeout", "{cancel}");
-    assert_eq!(mx.until("cancelled", T)["code"], "m.timeout");
+    cancelled_with(&mut s, &mut mx, "m.timeout");
     assert_eq!(mx.exit(T), 3);
 }
 
@@ -359,19 +338,8 @@ fn a_server_that_swaps_the_device_key_gets_nothing_signed() {
     mx.answer("yes");
     s.peer.expect("m.key.verification.mac", T);
     let phone_ed = B64.encode(s.peer.key.verifying_key().to_bytes());
-    let (m, k) = macs(
-        &sas,
-        &mac_info((&me, "PHONE"), (&me, &s.mxhsm_device), "txn-evil"),
-        &BTreeMap::from([("ed25519:PHONE".to_string(), phone_ed)]),
-    );
-    s.peer.send(
-        &me,
-        &s.mxhsm_device,
-        "m.key.verification.mac",
-        json!({"transaction_id": "txn-evil", "mac": m, "keys": k}),
-    );
-    let cancel = s.peer.next(T);
-    assert_eq!(cancel["content"]["code"], "m.key_mismatch", "{cancel}");
+    send_mac(&s, &sas, "txn-evil", phone_ed);
+    cancelled_with(&mut s, &mut mx, "m.key_mismatch");
     assert_eq!(mx.exit(T), 3);
     std::fs::write(s.alice.session_path(), saved).unwrap();
     assert!(

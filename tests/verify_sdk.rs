@@ -7,22 +7,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::peer::Peer;
+use common::peer::{Peer, device};
 use common::sas_peer::JsonChild;
 use common::synapse::MxhsmUser;
 use common::{Kind, ok};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(60);
-
-fn device<'a>(status: &'a Value, device_id: &str) -> &'a Value {
-    status["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["device_id"] == device_id)
-        .unwrap_or_else(|| panic!("no {device_id} in {status}"))
-}
 
 /// A user of mxhsm with a published identity, and a new login run by the SDK.
 fn alice_and_new_login(kind: Kind) -> (MxhsmUser, String, Peer, String) {
@@ -67,6 +58,17 @@ fn assert_trusted(new_login: &mut Peer, alice: &MxhsmUser, mxhsm_device: &str) {
     assert_eq!(device(&status, mxhsm_device)["verified"], true, "{status}");
 }
 
+/// The new login asks mxhsm's device for a verification; returns the flow.
+fn request_from(new_login: &mut Peer, alice: &MxhsmUser, mxhsm_device: &str) -> String {
+    new_login.expect(
+        json!({"cmd": "request", "user": alice.user.user_id, "device": mxhsm_device}),
+        "requested",
+    )["flow_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 fn emoji_of(v: &Value) -> Vec<(String, String)> {
     v["emoji"]
         .as_array()
@@ -87,13 +89,7 @@ fn the_new_login_asks_and_mxhsm_answers(kind: Kind) {
     let mut cmd = alice.cli();
     cmd.args(["--json", "verify", "--wait", "--timeout", "90"]);
     let mut mx = JsonChild::spawn(cmd);
-    let flow = new_login.expect(
-        json!({"cmd": "request", "user": alice.user.user_id, "device": mxhsm_device}),
-        "requested",
-    )["flow_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let flow = request_from(&mut new_login, &alice, &mxhsm_device);
     assert_eq!(mx.until("request", T)["device_id"], "ELEMENTX");
     new_login.expect(json!({"cmd": "start_sas", "flow_id": flow}), "sas_started");
     let sdk = new_login.expect(json!({"cmd": "wait_sas", "flow_id": flow}), "sas");
@@ -150,13 +146,7 @@ fn a_mismatch_reaches_the_sdk_and_signs_nothing(kind: Kind) {
     cmd.env_remove("MXHSM_PIN")
         .args(["--json", "verify", "--wait", "--timeout", "90"]);
     let mut mx = JsonChild::spawn(cmd);
-    let flow = new_login.expect(
-        json!({"cmd": "request", "user": alice.user.user_id, "device": mxhsm_device}),
-        "requested",
-    )["flow_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let flow = request_from(&mut new_login, &alice, &mxhsm_device);
     new_login.expect(json!({"cmd": "start_sas", "flow_id": flow}), "sas_started");
     new_login.expect(json!({"cmd": "wait_sas", "flow_id": flow}), "sas");
     mx.until("sas", T);

@@ -322,6 +322,11 @@ fn strings(v: &Value, field: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Whether a request or ready offers `m.sas.v1`.
+fn speaks_sas(content: &Value) -> bool {
+    strings(content, "methods").iter().any(|m| m == sas::METHOD)
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -393,10 +398,7 @@ fn respond(ch: &mut Channel<'_>, ui: &mut dyn VerifyUi) -> Result<Outcome, Accou
         user_id: peer.user.clone(),
         device_id: peer.device.clone(),
     });
-    if !strings(&request.content, "methods")
-        .iter()
-        .any(|m| m == sas::METHOD)
-    {
+    if !speaks_sas(&request.content) {
         return Ok(peer.cancel(ch, "m.unknown_method", "mxhsm speaks only m.sas.v1"));
     }
     ch.send(
@@ -480,22 +482,7 @@ fn accept_and_finish(
         KEY,
         json!({"transaction_id": peer.txn, "key": our_key}),
     )?;
-    let me = ch.me().to_string();
-    let our_device = ch.our_device().to_string();
-    let short = sas::short_auth_string(
-        &established,
-        Party {
-            user_id: &peer.user,
-            device_id: &peer.device,
-            sas_key: &their_key,
-        },
-        Party {
-            user_id: &me,
-            device_id: &our_device,
-            sas_key: &our_key,
-        },
-        &peer.txn,
-    );
+    let short = short_auth_string(ch, peer, &established, &our_key, &their_key, false);
     compare_and_sign(ch, ui, peer, &established, &short)
 }
 
@@ -588,10 +575,7 @@ fn initiate(
         user_id: peer.user.clone(),
         device_id: peer.device.clone(),
     });
-    if !strings(&ready.content, "methods")
-        .iter()
-        .any(|m| m == sas::METHOD)
-    {
+    if !speaks_sas(&ready.content) {
         return Ok(peer.cancel(ch, "m.unknown_method", "mxhsm speaks only m.sas.v1"));
     }
     let start = json!({
@@ -660,23 +644,31 @@ fn started_and_accepted(
     let Some(established) = establish(ours, &their_key) else {
         return Ok(peer.cancel(ch, "m.invalid_message", "the key is not a Curve25519 key"));
     };
-    let me = ch.me().to_string();
-    let our_device = ch.our_device().to_string();
-    let short = sas::short_auth_string(
-        &established,
-        Party {
-            user_id: &me,
-            device_id: &our_device,
-            sas_key: &our_key,
-        },
-        Party {
-            user_id: &peer.user,
-            device_id: &peer.device,
-            sas_key: &their_key,
-        },
-        &peer.txn,
-    );
+    let short = short_auth_string(ch, peer, &established, &our_key, &their_key, true);
     compare_and_sign(ch, ui, peer, &established, &short)
+}
+
+/// The string both users compare; the side that sent the start comes first.
+fn short_auth_string(
+    ch: &Channel<'_>,
+    peer: &Peer,
+    established: &EstablishedSas,
+    our_key: &str,
+    their_key: &str,
+    we_started: bool,
+) -> ShortAuthString {
+    let us = Party {
+        user_id: ch.me(),
+        device_id: ch.our_device(),
+        sas_key: our_key,
+    };
+    let them = Party {
+        user_id: &peer.user,
+        device_id: &peer.device,
+        sas_key: their_key,
+    };
+    let (first, second) = if we_started { (us, them) } else { (them, us) };
+    sas::short_auth_string(established, first, second, &peer.txn)
 }
 
 fn establish(ours: Sas, their_key: &str) -> Option<EstablishedSas> {

@@ -159,3 +159,13 @@ impl Drop for Peer {
         let _ = self.child.wait();
     }
 }
+
+/// One device of a `status` reply.
+pub fn device<'a>(status: &'a Value, device_id: &str) -> &'a Value {
+    status["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device_id"] == device_id)
+        .unwrap_or_else(|| panic!("no {device_id} in {status}"))
+}
