@@ -175,6 +175,13 @@ fn a_new_login_is_verified_by_emoji_and_signed_on_the_token() {
     assert_eq!(shown["decimals"], json!([a, b, c]));
     assert_eq!(shown["emoji"].as_array().unwrap().len(), 7);
     assert!(!phone_signed_by_ssk(&s), "signed before the user answered");
+    // The phone asks for the master key's private half: mxhsm has none to give.
+    s.peer.send(
+        &me,
+        &s.mxhsm_device,
+        "m.secret.request",
+        json!({"action": "request", "name": "m.cross_signing.master", "request_id": "r1", "requesting_device_id": "PHONE"}),
+    );
     mx.answer("yes");
 
     // mxhsm vouches for its device key and for the master key on the token.
@@ -208,6 +215,15 @@ fn a_new_login_is_verified_by_emoji_and_signed_on_the_token() {
     let phone_ed = B64.encode(s.peer.key.verifying_key().to_bytes());
     send_mac(&s, &sas, "txn-ok", phone_ed.clone());
     let signed = mx.until("signed", T);
+    let asked = mx
+        .seen
+        .iter()
+        .find(|e| e["event"] == "secret_request")
+        .unwrap_or_else(|| panic!("the secret request was not reported: {:?}", mx.seen));
+    assert_eq!(
+        (asked["name"].as_str(), asked["shared"].as_bool()),
+        (Some("m.cross_signing.master"), Some(false))
+    );
     assert_eq!(
         (signed["device_id"].clone(), signed["key"].clone()),
         (json!("PHONE"), json!(phone_ed))

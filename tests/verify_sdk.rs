@@ -261,3 +261,31 @@ fn another_user_is_verified_and_their_master_key_signed() {
         &usk
     ));
 }
+
+/// A running `mxhsm watch --verify` answers the new login's request, as `verify --wait`
+/// does, and goes on watching.
+#[test]
+fn a_running_watch_answers_a_new_login() {
+    let (alice, mxhsm_device, mut new_login, _) = alice_and_new_login(Kind::SoftHsm);
+    let mut cmd = alice.cli();
+    cmd.args(["--json", "watch", "--verify"]);
+    let mut mx = JsonChild::spawn(cmd);
+    // The first check reports the new login as unsigned.
+    let first = mx.event(T);
+    assert_eq!(
+        (first["event"].as_str(), first["device_id"].as_str()),
+        (Some("unsigned_device"), Some("ELEMENTX"))
+    );
+    let flow = request_from(&mut new_login, &alice, &mxhsm_device);
+    assert_eq!(mx.until("request", T)["device_id"], "ELEMENTX");
+    new_login.expect(json!({"cmd": "start_sas", "flow_id": flow}), "sas_started");
+    let sdk = new_login.expect(json!({"cmd": "wait_sas", "flow_id": flow}), "sas");
+    let shown = mx.until("sas", T);
+    assert_eq!(emoji_of(&shown), emoji_of(&sdk), "the emoji differ");
+    mx.answer("yes");
+    new_login.expect(json!({"cmd": "confirm", "flow_id": flow}), "confirmed");
+    new_login.expect(json!({"cmd": "wait_done", "flow_id": flow}), "done");
+    assert_eq!(mx.until("signed", T)["device_id"], "ELEMENTX");
+    drop(mx);
+    assert_trusted(&mut new_login, &alice, &mxhsm_device);
+}

@@ -119,6 +119,32 @@ pub fn verify(
     }
 }
 
+/// Answers a request that another sync loop already received (`mxhsm watch --verify`):
+/// `event` is the to-device event as the sync gave it, and the flow goes on syncing from
+/// `since`. Returns how it ended and where its sync stopped.
+pub fn answer(
+    account: &Account,
+    event: &Value,
+    since: Option<String>,
+    ui: &mut dyn VerifyUi,
+    timeout: Duration,
+) -> Result<(Outcome, Option<String>), AccountError> {
+    let mut ch = Channel::open(account, timeout)?;
+    ch.since = since;
+    if let Some(m) = ToDevice::from_event(event) {
+        ch.pending.push_back(m);
+    }
+    let outcome = respond(&mut ch, ui)?;
+    Ok((outcome, ch.since))
+}
+
+/// Whether a to-device event (as a sync gives it) is a verification request from one of
+/// `user_id`'s own devices.
+pub fn is_own_request(event: &Value, user_id: &str) -> bool {
+    event.get("type").and_then(Value::as_str) == Some(REQUEST)
+        && event.get("sender").and_then(Value::as_str) == Some(user_id)
+}
+
 /// One to-device message.
 #[derive(Debug, Clone)]
 struct ToDevice {
@@ -128,6 +154,14 @@ struct ToDevice {
 }
 
 impl ToDevice {
+    fn from_event(e: &Value) -> Option<ToDevice> {
+        Some(ToDevice {
+            sender: e.get("sender")?.as_str()?.to_string(),
+            kind: e.get("type")?.as_str()?.to_string(),
+            content: e.get("content").filter(|c| c.is_object())?.clone(),
+        })
+    }
+
     fn str(&self, field: &str) -> Option<&str> {
         self.content.get(field).and_then(Value::as_str)
     }
@@ -213,20 +247,8 @@ impl<'a> Channel<'a> {
                 .and_then(Value::as_array)
                 .cloned()
                 .unwrap_or_default();
-            for e in events {
-                let (Some(sender), Some(kind), Some(content)) = (
-                    e.get("sender").and_then(Value::as_str),
-                    e.get("type").and_then(Value::as_str),
-                    e.get("content").filter(|c| c.is_object()),
-                ) else {
-                    continue;
-                };
-                self.pending.push_back(ToDevice {
-                    sender: sender.to_string(),
-                    kind: kind.to_string(),
-                    content: content.clone(),
-                });
-            }
+            self.pending
+                .extend(events.iter().filter_map(ToDevice::from_event));
         }
     }
 }

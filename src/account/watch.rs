@@ -411,6 +411,8 @@ pub struct Watcher<'a> {
     /// The events of the last check, by their key: reported when they first appear.
     seen: std::collections::BTreeSet<String>,
     last_check: Option<Instant>,
+    /// Verification requests from our own devices that syncs brought, oldest first.
+    requests: Vec<Value>,
 }
 
 /// What one round of [`Watcher::step`] came to.
@@ -433,6 +435,7 @@ impl<'a> Watcher<'a> {
             state_path: state_path.to_path_buf(),
             seen: Default::default(),
             last_check: None,
+            requests: Vec::new(),
         })
     }
 
@@ -449,6 +452,22 @@ impl<'a> Watcher<'a> {
         }
     }
 
+    /// The verification requests received since the last call (to answer with
+    /// [`crate::account::verify::answer`], or to report).
+    pub fn take_requests(&mut self) -> Vec<Value> {
+        std::mem::take(&mut self.requests)
+    }
+
+    /// Where the sync stands, and where to go on from after something else synced.
+    pub fn since(&self) -> Option<String> {
+        self.state.since.clone()
+    }
+
+    pub fn set_since(&mut self, since: Option<String>) -> Result<(), AccountError> {
+        self.state.since = since;
+        self.state.save(&self.state_path)
+    }
+
     fn round(&mut self) -> Result<Vec<Event>, AccountError> {
         let due = self.last_check.is_none_or(|t| t.elapsed() >= RECHECK);
         let news = if due {
@@ -459,6 +478,16 @@ impl<'a> Watcher<'a> {
                 .client()
                 .sync(self.state.since.as_deref(), &sync_filter())?;
             let news = sync_has_news(&answer, self.account.user_id(), &self.state);
+            let me = self.account.user_id();
+            self.requests.extend(
+                answer
+                    .pointer("/to_device/events")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter(|e| crate::account::verify::is_own_request(e, me))
+                    .cloned(),
+            );
             if let Some(next) = answer.get("next_batch").and_then(Value::as_str) {
                 self.state.since = Some(next.to_string());
                 self.state.save(&self.state_path)?;

@@ -39,8 +39,8 @@ enum VerifyCommand {
 
 /// Shows progress and asks the question: on the terminal, or (with `--json`) as JSON
 /// lines, reading the answer as one line on standard input (`yes` or `no`).
-struct Cli {
-    json: bool,
+pub(super) struct Cli {
+    pub(super) json: bool,
 }
 
 impl Cli {
@@ -163,6 +163,17 @@ pub fn run(global: &GlobalArgs, args: VerifyArgs) -> Result<ExitCode> {
         &mut ui,
         Duration::from_secs(args.timeout),
     )?;
+    Ok(finish(global, &account, &ui, outcome))
+}
+
+/// Says how a verification ended, remembers a verified user for `mxhsm watch`, and
+/// returns the exit code (0 signed, 3 cancelled).
+pub(super) fn finish(
+    global: &GlobalArgs,
+    account: &mxhsm::account::Account,
+    ui: &Cli,
+    outcome: Outcome,
+) -> ExitCode {
     match outcome {
         Outcome::Signed {
             user_id,
@@ -191,14 +202,14 @@ pub fn run(global: &GlobalArgs, args: VerifyArgs) -> Result<ExitCode> {
             if user_id != account.user_id()
                 && let Err(e) = mxhsm::account::watch::remember_verified(
                     &mxhsm::account::watch::default_state_path(),
-                    &account,
+                    account,
                     &user_id,
                     &key,
                 )
             {
                 note!("warning: `mxhsm watch` will not know of this verification: {e}");
             }
-            Ok(ExitCode::SUCCESS)
+            ExitCode::SUCCESS
         }
         Outcome::Cancelled {
             code,
@@ -221,7 +232,17 @@ pub fn run(global: &GlobalArgs, args: VerifyArgs) -> Result<ExitCode> {
                     esc(&reason)
                 );
             }
-            Ok(ExitCode::from(super::exit::PROBLEM))
+            ExitCode::from(super::exit::PROBLEM)
         }
     }
+}
+
+/// Verification asks a person at a terminal, or the program reading `--json`.
+pub(super) fn can_ask(global: &GlobalArgs) -> Result<()> {
+    if !global.json && !std::io::stdin().is_terminal() {
+        bail!(
+            "verification needs a terminal to ask whether the emoji match (or --json, answering on standard input)"
+        );
+    }
+    Ok(())
 }

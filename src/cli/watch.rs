@@ -25,6 +25,10 @@ pub struct WatchArgs {
     /// Where the watch remembers what it saw (default: beside the session).
     #[arg(long, value_name = "FILE")]
     state: Option<PathBuf>,
+    /// Answer verification requests from your new logins while watching (emoji compared
+    /// here, as with `mxhsm verify --wait`). Without it, a request is reported.
+    #[arg(long, conflicts_with = "once")]
+    verify: bool,
 }
 
 /// The exit code of `watch --once` for the loudest class of event (also in the README).
@@ -53,6 +57,9 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> Result<ExitCode> {
             Some(c) => ExitCode::from(exit_code(c)),
         });
     }
+    if args.verify {
+        super::verify::can_ask(global)?;
+    }
     let mut watcher = Watcher::new(&account, &state_path)?;
     if !global.json {
         note!(
@@ -69,6 +76,9 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> Result<ExitCode> {
                 for e in &events {
                     report(global, &args, e);
                 }
+                for request in watcher.take_requests() {
+                    answer(global, &args, &account, &mut watcher, &request)?;
+                }
             }
             Step::Unreachable { error, retry_in } => {
                 failures += 1;
@@ -81,6 +91,48 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> Result<ExitCode> {
             }
         }
     }
+}
+
+/// A verification request a sync brought: answered (`--verify`), or reported.
+fn answer(
+    global: &GlobalArgs,
+    args: &WatchArgs,
+    account: &mxhsm::account::Account,
+    watcher: &mut Watcher<'_>,
+    request: &serde_json::Value,
+) -> Result<()> {
+    let device = request
+        .pointer("/content/from_device")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("?");
+    if !args.verify {
+        if global.json {
+            say!(
+                "{}",
+                mxhsm::text::json_string(
+                    &serde_json::json!({"event": "verification_request", "device_id": device}),
+                    false
+                )
+            );
+        } else {
+            say!(
+                "verification request from your device {}: run `mxhsm watch --verify` to answer such requests here",
+                esc(device)
+            );
+        }
+        return Ok(());
+    }
+    let mut ui = super::verify::Cli { json: global.json };
+    let (outcome, since) = mxhsm::account::verify::answer(
+        account,
+        request,
+        watcher.since(),
+        &mut ui,
+        std::time::Duration::from_secs(300),
+    )?;
+    super::verify::finish(global, account, &ui, outcome);
+    watcher.set_since(since)?;
+    Ok(())
 }
 
 /// Prints `e` (a line, or a JSON line) and runs the hook.
