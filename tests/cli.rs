@@ -467,3 +467,60 @@ fn doctor_flags_keys_with_more_uses_than_their_role() {
         .unwrap();
     assert_eq!(ours["ok"], true, "{ours}");
 }
+
+/// Shell completions and the man page are generated from the command definitions; typos
+/// get suggestions; roles are listed with their short names; the token options have a
+/// heading of their own.
+#[test]
+fn completions_man_page_suggestions_and_roles() {
+    let bin = env!("CARGO_BIN_EXE_mxhsm");
+    let out = |args: &[&str]| {
+        let o = Command::new(bin).args(args).output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    for (shell, marker) in [
+        ("bash", "_mxhsm()"),
+        ("zsh", "#compdef mxhsm"),
+        ("fish", "complete -c mxhsm"),
+    ] {
+        let (code, script, err) = out(&["completions", shell]);
+        assert_eq!(code, Some(0), "{err}");
+        assert!(script.contains(marker), "{shell}: {script:.200}");
+        for sub in ["verify", "watch", "identity", "backup"] {
+            assert!(script.contains(sub), "{shell} completes no {sub}");
+        }
+    }
+    let (code, page, _) = out(&["man"]);
+    assert_eq!(code, Some(0));
+    assert!(page.contains(".TH mxhsm 1"), "{page:.300}");
+    assert!(page.contains("verify") && page.contains("watch"));
+
+    let (code, _, err) = out(&["idenity", "status"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("a similar subcommand exists: 'identity'"),
+        "{err}"
+    );
+
+    let (_, help, _) = out(&["keys", "generate", "--help"]);
+    assert!(
+        help.contains("master:") && help.contains("(also: msk)"),
+        "{help}"
+    );
+    assert!(help.contains("\nToken:\n"), "{help}");
+    // A short name is accepted where a role is asked for (the URI is checked after it).
+    let (code, _, err) = out(&[
+        "keys", "generate", "--user", "@a:b", "--role", "ssk", "--token", "x",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("invalid PKCS#11 URI"), "{err}");
+    let (code, _, err) = out(&[
+        "keys", "generate", "--user", "@a:b", "--role", "boss", "--token", "x",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("invalid value 'boss'"), "{err}");
+}

@@ -80,8 +80,8 @@ pub struct KeyTarget {
     /// The Matrix user ID the key belongs to (@alice:example.org).
     #[arg(long)]
     pub user: String,
-    /// master, self_signing, user_signing or backup.
-    #[arg(long)]
+    /// What the key is for.
+    #[arg(long, value_parser = role_parser())]
     pub role: KeyRole,
 }
 
@@ -116,6 +116,29 @@ impl Placement {
         }
         Ok(o)
     }
+}
+
+/// The roles as the values clap lists (with their short names as aliases).
+fn role_parser() -> impl clap::builder::TypedValueParser<Value = KeyRole> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    let what = |r: KeyRole| match r {
+        KeyRole::Master => "the master key",
+        KeyRole::SelfSigning => "the self-signing key",
+        KeyRole::UserSigning => "the user-signing key",
+        KeyRole::Backup => "the key-backup key",
+    };
+    PossibleValuesParser::new(KeyRole::ALL.map(|r| {
+        let aliases = &r.names()[1..];
+        let help = if aliases.is_empty() {
+            what(r).to_string()
+        } else {
+            format!("{} (also: {})", what(r), aliases.join(", "))
+        };
+        PossibleValue::new(r.as_str())
+            .aliases(aliases.iter().copied())
+            .help(help)
+    }))
+    .try_map(|name| name.parse::<KeyRole>())
 }
 
 #[cfg(feature = "yubikey")]

@@ -47,19 +47,25 @@ pub struct Cli {
 pub struct GlobalArgs {
     /// The token, as a PKCS#11 URI: 'pkcs11:token=NAME;serial=N?module-path=/path/module.so'.
     /// Default: $MXHSM_TOKEN.
-    #[arg(long, global = true, value_name = "URI")]
+    #[arg(long, global = true, value_name = "URI", help_heading = "Token")]
     pub token: Option<String>,
     /// Use the PIV application of the YubiKey with this serial number (firmware 5.7+), or
     /// `any` for the only one plugged in. Default: $MXHSM_YUBIKEY.
-    #[arg(long, global = true, value_name = "SERIAL", conflicts_with = "token")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "SERIAL",
+        conflicts_with = "token",
+        help_heading = "Token"
+    )]
     pub yubikey: Option<String>,
     /// YubiKey: the PIV management key (hex) is in this file. By default mxhsm uses the
     /// factory key while the card says it is set, else the PIN-protected key on the card.
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE", help_heading = "Token")]
     pub management_key_file: Option<PathBuf>,
     /// Read the token PIN from this file (its first line). Otherwise $MXHSM_PIN or a prompt;
     /// never from the command line.
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE", help_heading = "Token")]
     pub pin_file: Option<PathBuf>,
     /// Allow plain http:// to a homeserver that is not on this machine. The password and
     /// access token then cross the network unencrypted.
@@ -97,6 +103,13 @@ pub enum Command {
     /// Verify a new login of yours, or another user, by comparing emoji; on a match it is
     /// signed with the keys on the token.
     Verify(verify::VerifyArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish or powershell).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `mxhsm man > mxhsm.1`.
+    Man,
     /// Watch the account for an identity reset, unsigned devices, a replaced backup, users
     /// whose verified key changed, and copies of token keys in secret storage.
     Watch(watch::WatchArgs),
@@ -114,6 +127,28 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::SecretStorage(cmd) => secret_storage::run(&cli.global, cmd),
         Command::Verify(args) => verify::run(&cli.global, args),
         Command::Watch(args) => watch::run(&cli.global, args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "mxhsm", &mut script);
+            print_all(&script)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+            print_all(&page)
+        }
+    }
+}
+
+/// Writes generated text to standard output; a reader that stops early (`| head`) is not
+/// an error.
+fn print_all(bytes: &[u8]) -> Result<ExitCode> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(ExitCode::SUCCESS),
     }
 }
 
