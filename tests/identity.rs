@@ -535,3 +535,100 @@ fn a_new_login_is_cross_signed_at_once() {
     ]));
     assert!(out.contains("cross-signs this device"), "{out}");
 }
+
+/// `identity status --tree` draws the chains of trust in 80 columns: the master key and
+/// what holds it, the self-signing key with our devices, the user-signing key with the
+/// users we verified, the backup; each verdict with its reason. Captured from a real
+/// 80-column terminal (tmux), it is exactly what was printed: nothing wrapped.
+#[test]
+fn the_trust_tree_fits_80_columns() {
+    let alice = Alice::new(Kind::SoftHsm);
+    let own = alice.login();
+    ok(alice.cli().args(["identity", "create"]));
+    ok(alice.cli().args(["backup", "create"]));
+    let (_phone_token, _) = phone(alice.synapse, &alice.user, "PHONE");
+    let bob = alice.synapse.register("bob");
+    let bob_token = alice.synapse.login(&bob, "BOBPHONE");
+    let bob_msk = software_identity(alice.synapse, &bob, &bob_token);
+    let fp = common::clients::spaced(&B64.encode(bob_msk.verifying_key().to_bytes()));
+    ok(alice
+        .cli()
+        .args(["sign", "user", &bob.user_id, "--fingerprint", &fp]));
+    let master = alice.token_key("master");
+    let (code, out, err) =
+        common::run(
+            alice
+                .cli()
+                .args(["identity", "status", "--tree", "--user", &bob.user_id]),
+        );
+    // An unsigned device is shown, not a problem of the identity (exit 0, as without
+    // --tree).
+    assert_eq!(code, 0, "{out}{err}");
+    for line in out.lines() {
+        assert!(
+            line.chars().count() <= 80,
+            "{} columns: {line}",
+            line.chars().count()
+        );
+    }
+    let has = |s: &str| assert!(out.contains(s), "no {s:?} in\n{out}");
+    has(&alice.user.user_id);
+    has(&format!("master key {} {}", &master[0..4], &master[4..8]));
+    has("on token \"mxhsm-test\"");
+    has("✔ published as the token's");
+    has("├─ self-signing key");
+    has(&format!("device {own} (this mxhsm)"));
+    has("device PHONE");
+    has("✘ unsigned");
+    has("└─ user-signing key");
+    has(&format!("{} master", bob.user_id));
+    has("✔ auth_data signed by the master key");
+    assert!(out.lines().next().unwrap() == alice.user.user_id, "{out}");
+
+    // The same in a real 80-column terminal: what tmux shows is line for line what was
+    // printed (a line over 80 columns would show as two).
+    let session = format!("mxhsm-tree-{}", std::process::id());
+    let script = alice.token.dir.path().join("tree.sh");
+    let cmd = format!(
+        "{:?}",
+        alice
+            .cli()
+            .args(["identity", "status", "--tree", "--user", &bob.user_id])
+    );
+    std::fs::write(&script, format!("{cmd}\necho __done__\nsleep 60\n")).unwrap();
+    let tmux = |args: &[&str]| {
+        std::process::Command::new("tmux")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "80",
+        "-y",
+        "100",
+        "sh",
+        script.to_str().unwrap(),
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    let start = std::time::Instant::now();
+    let screen = loop {
+        let shown = String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout)
+            .into_owned();
+        if shown.contains("__done__") || start.elapsed() > std::time::Duration::from_secs(30) {
+            break shown;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let _ = tmux(&["kill-session", "-t", &session]);
+    let shown: Vec<&str> = screen.lines().take_while(|l| *l != "__done__").collect();
+    let printed: Vec<&str> = out.lines().map(str::trim_end).collect();
+    assert_eq!(
+        shown, printed,
+        "the terminal shows something else:\n{screen}"
+    );
+}

@@ -52,6 +52,10 @@ pub enum IdentityCommand {
         /// Also show these users (and their devices).
         #[arg(long = "user", value_name = "USER_ID")]
         users: Vec<String>,
+        /// Draw the chains of trust as a tree that fits 80 columns: what holds each key,
+        /// and each link's verdict with its reason.
+        #[arg(long, conflicts_with = "json")]
+        tree: bool,
     },
 }
 
@@ -286,10 +290,20 @@ pub fn run_identity(global: &GlobalArgs, cmd: IdentityCommand) -> Result<ExitCod
             )?;
             report_published(global, &p);
         }
-        IdentityCommand::Status { users } => {
+        IdentityCommand::Status { users, tree } => {
             let account = open_account(global)?;
             let status = identity::status(&account, &users)?;
-            print_status(global, &status);
+            if tree {
+                let keys = account.keys().list_keys(Some(account.user_id()))?;
+                let backup = mxhsm::account::backup::status(&account)?;
+                for line in
+                    super::tree::lines(&status, &keys, account.keys().summary(), backup.as_ref())
+                {
+                    say!("{line}");
+                }
+            } else {
+                print_status(global, &status);
+            }
             if status.has_problems() {
                 return Ok(ExitCode::from(exit::PROBLEM));
             }

@@ -10,6 +10,7 @@ mod output;
 mod secret_storage;
 mod secrets;
 mod token;
+mod tree;
 mod verify;
 mod watch;
 

@@ -1,0 +1,261 @@
+//! `identity status --tree`: the account's chains of trust as a tree that fits 80 columns,
+//! with what holds each private key and each link's verdict with its reason.
+
+use mxhsm::account::backup::BackupStatus;
+use mxhsm::account::identity::Status;
+use mxhsm::matrix::cross_signing::Trust;
+use mxhsm::matrix::keys::Ed25519PublicKey;
+use mxhsm::token::{KeyBackend, KeyInfo, KeyRole, TokenSummary};
+
+use super::output::esc;
+
+/// The width the tree is made to fit.
+pub const WIDTH: usize = 80;
+
+/// One node: a line (what it is), the lines under it (what holds it, the verdict), and
+/// its children.
+struct Node {
+    label: String,
+    notes: Vec<String>,
+    children: Vec<Node>,
+}
+
+impl Node {
+    fn new(label: String) -> Node {
+        Node {
+            label,
+            notes: Vec::new(),
+            children: Vec::new(),
+        }
+    }
+
+    fn note(mut self, note: String) -> Node {
+        self.notes.push(note);
+        self
+    }
+}
+
+/// The start of a key, enough to tell keys apart and compare with another screen.
+fn short(key: &Ed25519PublicKey) -> String {
+    let b = key.to_base64();
+    format!("{} {} {}…", &b[0..4], &b[4..8], &b[8..12])
+}
+
+fn verdict(t: &Trust) -> String {
+    match t {
+        Trust::Verified => "✔ verified".into(),
+        Trust::ChainBroken(r) => format!("✘ broken: {}", esc(r)),
+        Trust::Unsigned(r) => format!("✘ unsigned: {}", esc(r)),
+    }
+}
+
+/// What holds the private key of `key`, in a few words.
+fn holder(key: &KeyInfo, token: &TokenSummary) -> String {
+    let p = &key.protection;
+    let read = p.sensitive.is_some() || p.extractable.is_some();
+    let protection = if !read {
+        // A PKCS#11 token shows a private key's attributes only after login.
+        "its attributes need a login to read".to_string()
+    } else if key.protection.problems(key.algorithm()).is_empty() {
+        "non-extractable".to_string()
+    } else {
+        format!(
+            "WEAK: {}",
+            key.protection.problems(key.algorithm()).join("; ")
+        )
+    };
+    match &key.backend {
+        KeyBackend::Pkcs11 { .. } => format!(
+            "on token {:?} (serial {}), {}, {protection}",
+            esc(&token.label),
+            esc(&token.serial),
+            key.origin.as_str()
+        ),
+        KeyBackend::Piv { slot, pin, touch } => format!(
+            "on YubiKey {} slot {slot}, {}, PIN {}, touch {}",
+            esc(&token.serial),
+            key.origin.as_str(),
+            pin.map(|p| p.as_str()).unwrap_or("?"),
+            touch.map(|t| t.as_str()).unwrap_or("?")
+        ),
+    }
+}
+
+/// The tree's lines: our identity (the master key, the self-signing key with our
+/// devices, the user-signing key with the users we verified), then the backup.
+pub fn lines(
+    status: &Status,
+    keys: &[KeyInfo],
+    token: &TokenSummary,
+    backup: Option<&BackupStatus>,
+) -> Vec<String> {
+    let own = &status.own;
+    let report = &status.report;
+    let on_token = |role: KeyRole| {
+        keys.iter()
+            .filter(|k| k.role == role)
+            .max_by_key(|k| k.created_ms)
+            .map(|k| holder(k, token))
+            .unwrap_or_else(|| "not on the token".into())
+    };
+    let mut master =
+        Node::new(format!("master key {}", short(&own.master))).note(on_token(KeyRole::Master));
+    if report.own_identity.is_empty() {
+        master = master.note("✔ published as the token's".into());
+    }
+    for p in &report.own_identity {
+        master = master.note(format!("✘ {}", esc(p)));
+    }
+    let mut ssk = Node::new(match &own.self_signing {
+        Some(k) => format!("self-signing key {}", short(k)),
+        None => "self-signing key: none on the token".into(),
+    })
+    .note(on_token(KeyRole::SelfSigning));
+    for d in report.devices.iter().filter(|d| d.user_id == own.user_id) {
+        let this = if d.device_id == status.this_device {
+            " (this mxhsm)"
+        } else {
+            ""
+        };
+        let name = d
+            .display_name
+            .as_deref()
+            .map(|n| format!(" {:?}", esc(n)))
+            .unwrap_or_default();
+        ssk.children.push(
+            Node::new(format!("device {}{this}{name}", esc(&d.device_id))).note(verdict(&d.trust)),
+        );
+    }
+    let mut usk = Node::new(match &own.user_signing {
+        Some(k) => format!("user-signing key {}", short(k)),
+        None => "user-signing key: none on the token".into(),
+    })
+    .note(on_token(KeyRole::UserSigning));
+    for u in &report.users {
+        let mut user = Node::new(format!(
+            "{} master {}",
+            esc(&u.user_id),
+            u.master_key
+                .as_ref()
+                .map(short)
+                .unwrap_or_else(|| "none".into())
+        ))
+        .note(verdict(&u.trust));
+        for d in report.devices.iter().filter(|d| d.user_id == u.user_id) {
+            user.children
+                .push(Node::new(format!("device {}", esc(&d.device_id))).note(verdict(&d.trust)));
+        }
+        usk.children.push(user);
+    }
+    master.children = vec![ssk, usk];
+    let backup = match backup {
+        None => Node::new("key backup: none on the server".into()),
+        Some(b) => {
+            let mut n = Node::new(format!(
+                "key backup version {} ({} keys)",
+                esc(&b.version),
+                b.count
+            ))
+            .note(if b.is_token_key() {
+                on_token(KeyRole::Backup)
+            } else {
+                format!(
+                    "✘ encrypted to {}, not to a key on the token",
+                    esc(&b.public_key)
+                )
+            });
+            n = n.note(match &b.signed_by_master {
+                Ok(()) => "✔ auth_data signed by the master key".into(),
+                Err(e) => format!("✘ auth_data not trusted: {}", esc(&e.to_string())),
+            });
+            n
+        }
+    };
+    let root = Node {
+        label: esc(&own.user_id).into_owned(),
+        notes: Vec::new(),
+        children: vec![master, backup],
+    };
+    let mut out = Vec::new();
+    render(&root, "", "", &mut out);
+    out
+}
+
+fn render(node: &Node, first: &str, rest: &str, out: &mut Vec<String>) {
+    push_wrapped(out, first, rest, &node.label);
+    let below = if node.children.is_empty() {
+        format!("{rest}  ")
+    } else {
+        format!("{rest}│ ")
+    };
+    for n in &node.notes {
+        push_wrapped(out, &below, &format!("{below}  "), n);
+    }
+    for (i, child) in node.children.iter().enumerate() {
+        let last = i + 1 == node.children.len();
+        let (branch, cont) = if last {
+            ("└─ ", "   ")
+        } else {
+            ("├─ ", "│  ")
+        };
+        render(
+            child,
+            &format!("{rest}{branch}"),
+            &format!("{rest}{cont}"),
+            out,
+        );
+    }
+}
+
+/// `text` after `first`, wrapped at word boundaries to [`WIDTH`] columns; continuation
+/// lines start with `rest`. A word longer than a line is cut.
+fn push_wrapped(out: &mut Vec<String>, first: &str, rest: &str, text: &str) {
+    let cols = |s: &str| s.chars().count();
+    let mut line = first.to_string();
+    let mut fresh = true;
+    for word in text.split(' ') {
+        if !fresh && cols(&line) + 1 + cols(word) > WIDTH {
+            out.push(std::mem::replace(&mut line, rest.to_string()));
+            fresh = true;
+        }
+        if !fresh {
+            line.push(' ');
+        }
+        let mut chars: Vec<char> = word.chars().collect();
+        while cols(&line) + chars.len() > WIDTH {
+            let room = WIDTH.saturating_sub(cols(&line)).max(1).min(chars.len());
+            line.extend(chars.drain(..room));
+            out.push(std::mem::replace(&mut line, rest.to_string()));
+        }
+        line.extend(chars);
+        fresh = false;
+    }
+    out.push(line);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrapped_lines_fit_and_keep_every_word() {
+        let mut out = Vec::new();
+        let text = "✘ unsigned: the device is not signed by the self-signing key of the user, which it should be, and a-very-long-word-that-does-not-fit-anywhere-at-all-in-eighty-columns-of-a-terminal-window";
+        push_wrapped(&mut out, "│  ├─ ", "│  │    ", text);
+        assert!(out.len() > 2, "{out:?}");
+        for l in &out {
+            assert!(l.chars().count() <= WIDTH, "{l:?}");
+        }
+        let joined: String = out
+            .iter()
+            .map(|l| l.trim_start_matches(['│', '├', '─', ' ']))
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(joined.contains("self-signing key of the user"), "{joined}");
+        assert_eq!(
+            joined.replace(' ', "").len(),
+            text.replace(' ', "").len(),
+            "{joined}"
+        );
+    }
+}
