@@ -395,3 +395,59 @@ fn a_watch_survives_a_failing_server() {
     assert_eq!(*failed.lock().unwrap(), 12, "the server never failed");
     assert!(err.contains("cannot be reached"), "{err}");
 }
+
+/// `mxhsm doctor` checks the account against the token, one line each, and names the
+/// command that fixes each problem.
+#[test]
+fn the_account_doctor_names_each_problem_and_its_fix() {
+    let alice = MxhsmUser::new(Kind::SoftHsm);
+    alice.login();
+    ok(alice.cli().args(["identity", "create"]));
+    let doctor = |alice: &MxhsmUser| {
+        let (code, out, err) = run(alice.cli().args(["--json", "doctor"]));
+        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+        let checks: std::collections::BTreeMap<String, (bool, String)> = v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["name"].as_str().unwrap().to_string(),
+                    (
+                        c["ok"].as_bool().unwrap(),
+                        c["detail"].as_str().unwrap().to_string(),
+                    ),
+                )
+            })
+            .collect();
+        (code, checks)
+    };
+    let (code, checks) = doctor(&alice);
+    assert_eq!(code, 3, "{checks:?}");
+    for ok_name in ["session", "identity", "this device", "secret storage"] {
+        assert!(checks[ok_name].0, "{ok_name}: {checks:?}");
+    }
+    assert!(!checks["backup"].0);
+    assert!(
+        checks["backup"].1.contains("mxhsm backup create"),
+        "{checks:?}"
+    );
+
+    ok(alice.cli().args(["backup", "create"]));
+    let (code, checks) = doctor(&alice);
+    assert_eq!(code, 0, "{checks:?}");
+    assert!(checks.values().all(|(ok, _)| *ok), "{checks:?}");
+    assert!(checks.contains_key("backup preference"));
+
+    let (phone_token, _) = phone(alice.synapse, &alice.user, "PHONE");
+    reset_identity(alice.synapse, &alice.user, &phone_token);
+    let (code, checks) = doctor(&alice);
+    assert_eq!(code, 3);
+    assert!(!checks["identity"].0);
+    assert!(
+        checks["identity"]
+            .1
+            .contains("mxhsm identity publish --replace"),
+        "{checks:?}"
+    );
+}

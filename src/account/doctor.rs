@@ -1,5 +1,7 @@
-//! The token's doctor: a self-test with temporary keys, and an audit of every mxhsm key
-//! on the token (and, on a YubiKey, of its credentials and slot map).
+//! The doctors: the token's (a self-test with temporary keys, and an audit of every mxhsm
+//! key on the token and, on a YubiKey, of its credentials and slot map), and the
+//! account's ([`account`]: the session, the identity, this device, the backup, secret
+//! storage, as the server has them against the token).
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use x25519_dalek::{PublicKey as XPublic, StaticSecret};
@@ -28,6 +30,188 @@ pub enum Fix {
         map: std::path::PathBuf,
         slot: crate::token::RetiredSlot,
     },
+    /// The session is not valid any more: log in again.
+    LogIn,
+    /// The server does not publish the token's identity: publish it (or take it back).
+    PublishIdentity,
+    /// mxhsm's own device is not cross-signed.
+    SignThisDevice,
+    /// There is no backup with its key on the token, or it is not trusted.
+    CreateBackup,
+    /// Secret storage holds copies of keys that are on the token.
+    RemoveSecretCopies,
+}
+
+/// The account's doctor: one line per thing that must hold for the hardware identity to
+/// work with other clients. Reads only.
+pub fn account(account: &super::Account) -> Result<Vec<Check>, AccountError> {
+    use super::watch::{self, Event};
+    let mut checks = Vec::new();
+    let line = |name: &str, ok: bool, detail: String, fix: Option<Fix>| Check {
+        name: name.into(),
+        ok,
+        detail,
+        fix,
+    };
+    let esc = |s: &str| crate::text::escape(s).into_owned();
+    match account.client().whoami() {
+        Ok((user, device))
+            if user == account.user_id() && device.as_deref() == Some(account.device_id()) =>
+        {
+            checks.push(line(
+                "session",
+                true,
+                format!(
+                    "valid on {} as device {}",
+                    esc(account.client().homeserver()),
+                    esc(account.device_id())
+                ),
+                None,
+            ))
+        }
+        Ok((user, device)) => checks.push(line(
+            "session",
+            false,
+            format!(
+                "the server says this session is {} device {}",
+                esc(&user),
+                esc(device.as_deref().unwrap_or("?"))
+            ),
+            Some(Fix::LogIn),
+        )),
+        Err(e) => {
+            checks.push(line("session", false, e.to_string(), Some(Fix::LogIn)));
+            return Ok(checks);
+        }
+    }
+    // The watch's pass, on a scratch state: the identity, devices, backup, secret storage.
+    let mut state = watch::WatchState::default();
+    let events = watch::check(account, &mut state)?;
+    let identity: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::IdentityReset { published, .. } => Some(format!(
+                "the server publishes the master key {} instead of the token's",
+                published
+                    .map(|k| k.to_base64())
+                    .unwrap_or_else(|| "(none)".into())
+            )),
+            Event::IdentityChanged { problems } => Some(esc(&problems.join("; "))),
+            _ => None,
+        })
+        .collect();
+    checks.push(if identity.is_empty() {
+        line("identity", true, "published as the token's".into(), None)
+    } else {
+        line(
+            "identity",
+            false,
+            identity.join("; "),
+            Some(Fix::PublishIdentity),
+        )
+    });
+    let this_unsigned = events.iter().any(|e| {
+        matches!(e, Event::UnsignedDevice { device_id, .. } if device_id == account.device_id())
+    });
+    checks.push(if this_unsigned {
+        line(
+            "this device",
+            false,
+            format!(
+                "{} is not signed by the self-signing key",
+                esc(account.device_id())
+            ),
+            Some(Fix::SignThisDevice),
+        )
+    } else {
+        line(
+            "this device",
+            true,
+            "cross-signed by the token's self-signing key".into(),
+            None,
+        )
+    });
+    let backup: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::BackupUntrusted { version, reason } => Some(format!(
+                "version {} is not trusted: {}",
+                esc(version),
+                esc(&reason.to_string())
+            )),
+            Event::BackupNotTokenKey { version, .. } => Some(format!(
+                "version {} is not encrypted to the token's backup key",
+                esc(version)
+            )),
+            _ => None,
+        })
+        .collect();
+    checks.push(match (&state.backup_version, backup.is_empty()) {
+        (None, _) => line(
+            "backup",
+            false,
+            "the server has no key backup".into(),
+            Some(Fix::CreateBackup),
+        ),
+        (Some(v), true) => line(
+            "backup",
+            true,
+            format!(
+                "version {} with its key on the token, auth_data signed by the master key",
+                esc(v)
+            ),
+            None,
+        ),
+        (Some(_), false) => line("backup", false, backup.join("; "), Some(Fix::CreateBackup)),
+    });
+    if state.backup_version.is_some() {
+        let flag = account
+            .client()
+            .account_data(account.user_id(), super::backup::BACKUP_PREFERENCE)?;
+        let on = flag
+            .as_ref()
+            .and_then(|v| v.get("enabled"))
+            .and_then(serde_json::Value::as_bool)
+            == Some(true);
+        checks.push(if on {
+            line(
+                "backup preference",
+                true,
+                "m.key_backup says other clients use it".into(),
+                None,
+            )
+        } else {
+            line(
+                "backup preference",
+                false,
+                "m.key_backup does not tell other clients to use the backup".into(),
+                Some(Fix::CreateBackup),
+            )
+        });
+    }
+    let copies: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SecretStorageCopy { secret, .. } => Some(*secret),
+            _ => None,
+        })
+        .collect();
+    checks.push(if copies.is_empty() {
+        line(
+            "secret storage",
+            true,
+            "holds no copy of a key on the token".into(),
+            None,
+        )
+    } else {
+        line(
+            "secret storage",
+            false,
+            format!("holds copies of keys on the token: {}", copies.join(", ")),
+            Some(Fix::RemoveSecretCopies),
+        )
+    });
+    Ok(checks)
 }
 
 fn check(name: impl Into<String>, r: Result<String, AccountError>) -> Check {

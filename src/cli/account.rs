@@ -11,7 +11,7 @@ use secrecy::SecretString;
 use serde_json::json;
 
 use super::output::{self, esc, note, say};
-use super::{GlobalArgs, client_options, open_store, secrets};
+use super::{GlobalArgs, client_options, open_account, open_store, secrets};
 
 #[derive(Debug, Args)]
 pub struct LoginArgs {
@@ -178,4 +178,40 @@ pub fn logout(global: &GlobalArgs) -> Result<ExitCode> {
         },
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `mxhsm doctor`: the account's checks, one line each, with the command that fixes each
+/// problem.
+pub fn doctor(global: &GlobalArgs) -> Result<ExitCode> {
+    let account = open_account(global)?;
+    let checks = mxhsm::account::doctor::account(&account)?;
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    output::emit(
+        global.json,
+        json!({
+            "user_id": account.user_id(),
+            "ok": failed == 0,
+            "checks": checks.iter().map(|c| json!({
+                "name": c.name, "ok": c.ok, "detail": super::token::detail(c),
+            })).collect::<Vec<_>>(),
+        }),
+        || {
+            let rows: Vec<Vec<String>> = checks
+                .iter()
+                .map(|c| {
+                    vec![
+                        if c.ok { "ok" } else { "PROBLEM" }.to_string(),
+                        c.name.clone(),
+                        super::token::detail(c),
+                    ]
+                })
+                .collect();
+            output::table(&["", "CHECK", "DETAIL"], &rows);
+        },
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(super::exit::PROBLEM)
+    })
 }

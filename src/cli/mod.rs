@@ -104,6 +104,10 @@ pub enum Command {
     /// Verify a new login of yours, or another user, by comparing emoji; on a match it is
     /// signed with the keys on the token.
     Verify(verify::VerifyArgs),
+    /// Check the account against the token: the session, the published identity, this
+    /// device, the backup and its flag for other clients, secret storage. Exits with 3 on
+    /// a problem. (`mxhsm token doctor` checks the token itself.)
+    Doctor,
     /// Print a shell completion script (bash, zsh, fish, elvish or powershell).
     Completions {
         /// The shell to complete for.
@@ -128,6 +132,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::SecretStorage(cmd) => secret_storage::run(&cli.global, cmd),
         Command::Verify(args) => verify::run(&cli.global, args),
         Command::Watch(args) => watch::run(&cli.global, args),
+        Command::Doctor => account::doctor(&cli.global),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut script = Vec::new();

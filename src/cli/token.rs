@@ -234,9 +234,19 @@ fn token_json(t: &TokenEntry) -> serde_json::Value {
 }
 
 /// A doctor line with its remedy as a command.
-fn detail(c: &Check) -> String {
+pub(super) fn detail(c: &Check) -> String {
+    let with = |cmd: &str| format!("{}; {cmd}", c.detail);
     match &c.fix {
         None => c.detail.clone(),
+        Some(Fix::LogIn) => with("log in again with `mxhsm login --replace`"),
+        Some(Fix::PublishIdentity) => with(
+            "`mxhsm identity publish --replace` publishes the token's identity (it lists what is lost first)",
+        ),
+        Some(Fix::SignThisDevice) => with("`mxhsm identity publish` cross-signs this device"),
+        Some(Fix::CreateBackup) => with("`mxhsm backup create` makes or re-signs one"),
+        Some(Fix::RemoveSecretCopies) => with(
+            "remove them from secret storage in a client that has your recovery key (the token's keys are the ones to keep)",
+        ),
         Some(Fix::AdoptSlot(slot)) => format!(
             "{}; `mxhsm keys adopt --slot {slot} --user … --role …` maps it",
             c.detail
