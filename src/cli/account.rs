@@ -200,7 +200,7 @@ pub fn doctor(global: &GlobalArgs) -> Result<ExitCode> {
                 .iter()
                 .map(|c| {
                     vec![
-                        if c.ok { "ok" } else { "PROBLEM" }.to_string(),
+                        if c.ok { "✔ ok" } else { "✘ PROBLEM" }.to_string(),
                         c.name.clone(),
                         super::token::detail(c),
                     ]

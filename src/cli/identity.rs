@@ -299,7 +299,7 @@ pub fn run_identity(global: &GlobalArgs, cmd: IdentityCommand) -> Result<ExitCod
                 for line in
                     super::tree::lines(&status, &keys, account.keys().summary(), backup.as_ref())
                 {
-                    say!("{line}");
+                    output::say_verdict(&line);
                 }
             } else {
                 print_status(global, &status);

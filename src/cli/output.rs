@@ -44,7 +44,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&format!("{c:<w$}  ", w = widths[i]));
             }
         }
-        say!("{}", out.trim_end());
+        say_verdict(out.trim_end());
     };
     line(header.to_vec());
     for row in &rows {
@@ -104,6 +104,35 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// A line on standard output, made terminal-safe, with its verdict in colour: a `✔` and
+/// what follows in green, a `✘` and what follows in red (up to two spaces, the end of a
+/// table cell, or the end of the line). The colour goes only to a terminal, and never with
+/// `NO_COLOR` (`CLICOLOR_FORCE` forces it).
+pub fn say_verdict(line: &str) {
+    use std::io::Write;
+    let safe = text::terminal_safe(line);
+    let green = anstyle::AnsiColor::Green.on_default();
+    let red = anstyle::AnsiColor::Red.on_default().bold();
+    let split = safe
+        .find('✔')
+        .map(|i| (i, green))
+        .or_else(|| safe.find('✘').map(|i| (i, red)));
+    let mut out = anstream::stdout().lock();
+    let _ = match split {
+        Some((i, style)) => {
+            let end = safe[i..].find("  ").map_or(safe.len(), |j| i + j);
+            writeln!(
+                out,
+                "{}{style}{}{style:#}{}",
+                &safe[..i],
+                &safe[i..end],
+                &safe[end..]
+            )
+        }
+        None => writeln!(out, "{safe}"),
+    };
 }
 
 #[cfg(test)]
