@@ -1047,3 +1047,52 @@ fn signatures_are_read_back() {
     let err = fails(u.cli().args(["sign", "device", "PHONE", "--yes"]));
     assert!(err.contains("does not serve it back"), "{err}");
 }
+
+/// Server discovery: `--homeserver NAME` asks `https://NAME/.well-known/matrix/client`
+/// for the client API; what it names is checked like a URL the user typed (plain http
+/// only to this machine), and a broken answer is an error, before any password.
+#[test]
+fn well_known_discovery_is_checked_like_a_typed_url() {
+    let u = MxhsmUser::new(Kind::SoftHsm);
+    let (ca, tls) = common::hostile::private_ca(u.token.dir.path());
+    let answer = std::sync::Arc::new(std::sync::Mutex::new(
+        json!({"m.homeserver": {"base_url": u.synapse.url}}),
+    ));
+    let served = answer.clone();
+    let server = Hostile::start_tls(&u.synapse.url, tls, move |r| {
+        if r.path == "/.well-known/matrix/client" {
+            Reply::Json(200, served.lock().unwrap().clone())
+        } else {
+            Reply::Forward
+        }
+    });
+    let name = server.url.trim_start_matches("https://").to_string();
+    let login = |u: &MxhsmUser| {
+        common::run(u.cli().env("SSL_CERT_FILE", &ca).args([
+            "--json",
+            "login",
+            "--homeserver",
+            &name,
+            "--user",
+            &u.user.localpart,
+        ]))
+    };
+    // A base URL over plain http to another machine is refused; so is an answer without
+    // one. Nothing is logged in.
+    *answer.lock().unwrap() = json!({"m.homeserver": {"base_url": "http://matrix.evil.example"}});
+    let (code, _, err) = login(&u);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("http://matrix.evil.example"), "{err}");
+    *answer.lock().unwrap() = json!({"m.identity_server": {}});
+    let (code, _, err) = login(&u);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no m.homeserver.base_url"), "{err}");
+    assert!(!u.session_path().exists());
+    // The real answer: the session is on the client API it names.
+    *answer.lock().unwrap() = json!({"m.homeserver": {"base_url": u.synapse.url}});
+    let (code, out, err) = login(&u);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["homeserver"], u.synapse.url.as_str());
+    assert_eq!(v["user_id"], u.user.user_id.as_str());
+}

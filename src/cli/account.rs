@@ -15,9 +15,11 @@ use super::{GlobalArgs, client_options, open_account, open_store, secrets};
 
 #[derive(Debug, Args)]
 pub struct LoginArgs {
-    /// The homeserver's client API URL, e.g. https://matrix.example.org.
+    /// The homeserver: its client API URL (https://matrix.example.org), or a server name
+    /// (example.org) looked up in its /.well-known/matrix/client. Default: the server of
+    /// --user when that is a full user ID (@alice:example.org).
     #[arg(long)]
-    pub homeserver: String,
+    pub homeserver: Option<String>,
     /// The user ID or localpart to log in as.
     #[arg(long)]
     pub user: Option<String>,
@@ -72,8 +74,19 @@ pub fn login(global: &GlobalArgs, args: LoginArgs) -> Result<ExitCode> {
         } else {
             None
         };
+    let server = match (&args.homeserver, args.user.as_deref()) {
+        (Some(h), _) => h.clone(),
+        (None, Some(u)) if u.starts_with('@') && u.contains(':') => u
+            .split_once(':')
+            .map(|(_, s)| s.to_string())
+            .unwrap_or_default(),
+        _ => anyhow::bail!(
+            "which homeserver? Pass --homeserver, or --user as a full user ID (@alice:example.org)"
+        ),
+    };
+    let homeserver = mxhsm::homeserver::discover(&server, &options)?;
     let request = LoginRequest {
-        homeserver: &args.homeserver,
+        homeserver: homeserver.as_str(),
         user: args.user.as_deref(),
         credential,
         device_id: args.device_id.as_deref(),
@@ -84,12 +97,10 @@ pub fn login(global: &GlobalArgs, args: LoginArgs) -> Result<ExitCode> {
         replace: args.replace,
         options: options.clone(),
     };
-    if mxhsm::homeserver::HomeserverUrl::parse(&args.homeserver, options.insecure_http)?
-        .is_insecure()
-    {
+    if homeserver.is_insecure() {
         note!(
             "warning: {} is plain http:// to another machine: your password and access token cross the network unencrypted",
-            esc(&args.homeserver)
+            esc(homeserver.as_str())
         );
     }
     let outcome = login::login(request, &path, store)?;

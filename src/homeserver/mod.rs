@@ -952,6 +952,73 @@ pub trait BackupSink: Write {
     fn finish(self: Box<Self>) -> std::io::Result<()>;
 }
 
+/// Server discovery (spec "Server discovery": `/.well-known/matrix/client`).
+impl Client {
+    /// `GET /.well-known/matrix/client` on this origin (not under the client API), read up
+    /// to [`Limit::Small`]; `None` when the origin serves none (any status but 200).
+    pub fn well_known(&self) -> Result<Option<Value>, HomeserverError> {
+        let url = format!("{}/.well-known/matrix/client", self.url.as_str());
+        let endpoint = "GET /.well-known/matrix/client".to_string();
+        match self.agent.get(&url).call() {
+            Ok(mut resp) if resp.status().as_u16() == 200 => {
+                parse_json(resp.body_mut(), Limit::Small.bytes())
+                    .map(Some)
+                    .map_err(|e| HomeserverError::BadResponse {
+                        endpoint,
+                        reason: match e {
+                            ReadFailure::Bad(r) => r,
+                            ReadFailure::TooLarge => "larger than 1 MiB".into(),
+                            _ => "the answer was cut off".into(),
+                        },
+                    })
+            }
+            Ok(_) => Ok(None),
+            Err(e) => Err(HomeserverError::Network {
+                endpoint,
+                reason: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// Where the client API of `input` is. A URL (`https://matrix.example.org`) is used as it
+/// is. A server name (`example.org`, `example.org:8448`, the part of a user ID after the
+/// colon) is looked up at `https://NAME/.well-known/matrix/client`: its
+/// `m.homeserver.base_url`, checked like a URL given by the user (https, or plain http
+/// only to this machine), or `https://NAME` itself when it serves none.
+pub fn discover(input: &str, options: &ClientOptions) -> Result<HomeserverUrl, HomeserverError> {
+    let input = input.trim();
+    if input.contains("://") {
+        return HomeserverUrl::parse(input, options.insecure_http);
+    }
+    let bad = |reason: &str| HomeserverError::BadUrl {
+        url: input.to_string(),
+        reason: reason.to_string(),
+    };
+    if input.is_empty()
+        || input.contains(['/', '?', '#', '@'])
+        || input.chars().any(char::is_whitespace)
+    {
+        return Err(bad(
+            "it is neither a homeserver URL (https://…) nor a server name (example.org)",
+        ));
+    }
+    let origin = HomeserverUrl::parse(&format!("https://{input}"), false)?;
+    let client = Client::new(origin.as_str(), None, options)?;
+    let Some(found) = client.well_known()? else {
+        return Ok(origin);
+    };
+    let base = found
+        .get("m.homeserver")
+        .and_then(|h| h.get("base_url"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| HomeserverError::BadResponse {
+            endpoint: "GET /.well-known/matrix/client".into(),
+            reason: "it has no m.homeserver.base_url".into(),
+        })?;
+    HomeserverUrl::parse(base, options.insecure_http)
+}
+
 /// Sync: the long poll `watch` waits on.
 impl Client {
     /// How long a sync may wait for news: under the idle timeout, so that a quiet server is
