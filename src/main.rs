@@ -8,9 +8,13 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let args = cli::Cli::parse();
+    let args = match cli::Cli::try_parse() {
+        Ok(args) => args,
+        Err(e) => return cli::usage_error(e),
+    };
+    let json = args.global.json;
     match cli::run(args) {
         Ok(code) => code,
-        Err(e) => cli::report(&e),
+        Err(e) => cli::report(&e, json),
     }
 }

@@ -524,3 +524,50 @@ fn completions_man_page_suggestions_and_roles() {
     assert_eq!(code, Some(2));
     assert!(err.contains("invalid value 'boss'"), "{err}");
 }
+
+/// Under `--json`, errors are a document on standard output with a stable `kind`; a usage
+/// mistake too (exit 2).
+#[test]
+fn errors_under_json_are_documents() {
+    let bin = env!("CARGO_BIN_EXE_mxhsm");
+    let run = |args: &[&str]| {
+        let o = Command::new(bin)
+            .env_remove("MXHSM_TOKEN")
+            .env_remove("MXHSM_YUBIKEY")
+            .args(args)
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)));
+        (o.status.code(), v)
+    };
+    let (code, v) = run(&["--json", "keys", "list"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(v["error"]["kind"], "token", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no token is chosen"),
+        "{v}"
+    );
+    assert!(
+        v["error"]["hint"].as_str().unwrap().contains("--token"),
+        "{v}"
+    );
+    let (code, v) = run(&["--json", "keys", "lst"]);
+    assert_eq!(code, Some(2));
+    assert_eq!(v["error"]["kind"], "usage", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("'lst'"),
+        "{v}"
+    );
+    let data = tempfile::tempdir().unwrap();
+    let o = Command::new(bin)
+        .env("XDG_DATA_HOME", data.path())
+        .args(["--json", "identity", "status"])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["error"]["kind"], "not_logged_in", "{v}");
+}

@@ -1079,14 +1079,31 @@ fn well_known_discovery_is_checked_like_a_typed_url() {
     };
     // A base URL over plain http to another machine is refused; so is an answer without
     // one. Nothing is logged in.
+    // (Under --json the error is the error document on standard output.)
     *answer.lock().unwrap() = json!({"m.homeserver": {"base_url": "http://matrix.evil.example"}});
-    let (code, _, err) = login(&u);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("http://matrix.evil.example"), "{err}");
+    let (code, out, _) = login(&u);
+    assert_eq!(code, 1, "{out}");
+    let e: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(e["error"]["kind"], "input", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("http://matrix.evil.example"),
+        "{e}"
+    );
     *answer.lock().unwrap() = json!({"m.identity_server": {}});
-    let (code, _, err) = login(&u);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("no m.homeserver.base_url"), "{err}");
+    let (code, out, _) = login(&u);
+    assert_eq!(code, 1, "{out}");
+    let e: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(e["error"]["kind"], "server", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no m.homeserver.base_url"),
+        "{e}"
+    );
     assert!(!u.session_path().exists());
     // The real answer: the session is on the client API it names.
     *answer.lock().unwrap() = json!({"m.homeserver": {"base_url": u.synapse.url}});

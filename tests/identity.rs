@@ -451,6 +451,16 @@ fn logout_deletes_the_device_and_bad_logins_are_clear() {
                 .cli()
                 .args(["login", "--homeserver", "matrix.example.org", "--user", "x"]),
         );
+    // A server name is looked up (/.well-known/matrix/client), and this one does not exist.
+    assert!(
+        err.contains("/.well-known/matrix/client") && err.contains("cannot reach"),
+        "{err}"
+    );
+    let err = fails(
+        alice
+            .cli()
+            .args(["login", "--homeserver", "ftp://x.example", "--user", "x"]),
+    );
     assert!(err.contains("is not a homeserver URL"), "{err}");
     let device = alice.login();
     let mode = std::os::unix::fs::PermissionsExt::mode(

@@ -158,11 +158,35 @@ fn print_all(bytes: &[u8]) -> Result<ExitCode> {
     }
 }
 
-/// Prints an error with the advice that goes with it, and returns the exit code.
-pub fn report(e: &anyhow::Error) -> ExitCode {
-    note!("error: {e:#}");
-    if let Some(hint) = advice(e) {
-        note!("{hint}");
+/// A command-line mistake: clap's own message (exit 2), or with `--json` the error
+/// document. Help and version go out as they are.
+pub fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let json = std::env::args().any(|a| a == "--json");
+    if !json || matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        e.exit();
+    }
+    let message = e.render().to_string();
+    error_json("usage", message.trim(), None);
+    ExitCode::from(2)
+}
+
+fn error_json(kind: &str, message: &str, hint: Option<&str>) {
+    let v = serde_json::json!({"error": {"kind": kind, "message": message, "hint": hint}});
+    println!("{}", mxhsm::text::json_string(&v, false));
+}
+
+/// Prints an error with the advice that goes with it (with `json`, as the error document
+/// on standard output), and returns the exit code.
+pub fn report(e: &anyhow::Error, json: bool) -> ExitCode {
+    let hint = advice(e);
+    if json {
+        error_json(kind(e), &format!("{e:#}"), hint.as_deref());
+    } else {
+        note!("error: {e:#}");
+        if let Some(hint) = &hint {
+            note!("{hint}");
+        }
     }
     let refused = e.chain().any(|c| {
         matches!(
@@ -175,6 +199,49 @@ pub fn report(e: &anyhow::Error) -> ExitCode {
         )
     });
     ExitCode::from(if refused { exit::REFUSED } else { 1 })
+}
+
+/// The class of an error, stable for scripts (docs/json.md): `refused`, `cancelled`,
+/// `not_logged_in`, `pin`, `token`, `network`, `server`, `input` or `error`.
+fn kind(e: &anyhow::Error) -> &'static str {
+    let token = |t: &TokenError| match t {
+        TokenError::WrongPin { .. }
+        | TokenError::PinLocked { .. }
+        | TokenError::PivPinBlocked { .. }
+        | TokenError::NoPin { .. }
+        | TokenError::PinSource { .. } => "pin",
+        _ => "token",
+    };
+    let homeserver = |h: &HomeserverError| match h {
+        HomeserverError::NotLoggedIn { .. } => "not_logged_in",
+        HomeserverError::Network { .. } | HomeserverError::Stalled { .. } => "network",
+        HomeserverError::Http { .. }
+        | HomeserverError::BadResponse { .. }
+        | HomeserverError::TooLarge { .. } => "server",
+        _ => "input",
+    };
+    for cause in e.chain() {
+        if let Some(a) = cause.downcast_ref::<AccountError>() {
+            return match a {
+                AccountError::IdentityExists { .. }
+                | AccountError::BackupExists { .. }
+                | AccountError::SessionExists { .. }
+                | AccountError::Refused(_) => "refused",
+                AccountError::Cancelled => "cancelled",
+                AccountError::Token(t) => token(t),
+                AccountError::Homeserver(h) => homeserver(h),
+                AccountError::Input(_) | AccountError::File { .. } => "input",
+                _ => "error",
+            };
+        }
+        if let Some(h) = cause.downcast_ref::<HomeserverError>() {
+            return homeserver(h);
+        }
+        if let Some(t) = cause.downcast_ref::<TokenError>() {
+            return token(t);
+        }
+    }
+    "error"
 }
 
 /// What to do next, for the errors where the library cannot know the command to suggest.
