@@ -76,7 +76,7 @@ impl Pkcs11Uri {
                 // Object attributes select keys, which mxhsm does by user and role.
                 "object" | "id" | "type" | "library-version" => {
                     return Err(invalid(format!(
-                        "attribute {name:?} is not supported here: mxhsm finds keys by --user and --role"
+                        "attribute {name:?} is not supported here: mxhsm finds keys by their user and role, not by object"
                     )));
                 }
                 other => {
