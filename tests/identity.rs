@@ -595,59 +595,22 @@ fn the_trust_tree_fits_80_columns() {
     has("✔ auth_data signed by the master key");
     assert!(out.lines().next().unwrap() == alice.user.user_id, "{out}");
 
-    // The same in a real 80-column terminal: what tmux shows is line for line what was
+    // The same in a real 80-column terminal: what it shows is line for line what was
     // printed (a line over 80 columns would show as two). On the terminal the verdicts
     // are in colour, unless NO_COLOR is set.
-    let tmux = |args: &[&str]| {
-        std::process::Command::new("tmux")
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let in_terminal = |no_color: bool| -> (String, String) {
-        let session = format!("mxhsm-tree-{}-{no_color}", std::process::id());
-        let script = alice.token.dir.path().join(format!("tree-{no_color}.sh"));
+    let tree = |no_color: bool| {
         let mut cli = alice.cli();
         cli.args(["identity", "status", "--tree", "--user", &bob.user_id]);
         if no_color {
             cli.env("NO_COLOR", "1");
         }
-        std::fs::write(&script, format!("{cli:?}\necho __done__\nsleep 60\n")).unwrap();
-        let started = tmux(&[
-            "new-session",
-            "-d",
-            "-s",
-            &session,
-            "-x",
-            "80",
-            "-y",
-            "100",
-            "sh",
-            script.to_str().unwrap(),
-        ]);
-        assert!(started.status.success(), "{started:?}");
-        let start = std::time::Instant::now();
-        let capture = |escapes: bool| {
-            let mut args = vec!["capture-pane", "-p", "-t", &session];
-            if escapes {
-                args.push("-e");
-            }
-            String::from_utf8_lossy(&tmux(&args).stdout).into_owned()
-        };
-        while !capture(false).contains("__done__")
-            && start.elapsed() < std::time::Duration::from_secs(30)
-        {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let shown = (capture(false), capture(true));
-        let _ = tmux(&["kill-session", "-t", &session]);
-        shown
+        common::in_terminal(&cli, 80, alice.token.dir.path())
     };
-    let (screen, coloured) = in_terminal(false);
-    let shown: Vec<&str> = screen.lines().take_while(|l| *l != "__done__").collect();
+    let (screen, coloured) = tree(false);
     let printed: Vec<&str> = out.lines().map(str::trim_end).collect();
     assert_eq!(
-        shown, printed,
+        screen.lines().collect::<Vec<_>>(),
+        printed,
         "the terminal shows something else:\n{screen}"
     );
     assert!(!out.contains('\u{1b}'), "colour in a pipe: {out:?}");
@@ -655,7 +618,7 @@ fn the_trust_tree_fits_80_columns() {
         coloured.contains("\u{1b}[32m"),
         "no colour on the terminal: {coloured:?}"
     );
-    let (_, plain) = in_terminal(true);
+    let (_, plain) = tree(true);
     assert!(plain.contains("✔ verified"), "{plain}");
     assert!(
         !plain.contains("\u{1b}[3"),

@@ -441,6 +441,26 @@ fn the_account_doctor_names_each_problem_and_its_fix() {
 
     let (phone_token, _) = phone(alice.synapse, &alice.user, "PHONE");
     reset_identity(alice.synapse, &alice.user, &phone_token);
+    // On an 80-column terminal the long details wrap inside their column (continuation
+    // lines start under it), instead of the terminal breaking them at column 80.
+    let mut cli = alice.cli();
+    cli.arg("doctor");
+    let (screen, _) = common::in_terminal(&cli, 80, alice.token.dir.path());
+    assert!(screen.contains("mxhsm identity"), "{screen}");
+    for line in screen.lines() {
+        assert!(
+            line.starts_with(['✔', '✘', ' ']),
+            "a line the terminal broke: {line:?}\n{screen}"
+        );
+    }
+    let (_, piped, _) = run(alice.cli().arg("doctor"));
+    let widest = piped.lines().map(|l| l.chars().count()).max().unwrap_or(0);
+    assert!(widest > 80, "the pipe keeps whole lines ({widest} columns)");
+    let narrow = screen.lines().count();
+    assert!(
+        narrow > piped.lines().count(),
+        "nothing wrapped on the terminal:\n{screen}"
+    );
     let (code, checks) = doctor(&alice);
     assert_eq!(code, 3);
     assert!(!checks["identity"].0);

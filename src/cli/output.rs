@@ -35,21 +35,81 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
             widths[i] = widths[i].max(cell.chars().count());
         }
     }
+    // On a terminal, the last column wraps so that no line is wider than the terminal.
+    let lead: usize = widths[..widths.len().saturating_sub(1)]
+        .iter()
+        .map(|w| w + 2)
+        .sum();
+    let width = terminal_width().filter(|w| w.saturating_sub(lead) >= 20);
     let line = |cells: Vec<&str>| {
         let mut out = String::new();
         for (i, c) in cells.iter().enumerate() {
             if i + 1 == cells.len() {
-                out.push_str(c);
+                match width {
+                    Some(w) => {
+                        let pad = " ".repeat(lead);
+                        let mut lines = wrap(&out, &pad, c, w).into_iter();
+                        out = lines.next().unwrap_or_default();
+                        for l in lines {
+                            out.push('\n');
+                            out.push_str(&l);
+                        }
+                    }
+                    None => out.push_str(c),
+                }
             } else {
                 out.push_str(&format!("{c:<w$}  ", w = widths[i]));
             }
         }
-        say_verdict(out.trim_end());
+        for l in out.split('\n') {
+            say_verdict(l.trim_end());
+        }
     };
     line(header.to_vec());
     for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }
+}
+
+/// The terminal's width, when standard output is one.
+fn terminal_width() -> Option<usize> {
+    use std::io::IsTerminal;
+    let out = std::io::stdout();
+    if !out.is_terminal() {
+        return None;
+    }
+    rustix::termios::tcgetwinsize(&out)
+        .ok()
+        .map(|w| usize::from(w.ws_col))
+        .filter(|w| *w > 0)
+}
+
+/// `text` after `first`, wrapped at word boundaries to `width` columns; continuation
+/// lines start with `rest`. A word longer than a line is cut.
+pub fn wrap(first: &str, rest: &str, text: &str, width: usize) -> Vec<String> {
+    let cols = |s: &str| s.chars().count();
+    let mut out = Vec::new();
+    let mut line = first.to_string();
+    let mut fresh = true;
+    for word in text.split(' ') {
+        if !fresh && cols(&line) + 1 + cols(word) > width {
+            out.push(std::mem::replace(&mut line, rest.to_string()));
+            fresh = true;
+        }
+        if !fresh {
+            line.push(' ');
+        }
+        let mut chars: Vec<char> = word.chars().collect();
+        while cols(&line) + chars.len() > width {
+            let room = width.saturating_sub(cols(&line)).max(1).min(chars.len());
+            line.extend(chars.drain(..room));
+            out.push(std::mem::replace(&mut line, rest.to_string()));
+        }
+        line.extend(chars);
+        fresh = false;
+    }
+    out.push(line);
+    out
 }
 
 /// Prints a JSON value, pretty, with every control or bidi character escaped (the value a

@@ -207,30 +207,8 @@ fn render(node: &Node, first: &str, rest: &str, out: &mut Vec<String>) {
     }
 }
 
-/// `text` after `first`, wrapped at word boundaries to [`WIDTH`] columns; continuation
-/// lines start with `rest`. A word longer than a line is cut.
 fn push_wrapped(out: &mut Vec<String>, first: &str, rest: &str, text: &str) {
-    let cols = |s: &str| s.chars().count();
-    let mut line = first.to_string();
-    let mut fresh = true;
-    for word in text.split(' ') {
-        if !fresh && cols(&line) + 1 + cols(word) > WIDTH {
-            out.push(std::mem::replace(&mut line, rest.to_string()));
-            fresh = true;
-        }
-        if !fresh {
-            line.push(' ');
-        }
-        let mut chars: Vec<char> = word.chars().collect();
-        while cols(&line) + chars.len() > WIDTH {
-            let room = WIDTH.saturating_sub(cols(&line)).max(1).min(chars.len());
-            line.extend(chars.drain(..room));
-            out.push(std::mem::replace(&mut line, rest.to_string()));
-        }
-        line.extend(chars);
-        fresh = false;
-    }
-    out.push(line);
+    out.extend(super::output::wrap(first, rest, text, WIDTH));
 }
 
 #[cfg(test)]

@@ -386,3 +386,49 @@ macro_rules! per_pkcs11_token {
         }
     };
 }
+
+/// Runs `cmd` in a real terminal (a tmux pane `width` columns wide) and returns what the
+/// screen shows once it is done: as text, and with its escape sequences (colours).
+pub fn in_terminal(cmd: &Command, width: u16, dir: &Path) -> (String, String) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let session = format!("mxhsm-{}-{n}", std::process::id());
+    let script = dir.join(format!("terminal-{n}.sh"));
+    std::fs::write(&script, format!("{cmd:?}\necho __done__\nsleep 60\n")).unwrap();
+    let tmux = |args: &[&str]| Command::new("tmux").args(args).output().unwrap();
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        &width.to_string(),
+        "-y",
+        "200",
+        "sh",
+        script.to_str().unwrap(),
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    let capture = |escapes: bool| {
+        let mut args = vec!["capture-pane", "-p", "-t", &session];
+        if escapes {
+            args.push("-e");
+        }
+        String::from_utf8_lossy(&tmux(&args).stdout).into_owned()
+    };
+    let start = std::time::Instant::now();
+    while !capture(false).contains("__done__")
+        && start.elapsed() < std::time::Duration::from_secs(30)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let shown = (capture(false), capture(true));
+    let _ = tmux(&["kill-session", "-t", &session]);
+    let cut = |s: String| {
+        s.lines()
+            .take_while(|l| *l != "__done__")
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    (cut(shown.0), cut(shown.1))
+}
