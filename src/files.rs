@@ -49,9 +49,7 @@ fn parent_of(path: &Path) -> &Path {
 }
 
 fn random_suffix() -> String {
-    let mut b = [0u8; 6];
-    let _ = getrandom::fill(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    crate::text::random_hex(6).unwrap_or_else(|_| "0".repeat(12))
 }
 
 impl PrivateFile {

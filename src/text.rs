@@ -191,6 +191,14 @@ pub fn json_string(value: &serde_json::Value, pretty: bool) -> String {
     }
 }
 
+/// `bytes` random bytes from the operating system, as lower-case hex: transaction IDs and
+/// temporary file names.
+pub(crate) fn random_hex(bytes: usize) -> Result<String, getrandom::Error> {
+    let mut b = vec![0u8; bytes];
+    getrandom::fill(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1113,3 +1113,58 @@ fn well_known_discovery_is_checked_like_a_typed_url() {
     assert_eq!(v["homeserver"], u.synapse.url.as_str());
     assert_eq!(v["user_id"], u.user.user_id.as_str());
 }
+
+/// mxhsm's device signs the master key only as mxhsm itself would publish it: a server
+/// that serves the master key object with a field of its own gets no device signature over
+/// it (the login still cross-signs the new device).
+#[test]
+fn the_device_signs_no_master_object_the_server_dressed_up() {
+    let u = MxhsmUser::new(Kind::SoftHsm);
+    let first = u.login();
+    ok(u.cli().args(["identity", "create"]));
+    let me = u.user.user_id.clone();
+    let me2 = me.clone();
+    let proxy = common::synapse::Proxy::start(
+        &u.synapse.url,
+        Arc::new(move |path, _status, v| {
+            if path.starts_with("/keys/query") && v["master_keys"].get(&me2).is_some() {
+                v["master_keys"][&me2]["attacker"] = json!("chose this");
+            }
+        }),
+    );
+    let out = ok(u.cli().args([
+        "--json",
+        "login",
+        "--replace",
+        "--homeserver",
+        &proxy.url,
+        "--user",
+        &u.user.localpart,
+    ]));
+    let second = serde_json::from_str::<Value>(&out).unwrap()["device_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(second, first);
+    let checker = u.synapse.login(&u.user, "CHECKER");
+    let (st, q) = http(
+        &u.synapse.url,
+        "POST",
+        "/keys/query",
+        Some(&checker),
+        Some(json!({"device_keys": {&me: []}})),
+    );
+    assert_eq!(st, 200);
+    let master = &q["master_keys"][&me];
+    assert!(master.get("attacker").is_none(), "{master}");
+    let sigs = master["signatures"][&me].as_object().unwrap();
+    assert!(
+        !sigs.contains_key(&format!("ed25519:{second}")),
+        "the new device signed the dressed-up object: {master}"
+    );
+    assert!(verifies(
+        &q["device_keys"][&me][&second],
+        &me,
+        &u.token_key("self_signing")
+    ));
+}

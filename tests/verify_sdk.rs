@@ -69,6 +69,18 @@ fn request_from(new_login: &mut Peer, alice: &MxhsmUser, mxhsm_device: &str) -> 
         .to_string()
 }
 
+/// Both sides show their short authentication string, the same emoji and numbers; both
+/// users say yes; returns the SDK's end of the flow (`done`).
+fn both_say_yes(mx: &mut JsonChild, peer: &mut Peer, flow: &str) -> Value {
+    let sdk = peer.expect(json!({"cmd": "wait_sas", "flow_id": flow}), "sas");
+    let shown = mx.until("sas", T);
+    assert_eq!(emoji_of(&shown), emoji_of(&sdk), "the emoji differ");
+    assert_eq!(shown["decimals"], sdk["decimals"]);
+    mx.answer("yes");
+    peer.expect(json!({"cmd": "confirm", "flow_id": flow}), "confirmed");
+    peer.expect(json!({"cmd": "wait_done", "flow_id": flow}), "done")
+}
+
 fn emoji_of(v: &Value) -> Vec<(String, String)> {
     v["emoji"]
         .as_array()
@@ -92,13 +104,7 @@ fn the_new_login_asks_and_mxhsm_answers(kind: Kind) {
     let flow = request_from(&mut new_login, &alice, &mxhsm_device);
     assert_eq!(mx.until("request", T)["device_id"], "ELEMENTX");
     new_login.expect(json!({"cmd": "start_sas", "flow_id": flow}), "sas_started");
-    let sdk = new_login.expect(json!({"cmd": "wait_sas", "flow_id": flow}), "sas");
-    let shown = mx.until("sas", T);
-    assert_eq!(emoji_of(&shown), emoji_of(&sdk), "the emoji differ");
-    assert_eq!(shown["decimals"], sdk["decimals"]);
-    mx.answer("yes");
-    new_login.expect(json!({"cmd": "confirm", "flow_id": flow}), "confirmed");
-    let done = new_login.expect(json!({"cmd": "wait_done", "flow_id": flow}), "done");
+    let done = both_say_yes(&mut mx, &mut new_login, &flow);
     assert!(
         done["verified_devices"]
             .as_array()
@@ -127,12 +133,7 @@ fn mxhsm_asks_the_new_login(kind: Kind) {
     assert_eq!(request["from_device"], mxhsm_device.as_str());
     let flow = request["flow_id"].as_str().unwrap().to_string();
     new_login.expect(json!({"cmd": "accept", "flow_id": flow}), "accepted");
-    let sdk = new_login.expect(json!({"cmd": "wait_sas", "flow_id": flow}), "sas");
-    let shown = mx.until("sas", T);
-    assert_eq!(emoji_of(&shown), emoji_of(&sdk), "the emoji differ");
-    mx.answer("yes");
-    new_login.expect(json!({"cmd": "confirm", "flow_id": flow}), "confirmed");
-    new_login.expect(json!({"cmd": "wait_done", "flow_id": flow}), "done");
+    both_say_yes(&mut mx, &mut new_login, &flow);
     assert_eq!(mx.until("signed", T)["device_id"], "ELEMENTX");
     assert_eq!(mx.exit(T), 0);
     assert_trusted(&mut new_login, &alice, &mxhsm_device);
@@ -228,12 +229,7 @@ fn another_user_is_verified_and_their_master_key_signed() {
     assert_eq!(request["from_user"], alice.user.user_id.as_str());
     let flow = request["flow_id"].as_str().unwrap().to_string();
     phone.expect(json!({"cmd": "accept", "flow_id": flow}), "accepted");
-    let sdk = phone.expect(json!({"cmd": "wait_sas", "flow_id": flow}), "sas");
-    let shown = mx.until("sas", T);
-    assert_eq!(emoji_of(&shown), emoji_of(&sdk), "the emoji differ");
-    mx.answer("yes");
-    phone.expect(json!({"cmd": "confirm", "flow_id": flow}), "confirmed");
-    let done = phone.expect(json!({"cmd": "wait_done", "flow_id": flow}), "done");
+    let done = both_say_yes(&mut mx, &mut phone, &flow);
     assert_eq!(
         done["verified_identities"],
         json!([alice.user.user_id]),
@@ -279,12 +275,7 @@ fn a_running_watch_answers_a_new_login() {
     let flow = request_from(&mut new_login, &alice, &mxhsm_device);
     assert_eq!(mx.until("request", T)["device_id"], "ELEMENTX");
     new_login.expect(json!({"cmd": "start_sas", "flow_id": flow}), "sas_started");
-    let sdk = new_login.expect(json!({"cmd": "wait_sas", "flow_id": flow}), "sas");
-    let shown = mx.until("sas", T);
-    assert_eq!(emoji_of(&shown), emoji_of(&sdk), "the emoji differ");
-    mx.answer("yes");
-    new_login.expect(json!({"cmd": "confirm", "flow_id": flow}), "confirmed");
-    new_login.expect(json!({"cmd": "wait_done", "flow_id": flow}), "done");
+    both_say_yes(&mut mx, &mut new_login, &flow);
     assert_eq!(mx.until("signed", T)["device_id"], "ELEMENTX");
     drop(mx);
     assert_trusted(&mut new_login, &alice, &mxhsm_device);

@@ -366,7 +366,7 @@ fn publish_checked(
             show(served.user_signing)
         )));
     }
-    let device_signed = sign_this_device(account, &ssk, &back)?;
+    let device_signed = sign_this_device(account, &ssk, &master_pk, &back)?;
     Ok(Published {
         user_id: me.to_string(),
         master: master_pk,

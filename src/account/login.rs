@@ -251,7 +251,7 @@ fn cross_sign_if_published(
     if published.master != Some(master) || published.self_signing != Some(ssk.ed25519()?) {
         return Ok(CrossSigned::NotPublished);
     }
-    sign::sign_this_device(account, ssk, answer)?;
+    sign::sign_this_device(account, ssk, &master, answer)?;
     Ok(CrossSigned::Yes)
 }
 

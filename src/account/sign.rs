@@ -312,11 +312,12 @@ fn describe_difference(ours: &Value, theirs: &Value) -> String {
 }
 
 /// Signs mxhsm's own device with the self-signing key `ssk`, from the Olm account, after
-/// checking the server's copy in `answer`. Returns `false` when the device is already
-/// signed by that key.
+/// checking the server's copy in `answer`, and the token's `master` key with the device
+/// key. Returns `false` when the device is already signed by `ssk`.
 pub(crate) fn sign_this_device(
     account: &Account,
     ssk: &KeyInfo,
+    master: &Ed25519PublicKey,
     answer: &Value,
 ) -> Result<bool, AccountError> {
     let me = account.user_id();
@@ -329,7 +330,7 @@ pub(crate) fn sign_this_device(
             device_id: account.device_id().to_string(),
         })?;
     let object = own_device_object(account, served)?;
-    device_signs_master(account, answer)?;
+    device_signs_master(account, master, answer)?;
     let ssk_key = ssk.ed25519()?;
     if verify_json(served, me, &ssk_key.key_id(), &ssk_key).is_ok() {
         return Ok(false);
@@ -342,18 +343,21 @@ pub(crate) fn sign_this_device(
     Ok(true)
 }
 
-/// mxhsm's device signs our master key with its device key, as Element's devices do (the
-/// master key as `answer` serves it, which must be the token's). Skipped when it already
-/// carries that signature; read back.
-fn device_signs_master(account: &Account, answer: &Value) -> Result<(), AccountError> {
+/// mxhsm's device signs our master key (the token's `master`) with its device key, as
+/// Element's devices do, when `answer` serves it as mxhsm would publish it. Skipped when it
+/// already carries that signature; read back.
+fn device_signs_master(
+    account: &Account,
+    master: &Ed25519PublicKey,
+    answer: &Value,
+) -> Result<(), AccountError> {
     let me = account.user_id();
-    let (own, _) = anchors(account, answer)?;
     let Some(object) = answer.get("master_keys").and_then(|m| m.get(me)) else {
         return Ok(());
     };
     // Only the object mxhsm itself would publish for the token's key: nothing the server
     // added is vouched for.
-    let ours = cross_signing::key_object(me, KeyRole::Master, &own.master);
+    let ours = cross_signing::key_object(me, KeyRole::Master, master);
     if signable_bytes(object).ok() != signable_bytes(&ours).ok() {
         return Ok(());
     }
@@ -367,7 +371,7 @@ fn device_signs_master(account: &Account, answer: &Value) -> Result<(), AccountE
     sign_json(&mut signed, me, &key_id, &device)?;
     let failures = account
         .client()
-        .upload_signatures(&json!({ me: { own.master.to_base64(): signed } }))?;
+        .upload_signatures(&json!({ me: { master.to_base64(): signed } }))?;
     if !failures.is_empty() {
         return Err(AccountError::SignaturesRefused(failures));
     }

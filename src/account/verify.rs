@@ -102,7 +102,7 @@ pub fn verify(
     ui: &mut dyn VerifyUi,
     timeout: Duration,
 ) -> Result<Outcome, AccountError> {
-    let mut ch = Channel::open(account, timeout)?;
+    let mut ch = Channel::open(account, timeout);
     match target {
         Target::Wait => respond(&mut ch, ui),
         Target::OwnDevice(device) => {
@@ -129,7 +129,7 @@ pub fn answer(
     ui: &mut dyn VerifyUi,
     timeout: Duration,
 ) -> Result<(Outcome, Option<String>), AccountError> {
-    let mut ch = Channel::open(account, timeout)?;
+    let mut ch = Channel::open(account, timeout);
     ch.since = since;
     if let Some(m) = ToDevice::from_event(event) {
         ch.pending.push_back(m);
@@ -184,13 +184,13 @@ struct Channel<'a> {
 impl<'a> Channel<'a> {
     /// Starts from a fresh sync, so the to-device messages already queued for our device
     /// (a request sent before we started) are seen too.
-    fn open(account: &'a Account, timeout: Duration) -> Result<Channel<'a>, AccountError> {
-        Ok(Channel {
+    fn open(account: &'a Account, timeout: Duration) -> Channel<'a> {
+        Channel {
             account,
             since: None,
             pending: VecDeque::new(),
             deadline: Instant::now() + timeout,
-        })
+        }
     }
 
     fn me(&self) -> &str {
@@ -349,13 +349,6 @@ fn speaks_sas(content: &Value) -> bool {
     strings(content, "methods").iter().any(|m| m == sas::METHOD)
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// The Ed25519 device keys a `/keys/query` answer serves for `user`, by device ID (each
 /// checked to be a curve point).
 fn served_devices(answer: &Value, user: &str) -> BTreeMap<String, Ed25519PublicKey> {
@@ -402,7 +395,7 @@ fn respond(ch: &mut Channel<'_>, ui: &mut dyn VerifyUi) -> Result<Outcome, Accou
             .get("timestamp")
             .and_then(Value::as_u64)
             .is_some_and(|t| {
-                let now = now_ms();
+                let now = crate::token::now_ms();
                 t + REQUEST_AGE.as_millis() as u64 >= now
                     && t <= now + REQUEST_AGE.as_millis() as u64 / 2
             });
@@ -533,12 +526,10 @@ fn initiate(
     if devices.is_empty() {
         return Err(AccountError::NoPublishedIdentity(user.to_string()));
     }
-    let mut txn = [0u8; 16];
-    getrandom::fill(&mut txn).map_err(|e| AccountError::Input(e.to_string()))?;
-    let txn: String = txn.iter().map(|b| format!("{b:02x}")).collect();
+    let txn = crate::text::random_hex(16).map_err(|e| AccountError::Input(e.to_string()))?;
     let request = json!({
         "from_device": ch.our_device(), "methods": [sas::METHOD],
-        "timestamp": now_ms(), "transaction_id": txn,
+        "timestamp": crate::token::now_ms(), "transaction_id": txn,
     });
     for d in &devices {
         ch.send(user, d, REQUEST, request.clone())?;

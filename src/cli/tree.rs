@@ -52,17 +52,14 @@ fn verdict(t: &Trust) -> String {
 /// What holds the private key of `key`, in a few words.
 fn holder(key: &KeyInfo, token: &TokenSummary) -> String {
     let p = &key.protection;
-    let read = p.sensitive.is_some() || p.extractable.is_some();
-    let protection = if !read {
+    let problems = p.problems(key.algorithm());
+    let protection = if p.sensitive.is_none() && p.extractable.is_none() {
         // A PKCS#11 token shows a private key's attributes only after login.
         "its attributes need a login to read".to_string()
-    } else if key.protection.problems(key.algorithm()).is_empty() {
+    } else if problems.is_empty() {
         "non-extractable".to_string()
     } else {
-        format!(
-            "WEAK: {}",
-            key.protection.problems(key.algorithm()).join("; ")
-        )
+        format!("WEAK: {}", problems.join("; "))
     };
     match &key.backend {
         KeyBackend::Pkcs11 { .. } => format!(

@@ -1058,9 +1058,7 @@ impl Client {
         device_id: &str,
         content: &Value,
     ) -> Result<(), HomeserverError> {
-        let mut txn = [0u8; 12];
-        getrandom::fill(&mut txn).map_err(|e| HomeserverError::Input(e.to_string()))?;
-        let txn: String = txn.iter().map(|b| format!("{b:02x}")).collect();
+        let txn = crate::text::random_hex(12).map_err(|e| HomeserverError::Input(e.to_string()))?;
         let path = format!("/sendToDevice/{}/{txn}", path_segment(event_type));
         let body = json!({ "messages": { user_id: { device_id: content } } });
         self.call(Method::Put, &path, Some(&body), Repeat::Safe, Limit::Small)
