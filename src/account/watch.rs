@@ -229,7 +229,7 @@ impl WatchState {
     pub fn save(&self, path: &Path) -> Result<(), AccountError> {
         let text = serde_json::to_vec_pretty(self)
             .map_err(|e| AccountError::file("cannot write", path, e))?;
-        if path == default_state_path() {
+        if path.parent() == Some(crate::paths::dir(crate::paths::Base::Data).as_path()) {
             crate::paths::private_dir(crate::paths::Base::Data, None)
                 .map_err(|e| AccountError::file("cannot write", path, e))?;
         } else if let Some(dir) = path.parent() {
@@ -240,9 +240,13 @@ impl WatchState {
     }
 }
 
-/// Where the watch state of the saved session lives (beside it).
-pub fn default_state_path() -> PathBuf {
-    crate::paths::dir(crate::paths::Base::Data).join("watch.json")
+/// Where the watch state of `user_id` lives (beside the session): one file per account, so
+/// logging in as another account never overwrites what the watch knew of this one.
+pub fn default_state_path(user_id: &str) -> PathBuf {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(user_id.as_bytes());
+    let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    crate::paths::dir(crate::paths::Base::Data).join(format!("watch-{name}.json"))
 }
 
 /// Remembers that our user-signing key signed `master` of `user_id`, so a later change of

@@ -527,7 +527,7 @@ pub fn run_sign(global: &GlobalArgs, cmd: SignCommand) -> Result<ExitCode> {
             };
             let c = sign::sign_user(&account, &user_id, &mut confirm)?;
             // `mxhsm watch` reports it if they ever publish another master key.
-            let state = mxhsm::account::watch::default_state_path();
+            let state = mxhsm::account::watch::default_state_path(account.user_id());
             if let Err(e) = mxhsm::account::watch::remember_verified(
                 &state,
                 &account,

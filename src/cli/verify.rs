@@ -201,7 +201,7 @@ pub(super) fn finish(
             }
             if user_id != account.user_id()
                 && let Err(e) = mxhsm::account::watch::remember_verified(
-                    &mxhsm::account::watch::default_state_path(),
+                    &mxhsm::account::watch::default_state_path(account.user_id()),
                     account,
                     &user_id,
                     &key,

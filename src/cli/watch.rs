@@ -44,7 +44,10 @@ pub fn exit_code(class: Class) -> u8 {
 
 pub fn run(global: &GlobalArgs, args: WatchArgs) -> Result<ExitCode> {
     let account = open_account(global)?;
-    let state_path = args.state.clone().unwrap_or_else(watch::default_state_path);
+    let state_path = args
+        .state
+        .clone()
+        .unwrap_or_else(|| watch::default_state_path(account.user_id()));
     if args.once {
         let mut state = WatchState::load(&state_path, &account)?;
         let events = watch::check(&account, &mut state)?;
