@@ -4,18 +4,17 @@
 //!
 //! ```sh
 //! MXHSM_PIN=… cargo run --example bot_signs_its_device -- \
-//!     https://matrix.example.org @bot:example.org token.txt session.json \
+//!     https://matrix.example.org @bot:example.org token.txt sessions/ \
 //!     'pkcs11:token=bots?module-path=/usr/lib/softhsm/libsofthsm2.so'
 //! ```
 //!
 //! The access token must belong to a device with no encryption keys yet (a fresh login);
 //! the bot's identity must already be on the token and published (`mxhsm identity create`).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use mxhsm::account::login::{self, Credential, CrossSigned, LoginOutcome, LoginRequest};
-use mxhsm::homeserver::ClientOptions;
+use mxhsm::homeserver::{ClientOptions, Sessions};
 use mxhsm::token::pin::PinSources;
 use mxhsm::token::pkcs11::Pkcs11Uri;
 use mxhsm::token::{Store, StoreOptions, TokenChoice};
@@ -23,9 +22,9 @@ use secrecy::SecretString;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [homeserver, user, token_file, session_file, uri] = args.as_slice() else {
+    let [homeserver, user, token_file, sessions_dir, uri] = args.as_slice() else {
         return Err(
-            "usage: bot_signs_its_device HOMESERVER USER ACCESS_TOKEN_FILE SESSION_FILE PKCS11_URI"
+            "usage: bot_signs_its_device HOMESERVER USER ACCESS_TOKEN_FILE SESSIONS_DIR PKCS11_URI"
                 .into(),
         );
     };
@@ -46,8 +45,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             device_name: "bot (keys in the HSM)".into(),
             replace: false,
             options: ClientOptions::from_env()?,
+            token: Some(uri.clone()),
         },
-        &PathBuf::from(session_file),
+        &Sessions::at(sessions_dir),
         Some(store),
     )?;
     match outcome {

@@ -52,8 +52,9 @@
 //!         device_name: "bot".into(),
 //!         replace: false,
 //!         options: ClientOptions::default(),
+//!         token: None,
 //!     },
-//!     std::path::Path::new("session.json"),
+//!     &mxhsm::homeserver::Sessions::at("sessions"),
 //!     Some(store),
 //! )?;
 //! # let _ = outcome; Ok(()) }

@@ -99,6 +99,17 @@ pub fn private_dir(base: Base, sub: Option<&str>) -> Result<PathBuf, PrivateErro
 
 use std::os::unix::fs::DirBuilderExt;
 
+/// Any directory mxhsm keeps private files in (one under [`dir`], or one a library user
+/// chose): created 0700 if missing, and checked like [`private_dir`] checks its levels.
+pub fn ensure_private_dir(path: &Path) -> Result<(), PrivateError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(io(path))?;
+    check_private_dir(path)
+}
+
 fn check_private_dir(path: &Path) -> Result<(), PrivateError> {
     let meta = std::fs::symlink_metadata(path).map_err(io(path))?;
     let unsafe_ = |reason: String| PrivateError::Unsafe {
@@ -178,6 +189,13 @@ fn open_checked(path: &Path, write: bool) -> Result<std::fs::File, PrivateError>
                 io(path)(e)
             }
         })?;
+    check_private_file(&file, path)?;
+    Ok(file)
+}
+
+/// Checks an open file like [`open_private`] does: a regular file, owned by this user,
+/// readable by nobody else.
+pub fn check_private_file(file: &std::fs::File, path: &Path) -> Result<(), PrivateError> {
     let meta = file.metadata().map_err(io(path))?;
     let unsafe_ = |reason: String| PrivateError::Unsafe {
         path: path.to_path_buf(),
@@ -199,7 +217,7 @@ fn open_checked(path: &Path, write: bool) -> Result<std::fs::File, PrivateError>
             meta.mode() & 0o777
         )));
     }
-    Ok(file)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -199,10 +199,127 @@ pub(crate) fn random_hex(bytes: usize) -> Result<String, getrandom::Error> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
+/// `2026-11-28 03:27:36 UTC` from milliseconds since the epoch.
+pub fn timestamp(ms: Option<u64>) -> String {
+    let Some(ms) = ms else { return "-".into() };
+    let (date, h, min, sec) = civil(ms);
+    format!("{date} {h:02}:{min:02}:{sec:02} UTC")
+}
+
+/// `2026-11-28T03:27:36.123Z` (RFC 3339, UTC) from milliseconds since the epoch.
+pub fn rfc3339(ms: u64) -> String {
+    let (date, h, min, sec) = civil(ms);
+    format!("{date}T{h:02}:{min:02}:{sec:02}.{:03}Z", ms % 1000)
+}
+
+/// The date (`YYYY-MM-DD`), hour, minute and second of `ms`.
+fn civil(ms: u64) -> (String, u64, u64, u64) {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    (
+        format!("{y:04}-{m:02}-{d:02}"),
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60,
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `30s`, `15m`, `24h`, `7d`.
+pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = number.parse().ok()?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return None,
+    };
+    n.checked_mul(seconds).map(std::time::Duration::from_secs)
+}
+
+/// A day written `YYYY-MM-DD`, as milliseconds since the epoch at its start (UTC).
+pub fn parse_date(text: &str) -> Option<u64> {
+    let mut parts = text.split('-');
+    let (y, m, d) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || y.len() != 4 || m.len() != 2 || d.len() != 2 {
+        return None;
+    }
+    let (y, m, d): (i64, i64, i64) = (y.parse().ok()?, m.parse().ok()?, d.parse().ok()?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || y < 1970 {
+        return None;
+    }
+    // Days from civil (H. Hinnant's algorithm), the inverse of `civil_from_days`.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let ms = days.checked_mul(86_400_000)?;
+    let back = timestamp(Some(ms as u64));
+    // 2026-02-31 is not a day.
+    back.starts_with(text).then_some(ms as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn durations_and_dates() {
+        assert_eq!(
+            parse_duration("7d"),
+            Some(std::time::Duration::from_secs(604_800))
+        );
+        assert_eq!(parse_duration("d"), None);
+        assert_eq!(parse_duration("5w"), None);
+        assert_eq!(parse_duration("99999999999999999999d"), None);
+        let day = parse_date("2026-12-01").unwrap();
+        assert_eq!(timestamp(Some(day)), "2026-12-01 00:00:00 UTC");
+        assert_eq!(rfc3339(day + 1_234), "2026-12-01T00:00:01.234Z");
+        assert_eq!(
+            parse_date("2024-02-29")
+                .map(|d| timestamp(Some(d)))
+                .unwrap(),
+            "2024-02-29 00:00:00 UTC"
+        );
+        for bad in [
+            "2026-02-30",
+            "2026-13-01",
+            "26-12-01",
+            "2026-12-01x",
+            "yesterday",
+        ] {
+            assert_eq!(parse_date(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn escape_makes_one_harmless_line() {

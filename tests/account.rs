@@ -37,7 +37,7 @@ fn every_flow_through_the_library() {
     let synapse = Synapse::get();
     let alice = synapse.register("lib");
     let token = TestToken::new(Kind::SoftHsm);
-    let session_path = token.dir.path().join("session.json");
+    let sessions = mxhsm::homeserver::Sessions::at(token.dir.path().join("sessions"));
     let password = alice.password.clone();
     let ask_password = move || -> Result<SecretString, HomeserverError> {
         Ok(SecretString::from(password.clone()))
@@ -53,9 +53,10 @@ fn every_flow_through_the_library() {
             device_name: "library test".into(),
             replace: false,
             options: ClientOptions::default(),
+            token: None,
         },
-        &session_path,
-        Some(Store::Pkcs11(token.open())),
+        &sessions,
+        Some(Store::from(token.open())),
     )
     .unwrap();
     let LoginOutcome::New {
@@ -68,7 +69,7 @@ fn every_flow_through_the_library() {
     };
     let account = Account::open(
         session,
-        Store::Pkcs11(token.open()),
+        Store::from(token.open()),
         &ClientOptions::default(),
     )
     .unwrap();
@@ -201,7 +202,7 @@ fn every_flow_through_the_library() {
     assert!(matches!(open_wrong(), Err(TokenError::AlreadyOpen { .. })));
     drop(account);
     let wrong = open_wrong().unwrap();
-    let session = mxhsm::homeserver::Session::load(&session_path).unwrap();
+    let session = sessions.load(&alice.user_id).unwrap();
     let account = Account::open(session, wrong, &ClientOptions::default()).unwrap();
     let err = sign::sign_devices(
         &account,

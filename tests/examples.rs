@@ -34,7 +34,7 @@ fn a_bot_signs_its_new_device_with_the_hsm() {
     let out = ok(example("bot_signs_its_device")
         .args([&bot.synapse.url, &bot.user.user_id])
         .arg(dir.join("access"))
-        .arg(dir.join("bot-session.json"))
+        .arg(dir.join("bot-sessions"))
         .arg(&bot.token.uri)
         .env(var, conf)
         .env("MXHSM_PIN", common::USER_PIN));

@@ -809,8 +809,9 @@ fn backup_create_does_not_drop_a_backup() {
     assert_ne!(out["version"], theirs);
 }
 
-/// Attack 15: A second login reuses the live session; another account's session is logged out
-/// first only with --replace; devices get a real name; status marks mxhsm's device.
+/// Attack 15: A second login reuses the live session (--replace starts a new device and
+/// deletes the old one); another account gets a session of its own and strands nothing;
+/// devices get a real name; status marks mxhsm's device.
 #[test]
 fn a_second_login_never_strands_a_device() {
     let u = MxhsmUser::new(Kind::SoftHsm);
@@ -844,35 +845,20 @@ fn a_second_login_never_strands_a_device() {
         .find(|d| d["device_id"] == first)
         .unwrap();
     assert_eq!(me["this_device"], true);
-    // Another account: refused, then with --replace the old device is deleted first.
+    // Another account is a second session: the first one and its device stay.
     let bob = u.synapse.register("bob");
-    let err = exits_err(
-        4,
-        u.cli().env("MXHSM_PASSWORD", &bob.password).args([
-            "login",
-            "--homeserver",
-            &u.synapse.url,
-            "--user",
-            &bob.localpart,
-        ]),
-    );
-    assert!(
-        err.contains("a session exists for") && err.contains("--replace"),
-        "{err}"
-    );
     ok(u.cli().env("MXHSM_PASSWORD", &bob.password).args([
         "login",
         "--homeserver",
         &u.synapse.url,
         "--user",
         &bob.localpart,
-        "--replace",
         "--device-name",
         "the bot's HSM",
     ]));
     assert!(
-        devices(&other).iter().all(|d| d["device_id"] != first),
-        "the old device is gone"
+        devices(&other).iter().any(|d| d["device_id"] == first),
+        "alice's device stays"
     );
     let bob_token = u.synapse.login(&bob, "BOBCHECK");
     assert!(
@@ -880,6 +866,38 @@ fn a_second_login_never_strands_a_device() {
             .iter()
             .any(|d| d["display_name"] == "the bot's HSM")
     );
+    // With two sessions, a command must be told which account.
+    let err = fails(u.cli().args(["identity", "status"]));
+    assert!(
+        err.contains("several accounts are logged in") && err.contains("--account"),
+        "{err}"
+    );
+    ok(u.cli()
+        .args(["--account", &u.user.user_id, "identity", "status"]));
+    // The same account again with --replace: a new device, the old one deleted first.
+    let out = ok(u.cli().args([
+        "--json",
+        "login",
+        "--homeserver",
+        &u.synapse.url,
+        "--user",
+        &u.user.user_id,
+        "--replace",
+    ]));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["replaced"]["device_id"], first.as_str(), "{v}");
+    assert!(
+        devices(&other).iter().all(|d| d["device_id"] != first),
+        "the old device is gone"
+    );
+    // Logging one account out leaves the other.
+    ok(u.cli().args(["logout", "--account", &bob.user_id]));
+    assert!(
+        devices(&bob_token)
+            .iter()
+            .all(|d| d["display_name"] != "the bot's HSM")
+    );
+    ok(u.cli().args(["identity", "status"]));
 }
 
 /// Attack 16: Rotating one role at a time, then all three: only what changed is uploaded, and the

@@ -372,7 +372,7 @@ fn key_templates_are_explicit(kind: Kind) {
     let keys = session
         .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
         .unwrap();
-    assert_eq!(keys.len(), 6);
+    assert_eq!(keys.len(), KeyRole::ALL.len() + 2);
     for h in keys {
         let attrs = session
             .get_attributes(

@@ -30,6 +30,7 @@ fn secret_holding_types_print_no_secret() {
         access_token: SecretString::from("syt_secret_token".to_string()),
         olm_account: Some(SecretString::from("{\"pickled olm\":1}".to_string())),
         insecure_http: false,
+        token: None,
     };
     let shown = format!("{session:?}");
     assert_eq!(

@@ -471,3 +471,53 @@ fn the_account_doctor_names_each_problem_and_its_fix() {
         "{checks:?}"
     );
 }
+
+/// After some client reset the identity, the account is taken back as the watch's alarm
+/// says. Synapse cannot publish the token's old keys again (it fails on a key it stored
+/// before): mxhsm says so and changes nothing; `--new-keys` makes new keys on the token
+/// and publishes them.
+#[test]
+fn the_identity_is_taken_back_after_a_reset() {
+    let alice = MxhsmUser::new(Kind::SoftHsm);
+    alice.login();
+    ok(alice.cli().args(["identity", "create"]));
+    let old = alice.token_key("master");
+    let token = alice.synapse.login(&alice.user, "ELEMENT");
+    let theirs = B64.encode(
+        reset_identity(alice.synapse, &alice.user, &token)
+            .verifying_key()
+            .to_bytes(),
+    );
+    let (code, out, _) =
+        common::run(
+            alice
+                .cli()
+                .args(["--json", "identity", "publish", "--replace", "--yes"]),
+        );
+    assert_eq!(code, 1, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot take back a key it stored before")
+            && v["error"]["hint"].as_str().unwrap().contains("--new-keys"),
+        "{v}"
+    );
+    let problems = alice.status(&[])["identity_problems"].to_string();
+    assert!(problems.contains(&theirs), "nothing changed: {problems}");
+    // --new-keys needs --replace.
+    common::fails(alice.cli().args(["identity", "publish", "--new-keys"]));
+    ok(alice
+        .cli()
+        .args(["identity", "publish", "--replace", "--new-keys", "--yes"]));
+    let status = alice.status(&[]);
+    assert_eq!(status["identity_ok"], true, "{status}");
+    let now = alice.token_key("master");
+    assert_eq!(status["master_key"], now.as_str());
+    assert_ne!(now, old);
+    assert_ne!(now, theirs);
+    // The watch is quiet about the identity again.
+    let (_, events) = once(&alice, &[]);
+    assert!(!kinds(&events).contains(&"identity_reset"), "{events:?}");
+}

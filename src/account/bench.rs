@@ -233,3 +233,95 @@ pub fn bench_restore(store: &Store, n: usize) -> Result<RestoreBench, AccountErr
         software,
     })
 }
+
+/// How key lookups grow with the number of users a token holds: one row per size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaleRow {
+    /// Users with a full set of keys (master, self-signing, user-signing, backup).
+    pub users: usize,
+    /// Key pairs on the token.
+    pub keys: usize,
+    /// Median time to list one user's keys (what every flow does).
+    pub one_user: Duration,
+    /// The same user's keys again, in the same process.
+    pub same_user_again: Duration,
+    /// Median time to list every key.
+    pub all: Duration,
+}
+
+/// The users the scale bench makes (and deletes): in a domain that cannot exist.
+pub fn scale_user(n: usize) -> String {
+    format!("@mxhsm-bench-{n}:bench.invalid")
+}
+
+/// Fills `store` with keys for up to `users` users, in steps (10, 100, 1000, …), and at each
+/// step measures listing one user's keys and listing all, as medians of alternating runs.
+/// The keys are deleted again at the end, also when a step fails. `step` is told each row.
+pub fn scale(
+    store: &Store,
+    users: usize,
+    mut step: impl FnMut(&ScaleRow),
+) -> Result<Vec<ScaleRow>, AccountError> {
+    use crate::token::{KeyOptions, KeyRole};
+    let mut sizes = Vec::new();
+    let mut s = 10;
+    while s < users {
+        sizes.push(s);
+        s *= 10;
+    }
+    sizes.push(users);
+    let mut made = 0;
+    let mut rows = Vec::new();
+    let result = (|| -> Result<(), AccountError> {
+        for &size in &sizes {
+            while made < size {
+                for role in [
+                    KeyRole::Master,
+                    KeyRole::SelfSigning,
+                    KeyRole::UserSigning,
+                    KeyRole::Backup,
+                ] {
+                    store.generate(&scale_user(made), role, &KeyOptions::default())?;
+                }
+                made += 1;
+            }
+            let median = |mut v: Vec<Duration>| {
+                v.sort();
+                v[v.len() / 2]
+            };
+            let (mut one, mut again, mut all) = (Vec::new(), Vec::new(), Vec::new());
+            // Users not looked up before (a first lookup is a token search; a second one
+            // of the same user, in the same process, is answered from what the first found).
+            for round in 0..size.min(15) {
+                let user = scale_user(size - 1 - round);
+                let t = Instant::now();
+                store.list_keys(Some(&user))?;
+                one.push(t.elapsed());
+                let t = Instant::now();
+                store.list_keys(Some(&user))?;
+                again.push(t.elapsed());
+                if round % 5 == 0 {
+                    let t = Instant::now();
+                    store.list_keys(None)?;
+                    all.push(t.elapsed());
+                }
+            }
+            let row = ScaleRow {
+                users: size,
+                keys: store.list_keys(None)?.len(),
+                one_user: median(one),
+                same_user_again: median(again),
+                all: median(all),
+            };
+            step(&row);
+            rows.push(row);
+        }
+        Ok(())
+    })();
+    for n in 0..made {
+        for key in store.list_keys(Some(&scale_user(n)))? {
+            store.delete(&key)?;
+        }
+    }
+    result.map(|()| rows)
+}

@@ -7,7 +7,7 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use x25519_dalek::{PublicKey as XPublic, StaticSecret};
 
 use super::AccountError;
-use crate::token::{Curve25519PublicKey, KeyAlgorithm, KeyInfo, KeyStore, Store};
+use crate::token::{Backend, Curve25519PublicKey, KeyAlgorithm, KeyInfo, KeyStore, Store};
 
 /// One line of the doctor's report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,10 +244,10 @@ const TEST_KEY_USER: &str = "@mxhsm-self-test:localhost";
 
 impl<'a> SessionKey<'a> {
     pub(crate) fn new(store: &'a Store, algorithm: KeyAlgorithm) -> Result<Self, AccountError> {
-        let key = match store {
-            Store::Pkcs11(s) => s.generate_session_key(algorithm)?,
+        let key = match store.backend() {
+            Backend::Pkcs11(s) => s.generate_session_key(algorithm)?,
             #[cfg(feature = "yubikey")]
-            Store::YubiKey(s) => {
+            Backend::YubiKey(s) => {
                 let role = match algorithm {
                     KeyAlgorithm::Ed25519 => crate::token::KeyRole::SelfSigning,
                     KeyAlgorithm::X25519 => crate::token::KeyRole::Backup,
@@ -388,7 +388,7 @@ pub fn doctor(store: &Store) -> Result<Vec<Check>, AccountError> {
         }),
     }
     #[cfg(feature = "yubikey")]
-    if let Store::YubiKey(y) = store {
+    if let Some(y) = store.as_yubikey() {
         // Factory credentials are worth a warning, not a failure: a default management key
         // lets anyone holding the card replace (not use) its keys; a default PIN lets
         // anyone holding it use them.

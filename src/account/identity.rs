@@ -261,9 +261,13 @@ pub fn create(
 /// Refuses when the server publishes a master key that is not the token's, unless
 /// `replace` (after `prompts.confirm_replace`); a new master key gets new self-signing and
 /// user-signing keys generated on the token when the token's are the published ones.
+/// With `new_keys`, all three are generated anew on the token first (after the
+/// confirmation): what a homeserver that refuses keys it stored before (Synapse) needs to
+/// take the account back after a reset.
 pub fn publish(
     account: &Account,
     replace: bool,
+    new_keys: bool,
     prompts: PublishPrompts<'_>,
 ) -> Result<Published, AccountError> {
     let me = account.user_id().to_string();
@@ -279,7 +283,13 @@ pub fn publish(
         prompts.confirm_replace,
     )?;
     let mut sources = Vec::new();
-    if published.master.is_some_and(|m| m != own.master) {
+    if new_keys {
+        for role in KeyRole::CROSS_SIGNING {
+            let key = store.generate(&me, role, &KeyOptions::default())?;
+            current.insert(role, key);
+            sources.push((role, KeySource::Generated));
+        }
+    } else if published.master.is_some_and(|m| m != own.master) {
         for (role, token) in [
             (KeyRole::SelfSigning, own.self_signing),
             (KeyRole::UserSigning, own.user_signing),
@@ -291,7 +301,19 @@ pub fn publish(
             }
         }
     }
-    let mut out = publish_checked(account, &answer, &published, current, prompts.password)?;
+    let mut out = publish_checked(account, &answer, &published, current, prompts.password)
+        .map_err(|e| match e {
+            // Synapse keeps every cross-signing key it ever stored and fails (500) on one
+            // uploaded again (docs/synapse.md).
+            AccountError::Homeserver(HomeserverError::Http { status: 500, .. })
+                if replaced.is_some() && !new_keys =>
+            {
+                AccountError::KeysStoredBefore {
+                    user_id: me.clone(),
+                }
+            }
+            e => e,
+        })?;
     out.sources = sources;
     out.replaced = replaced;
     Ok(out)

@@ -1,8 +1,9 @@
 //! Logging in as a new mxhsm device, and out again.
 //!
-//! A login never silently replaces a live session: the same account's live session is
-//! reused; another one is logged out (its device deleted) first, and only when the caller
-//! passes `replace`. The user ID the server logged in must be the one asked for. The new
+//! Each account has its own session ([`Sessions`]), so logging in as another account adds
+//! a session. A login never silently replaces a live session: the same account's live
+//! session is reused, and replaced (its device deleted) only when the caller passes
+//! `replace`. The user ID the server logged in must be the one asked for. The new
 //! device is a real Olm device whose keys are read back, and it is cross-signed at once
 //! when the token holds the published self-signing key.
 
@@ -12,7 +13,7 @@ use secrecy::SecretString;
 use vodozemac::olm::Account as OlmAccount;
 
 use super::{Account, AccountError, PublishedIdentity, sign};
-use crate::homeserver::{Client, ClientOptions, HomeserverError, HomeserverUrl, Session};
+use crate::homeserver::{Client, ClientOptions, HomeserverError, HomeserverUrl, Session, Sessions};
 use crate::matrix::device;
 use crate::matrix::signed_json::signable_bytes;
 use crate::token::{KeyRole, Store};
@@ -35,8 +36,11 @@ pub struct LoginRequest<'a> {
     pub device_id: Option<&'a str>,
     /// The device's display name, as other clients show it.
     pub device_name: String,
-    /// Log out a live session of another account (or this one) first.
+    /// Log out this account's live session first (its device is deleted).
     pub replace: bool,
+    /// The token to record in the session (`crate::config::token_spec`), so that later
+    /// commands find it without being told.
+    pub token: Option<String>,
     pub options: ClientOptions,
 }
 
@@ -95,11 +99,31 @@ fn check_user(user: &str) -> Result<(), AccountError> {
     }
 }
 
-/// Logs in, saving the session at `session_path`; cross-signs the new device with the
-/// token's self-signing key when `store` holds the published one.
+/// The saved session a login as `user` on `url` would replace: by user ID, or for a bare
+/// localpart, the session of that localpart on that homeserver.
+fn existing(
+    sessions: &Sessions,
+    url: &HomeserverUrl,
+    user: Option<&str>,
+) -> Result<Option<Session>, AccountError> {
+    match user {
+        Some(u) if u.starts_with('@') => Ok(sessions.load_if_any(u)?),
+        Some(local) => Ok(sessions.list()?.into_iter().find(|s| {
+            s.homeserver == url.as_str()
+                && s.user_id
+                    .strip_prefix('@')
+                    .and_then(|r| r.split_once(':'))
+                    .is_some_and(|(l, _)| l == local)
+        })),
+        None => Ok(None),
+    }
+}
+
+/// Logs in, saving the session in `sessions`; cross-signs the new device with the token's
+/// self-signing key when `store` holds the published one.
 pub fn login(
     request: LoginRequest<'_>,
-    session_path: &Path,
+    sessions: &Sessions,
     store: Option<Store>,
 ) -> Result<LoginOutcome, AccountError> {
     // Every check that needs no password first.
@@ -113,7 +137,7 @@ pub fn login(
         ));
     }
     let mut replaced = None;
-    if let Some(old) = Session::load_if_any(session_path)? {
+    if let Some(old) = existing(sessions, &url, request.user)? {
         let client = Client::for_session(&old, &request.options)?;
         match client.whoami() {
             Ok((uid, dev)) if uid == old.user_id && dev.as_deref() == Some(&old.device_id) => {
@@ -192,6 +216,7 @@ pub fn login(
                 access_token: token.clone(),
                 olm_account: None,
                 insecure_http: client.url().is_insecure(),
+                token: None,
             }
         }
     };
@@ -216,7 +241,29 @@ pub fn login(
     let pickle = serde_json::to_string(&olm.pickle())
         .map_err(|e| AccountError::Input(format!("cannot keep the Olm account: {e}")))?;
     session.olm_account = Some(SecretString::from(pickle));
-    session.save(session_path)?;
+    session.token = request.token.clone();
+    if let Some(old) = sessions.load_if_any(&session.user_id)?
+        && replaced.is_none()
+    {
+        // Logged in with an access token or a localpart that turned out to be an account
+        // with a live session: the new device is kept only with `replace`.
+        if !request.replace {
+            let _ = client.logout();
+            return Err(AccountError::SessionExists {
+                user_id: old.user_id,
+                device_id: old.device_id,
+                homeserver: old.homeserver,
+            });
+        }
+        let _ = Client::for_session(&old, &request.options).and_then(|c| c.logout());
+        replaced = Some(OldSession {
+            user_id: old.user_id,
+            device_id: old.device_id,
+            homeserver: old.homeserver,
+            logged_out: true,
+        });
+    }
+    sessions.save(&session)?;
     let cross_signed = match store {
         None => CrossSigned::NoToken,
         Some(store) => {

@@ -19,11 +19,14 @@
 //!   server's state, that the token holds the key needed) is checked before the first
 //!   private-key operation, which is when the PIN is asked for.
 
+pub mod accounts;
+pub mod audit;
 pub mod backup;
 pub mod bench;
 pub mod doctor;
 pub mod identity;
 pub mod login;
+pub mod policy;
 pub mod restore;
 pub mod secret_storage;
 pub mod sign;
@@ -65,12 +68,24 @@ impl Account {
         store: Store,
         options: &ClientOptions,
     ) -> Result<Account, AccountError> {
-        let client = Client::for_session(&session, options)?;
-        Ok(Account {
-            session,
-            client,
-            store,
-        })
+        Self::try_open(session, store, options).map_err(|failed| failed.0)
+    }
+
+    /// [`Account::open`], giving the store back when it fails (to use it for another
+    /// account on the same token).
+    pub fn try_open(
+        session: Session,
+        store: Store,
+        options: &ClientOptions,
+    ) -> Result<Account, Box<(AccountError, Store)>> {
+        match Client::for_session(&session, options) {
+            Ok(client) => Ok(Account {
+                session,
+                client,
+                store,
+            }),
+            Err(e) => Err(Box::new((e.into(), store))),
+        }
     }
 
     pub fn user_id(&self) -> &str {
@@ -91,6 +106,12 @@ impl Account {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Gives the token back (to open the next account on the same token without a second
+    /// login).
+    pub fn into_store(self) -> Store {
+        self.store
     }
 
     /// The token's keys ([`Self::store`] as a [`crate::token::KeyStore`]).
@@ -154,7 +175,7 @@ impl PublishedIdentity {
             KeyRole::Master => self.master.as_ref(),
             KeyRole::SelfSigning => self.self_signing.as_ref(),
             KeyRole::UserSigning => self.user_signing.as_ref(),
-            KeyRole::Backup => None,
+            KeyRole::Backup | KeyRole::Audit => None,
         }
     }
 }
@@ -277,6 +298,18 @@ pub enum AccountError {
     },
     #[error("{0}")]
     Input(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(
+        "the homeserver failed to publish the token's cross-signing keys for {} again (Synapse cannot take back a key it stored before; it answers 500): nothing was changed",
+        escape(.user_id)
+    )]
+    KeysStoredBefore { user_id: String },
+    #[error(
+        "several accounts are logged in ({}): say which",
+        crate::text::escape_joined(.logged_in, ", ")
+    )]
+    WhichAccount { logged_in: Vec<String> },
 }
 
 impl AccountError {

@@ -204,6 +204,28 @@ pub fn sign_devices(
     selection: &DeviceSelection,
     confirm: &mut ConfirmDevices<'_>,
 ) -> Result<SignedDevices, AccountError> {
+    sign_devices_seeing_all(account, selection, &mut |offered, _| {
+        if offered.is_empty() {
+            Ok(Vec::new())
+        } else {
+            confirm(offered)
+        }
+    })
+}
+
+/// Chooses which of the devices offered to sign, seeing every device of the same answer
+/// (signed ones and those that cannot be signed too).
+pub type ConfirmSeeingAll<'a> =
+    dyn FnMut(&[DeviceCandidate], &[DeviceCandidate]) -> Result<Vec<String>, AccountError> + 'a;
+
+/// [`sign_devices`], whose `confirm` also sees every device of the account in the same
+/// `/keys/query` answer (for a policy that needs devices to be present). `confirm` is
+/// called even when nothing can be signed (with nothing offered).
+pub fn sign_devices_seeing_all(
+    account: &Account,
+    selection: &DeviceSelection,
+    confirm: &mut ConfirmSeeingAll<'_>,
+) -> Result<SignedDevices, AccountError> {
     let me = account.user_id();
     let answer = account.client().query_keys(&[me])?;
     let (own, mut current) = anchors(account, &answer)?;
@@ -248,9 +270,10 @@ pub fn sign_devices(
             .collect(),
     };
     if offered.is_empty() {
+        let _ = confirm(&offered, &all)?;
         return Ok(outcome);
     }
-    let chosen = confirm(&offered)?;
+    let chosen = confirm(&offered, &all)?;
     if chosen.is_empty() {
         return Err(AccountError::Cancelled);
     }

@@ -243,10 +243,14 @@ impl WatchState {
 /// Where the watch state of `user_id` lives (beside the session): one file per account, so
 /// logging in as another account never overwrites what the watch knew of this one.
 pub fn default_state_path(user_id: &str) -> PathBuf {
+    crate::paths::dir(crate::paths::Base::Data).join(format!("watch-{}.json", user_hash(user_id)))
+}
+
+/// A short name for a user's files: the first 8 bytes of the SHA-256 of the user ID, in hex.
+pub(crate) fn user_hash(user_id: &str) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(user_id.as_bytes());
-    let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    crate::paths::dir(crate::paths::Base::Data).join(format!("watch-{name}.json"))
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Remembers that our user-signing key signed `master` of `user_id`, so a later change of

@@ -6,12 +6,11 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Args;
 use mxhsm::account::login::{self, Credential, CrossSigned, LoginOutcome, LoginRequest};
-use mxhsm::homeserver::session::session_path;
 use secrecy::SecretString;
 use serde_json::json;
 
 use super::output::{self, esc, note, say};
-use super::{GlobalArgs, client_options, open_account, open_store, secrets};
+use super::{GlobalArgs, Setup, client_options, open_account, open_resolved, secrets};
 
 #[derive(Debug, Args)]
 pub struct LoginArgs {
@@ -44,17 +43,33 @@ pub struct LoginArgs {
 }
 
 pub fn login(global: &GlobalArgs, args: LoginArgs) -> Result<ExitCode> {
-    let path = session_path();
+    let ctx = Setup::load(global)?;
     let options = client_options(global)?;
-    if args.access_token_file.is_none() && args.user.is_none() {
-        anyhow::bail!("--user is needed for a password login");
+    // --account names the config's entry (or a user ID): its user, homeserver, device name
+    // and token are the defaults here.
+    let account = match &global.account {
+        Some(a) => {
+            let selector = Setup::selector(global);
+            if selector.is_many() || selector == mxhsm::account::accounts::Selector::All {
+                anyhow::bail!("log in to one account at a time (--account {})", esc(a));
+            }
+            Some(ctx.config.account(a)?)
+        }
+        None => None,
+    };
+    let user = args
+        .user
+        .clone()
+        .or_else(|| account.as_ref().map(|a| a.user_id.clone()));
+    if args.access_token_file.is_none() && user.is_none() {
+        anyhow::bail!("--user (or --account) is needed for a password login");
     }
-    let user = args.user.clone();
     let password_file = args.password_file.clone();
+    let prompt_user = user.clone();
     let ask = move || {
         secrets::password(
             password_file.as_deref(),
-            &format!("Password for {}", user.as_deref().unwrap_or("")),
+            &format!("Password for {}", prompt_user.as_deref().unwrap_or("")),
         )
         .map_err(|e| mxhsm::homeserver::HomeserverError::Input(format!("{e:#}")))
     };
@@ -66,17 +81,20 @@ pub fn login(global: &GlobalArgs, args: LoginArgs) -> Result<ExitCode> {
         }
         None => Credential::Password(&ask),
     };
-    // A token is opened (without a PIN) only when one is configured: then the new device is
-    // cross-signed at once.
-    let store =
-        if mxhsm::config::token_configured(global.token.as_deref(), global.yubikey.as_deref()) {
-            Some(open_store(global)?)
-        } else {
-            None
-        };
-    let server = match (&args.homeserver, args.user.as_deref()) {
-        (Some(h), _) => h.clone(),
-        (None, Some(u)) if u.starts_with('@') && u.contains(':') => u
+    // A token is opened (without a PIN) only when one is named: then the new device is
+    // cross-signed at once, and the session records the token for later commands.
+    let token = ctx.token(global, account.as_ref(), None)?;
+    let store = match &token {
+        Some(t) => Some(open_resolved(global, t)?),
+        None => None,
+    };
+    let server = match (
+        &args.homeserver,
+        account.as_ref().and_then(|a| a.homeserver.as_ref()),
+        user.as_deref(),
+    ) {
+        (Some(h), _, _) | (None, Some(h), _) => h.clone(),
+        (None, None, Some(u)) if u.starts_with('@') && u.contains(':') => u
             .split_once(':')
             .map(|(_, s)| s.to_string())
             .unwrap_or_default(),
@@ -85,17 +103,21 @@ pub fn login(global: &GlobalArgs, args: LoginArgs) -> Result<ExitCode> {
         ),
     };
     let homeserver = mxhsm::homeserver::discover(&server, &options)?;
+    let device_name = args
+        .device_name
+        .clone()
+        .or_else(|| account.as_ref().and_then(|a| a.device_name.clone()))
+        .or_else(|| ctx.config.defaults.device_name.clone())
+        .unwrap_or_else(login::default_device_name);
     let request = LoginRequest {
         homeserver: homeserver.as_str(),
-        user: args.user.as_deref(),
+        user: user.as_deref(),
         credential,
         device_id: args.device_id.as_deref(),
-        device_name: args
-            .device_name
-            .clone()
-            .unwrap_or_else(login::default_device_name),
+        device_name,
         replace: args.replace,
         options: options.clone(),
+        token: token.as_ref().map(|t| mxhsm::config::token_spec(&t.choice)),
     };
     if homeserver.is_insecure() {
         note!(
@@ -103,79 +125,88 @@ pub fn login(global: &GlobalArgs, args: LoginArgs) -> Result<ExitCode> {
             esc(homeserver.as_str())
         );
     }
-    let outcome = login::login(request, &path, store)?;
+    let outcome = login::login(request, &ctx.sessions, store)?;
     match outcome {
-        LoginOutcome::Reused(session) => output::emit(
-            global.json,
-            json!({
-                "user_id": session.user_id, "device_id": session.device_id,
-                "homeserver": session.homeserver, "session_file": path.display().to_string(),
-                "reused": true, "cross_signed": null,
-            }),
-            || {
-                say!(
-                    "already logged in as {} on {} (device {}): kept that session; `mxhsm login --replace` starts a new device",
-                    esc(&session.user_id),
-                    esc(&session.homeserver),
-                    esc(&session.device_id)
-                );
-            },
-        ),
+        LoginOutcome::Reused(session) => {
+            let path = ctx.sessions.path_for(&session.user_id);
+            output::emit(
+                global.json,
+                json!({
+                    "user_id": session.user_id, "device_id": session.device_id,
+                    "homeserver": session.homeserver, "session_file": path.display().to_string(),
+                    "reused": true, "cross_signed": null,
+                }),
+                || {
+                    say!(
+                        "already logged in as {} on {} (device {}): kept that session; `mxhsm login --replace` starts a new device",
+                        esc(&session.user_id),
+                        esc(&session.homeserver),
+                        esc(&session.device_id)
+                    );
+                },
+            )
+        }
         LoginOutcome::New {
             session,
             replaced,
             cross_signed,
-        } => output::emit(
-            global.json,
-            json!({
-                "user_id": session.user_id, "device_id": session.device_id,
-                "homeserver": session.homeserver, "session_file": path.display().to_string(),
-                "reused": false,
-                "cross_signed": cross_signed == CrossSigned::Yes,
-                "replaced": replaced.as_ref().map(|o| json!({
-                    "user_id": o.user_id, "device_id": o.device_id, "logged_out": o.logged_out,
-                })),
-            }),
-            || {
-                if let Some(o) = &replaced {
-                    if o.logged_out {
-                        say!(
-                            "logged out the previous session ({} device {}); its device is deleted",
-                            esc(&o.user_id),
-                            esc(&o.device_id)
-                        );
-                    } else {
-                        say!(
-                            "the previous session ({} device {}) had already ended on the server",
-                            esc(&o.user_id),
-                            esc(&o.device_id)
-                        );
+        } => {
+            let path = ctx.sessions.path_for(&session.user_id);
+            output::emit(
+                global.json,
+                json!({
+                    "user_id": session.user_id, "device_id": session.device_id,
+                    "homeserver": session.homeserver, "session_file": path.display().to_string(),
+                    "reused": false,
+                    "cross_signed": cross_signed == CrossSigned::Yes,
+                    "replaced": replaced.as_ref().map(|o| json!({
+                        "user_id": o.user_id, "device_id": o.device_id, "logged_out": o.logged_out,
+                    })),
+                }),
+                || {
+                    if let Some(o) = &replaced {
+                        if o.logged_out {
+                            say!(
+                                "logged out the previous session ({} device {}); its device is deleted",
+                                esc(&o.user_id),
+                                esc(&o.device_id)
+                            );
+                        } else {
+                            say!(
+                                "the previous session ({} device {}) had already ended on the server",
+                                esc(&o.user_id),
+                                esc(&o.device_id)
+                            );
+                        }
                     }
-                }
-                say!(
-                    "logged in as {} on {} (device {}); session saved in {}",
-                    esc(&session.user_id),
-                    esc(&session.homeserver),
-                    esc(&session.device_id),
-                    path.display()
-                );
-                match cross_signed {
-                    CrossSigned::Yes => {
-                        say!("cross-signed this device with the self-signing key on the token")
+                    say!(
+                        "logged in as {} on {} (device {}); session saved in {}",
+                        esc(&session.user_id),
+                        esc(&session.homeserver),
+                        esc(&session.device_id),
+                        path.display()
+                    );
+                    match cross_signed {
+                        CrossSigned::Yes => {
+                            say!("cross-signed this device with the self-signing key on the token")
+                        }
+                        CrossSigned::NoToken | CrossSigned::NotPublished => say!(
+                            "once your identity is on the token, `mxhsm identity publish` (or `mxhsm sign device {}`) cross-signs this device",
+                            esc(&session.device_id)
+                        ),
                     }
-                    CrossSigned::NoToken | CrossSigned::NotPublished => say!(
-                        "once your identity is on the token, `mxhsm identity publish` (or `mxhsm sign device {}`) cross-signs this device",
-                        esc(&session.device_id)
-                    ),
-                }
-            },
-        ),
+                },
+            )
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn logout(global: &GlobalArgs) -> Result<ExitCode> {
-    let path = session_path();
+    let ctx = Setup::load(global)?;
+    let chosen =
+        mxhsm::account::accounts::choose_one(&ctx.config, &ctx.sessions, &Setup::selector(global))?;
+    let path = ctx.sessions.path_for(chosen.user_id());
     let session = login::logout(&path, &client_options(global)?)?;
     output::emit(
         global.json,

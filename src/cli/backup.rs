@@ -134,6 +134,18 @@ fn describe_replacement(r: &BackupReplacement) -> String {
     )
 }
 
+/// The JSON document of `backup status` (docs/json.md).
+fn status_json(s: &backup::BackupStatus) -> serde_json::Value {
+    json!({
+        "version": s.version, "algorithm": s.algorithm, "count": s.count,
+        "public_key": s.public_key, "master_signature_valid": s.signed_by_master.is_ok(),
+        "master_signature_error": s.signed_by_master.as_ref().err().map(|e| e.to_string()),
+        "token_backup_key": s.token_key.map(|k| k.to_base64()),
+        "public_key_is_token_key": s.is_token_key(),
+        "problems": s.has_problems(),
+    })
+}
+
 pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
     match cmd {
         BackupCommand::Create {
@@ -182,45 +194,61 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
                 },
             );
         }
+        BackupCommand::Status if super::is_bulk(global) => {
+            let results = super::for_each_account(global, |account| {
+                let Some(s) = backup::status(account)? else {
+                    return Ok(super::Summary {
+                        problem: true,
+                        doc: json!({"version": null}),
+                        cells: vec!["-".into(), "-".into(), "✘ no backup".into()],
+                    });
+                };
+                let verdict = match (&s.signed_by_master, s.is_token_key()) {
+                    (Ok(()), true) => "✔ ok: signed by the master key, the token's key".to_string(),
+                    (Err(e), _) => format!("✘ auth_data NOT trusted: {e}"),
+                    (Ok(()), false) => "✘ NOT the token's backup key".to_string(),
+                };
+                Ok(super::Summary {
+                    problem: s.has_problems(),
+                    doc: status_json(&s),
+                    cells: vec![s.version.clone(), s.count.to_string(), verdict],
+                })
+            })?;
+            return Ok(super::print_bulk(
+                global,
+                &["VERSION", "KEYS", "STATUS"],
+                results,
+            ));
+        }
         BackupCommand::Status => {
             let account = open_account(global)?;
             let Some(s) = backup::status(&account)? else {
                 return Err(AccountError::NoBackup.into());
             };
             let token_key = s.token_key.map(|k| k.to_base64());
-            output::emit(
-                global.json,
-                json!({
-                    "version": s.version, "algorithm": s.algorithm, "count": s.count,
-                    "public_key": s.public_key, "master_signature_valid": s.signed_by_master.is_ok(),
-                    "master_signature_error": s.signed_by_master.as_ref().err().map(|e| e.to_string()),
-                    "token_backup_key": token_key, "public_key_is_token_key": s.is_token_key(),
-                    "problems": s.has_problems(),
-                }),
-                || {
-                    say!(
-                        "backup version {} ({}), {} keys",
-                        esc(&s.version),
-                        esc(&s.algorithm),
-                        s.count
-                    );
-                    match &s.signed_by_master {
-                        Ok(()) => say!("  auth_data: validly signed by your master key"),
-                        Err(e) => say!("  auth_data: NOT trusted: {}", esc(&e.to_string())),
+            output::emit(global.json, status_json(&s), || {
+                say!(
+                    "backup version {} ({}), {} keys",
+                    esc(&s.version),
+                    esc(&s.algorithm),
+                    s.count
+                );
+                match &s.signed_by_master {
+                    Ok(()) => say!("  auth_data: validly signed by your master key"),
+                    Err(e) => say!("  auth_data: NOT trusted: {}", esc(&e.to_string())),
+                }
+                let public = esc(&s.public_key);
+                match (&token_key, s.is_token_key()) {
+                    (Some(_), true) => say!("  public key {public}: the token's backup key"),
+                    (Some(t), false) => {
+                        say!("  public key {public}: NOT the token's backup key ({t})")
                     }
-                    let public = esc(&s.public_key);
-                    match (&token_key, s.is_token_key()) {
-                        (Some(_), true) => say!("  public key {public}: the token's backup key"),
-                        (Some(t), false) => {
-                            say!("  public key {public}: NOT the token's backup key ({t})")
-                        }
-                        (None, _) => say!(
-                            "  public key {public}: the token has no backup key for {}",
-                            esc(account.user_id())
-                        ),
-                    }
-                },
-            );
+                    (None, _) => say!(
+                        "  public key {public}: the token has no backup key for {}",
+                        esc(account.user_id())
+                    ),
+                }
+            });
             if s.has_problems() {
                 return Ok(ExitCode::from(exit::PROBLEM));
             }

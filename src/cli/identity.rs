@@ -43,6 +43,11 @@ pub enum IdentityCommand {
     Publish {
         #[command(flatten)]
         replace: ReplaceArgs,
+        /// With --replace: first make new master, self-signing and user-signing keys on the
+        /// token (the old ones stay until deleted). A homeserver that cannot take back keys
+        /// it stored before (Synapse) needs this after some client reset the identity.
+        #[arg(long, requires = "replace")]
+        new_keys: bool,
         #[command(flatten)]
         auth: PasswordArg,
     },
@@ -99,6 +104,13 @@ pub enum SignCommand {
         /// Do not ask: only with the device IDs named.
         #[arg(long)]
         yes: bool,
+        /// Sign, without asking, the unsigned devices this policy file allows (its rules are
+        /// in docs/organisation.md); list the others for a human. Works with --account all.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["device_ids", "all_unsigned", "yes"])]
+        policy: Option<std::path::PathBuf>,
+        /// With --policy: show what would be signed, sign nothing.
+        #[arg(long, requires = "policy")]
+        dry_run: bool,
     },
     /// Sign another user's master key with your user-signing key (after you verified it).
     User {
@@ -275,7 +287,11 @@ pub fn run_identity(global: &GlobalArgs, cmd: IdentityCommand) -> Result<ExitCod
             )?;
             report_published(global, &p);
         }
-        IdentityCommand::Publish { replace, auth } => {
+        IdentityCommand::Publish {
+            replace,
+            new_keys,
+            auth,
+        } => {
             let account = open_account(global)?;
             let user = account.user_id().to_string();
             let password = password_prompt(&auth, &user);
@@ -283,12 +299,56 @@ pub fn run_identity(global: &GlobalArgs, cmd: IdentityCommand) -> Result<ExitCod
             let p = identity::publish(
                 &account,
                 replace.replace,
+                new_keys,
                 PublishPrompts {
                     confirm_replace: &mut confirm,
                     password: &password,
                 },
             )?;
             report_published(global, &p);
+        }
+        IdentityCommand::Status { users, tree } if super::is_bulk(global) => {
+            if tree {
+                bail!("--tree draws one account; choose it with --account");
+            }
+            let results = super::for_each_account(global, |account| {
+                let status = identity::status(account, &users)?;
+                let report = &status.report;
+                let unsigned = report
+                    .devices
+                    .iter()
+                    .filter(|d| d.user_id == status.own.user_id && !d.trust.is_verified())
+                    .count();
+                let own = report
+                    .devices
+                    .iter()
+                    .filter(|d| d.user_id == status.own.user_id)
+                    .count();
+                let problems = if status.has_problems() {
+                    let mut p = report.own_identity.clone();
+                    if p.is_empty() {
+                        p.push("a device or user's chain is broken".into());
+                    }
+                    format!("✘ {}", p.join("; "))
+                } else {
+                    "✔ ok".into()
+                };
+                Ok(super::Summary {
+                    problem: status.has_problems(),
+                    doc: status_json(&status),
+                    cells: vec![
+                        status.own.user_id.clone(),
+                        fingerprint(&status.own.master),
+                        format!("{own} ({unsigned} unsigned)"),
+                        problems,
+                    ],
+                })
+            })?;
+            return Ok(super::print_bulk(
+                global,
+                &["USER", "MASTER KEY", "DEVICES", "STATUS"],
+                results,
+            ));
         }
         IdentityCommand::Status { users, tree } => {
             let account = open_account(global)?;
@@ -312,85 +372,87 @@ pub fn run_identity(global: &GlobalArgs, cmd: IdentityCommand) -> Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
+/// The JSON document of `identity status` (docs/json.md).
+fn status_json(s: &identity::Status) -> serde_json::Value {
+    let (own, report) = (&s.own, &s.report);
+    json!({
+        "user_id": own.user_id,
+        "master_key": own.master.to_base64(),
+        "identity_ok": report.own_identity.is_empty(),
+        "identity_problems": report.own_identity,
+        "problems": s.has_problems(),
+        "devices": report.devices.iter().map(|d| json!({
+            "user_id": d.user_id, "device_id": d.device_id,
+            "display_name": d.display_name,
+            "ed25519": d.ed25519.map(|k| k.to_base64()),
+            "trust": d.trust.as_str(), "reason": d.trust.reason(),
+            "this_device": d.user_id == own.user_id && d.device_id == s.this_device,
+        })).collect::<Vec<_>>(),
+        "users": report.users.iter().map(|u| json!({
+            "user_id": u.user_id, "master_key": u.master_key.map(|k| k.to_base64()),
+            "trust": u.trust.as_str(), "reason": u.trust.reason(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
 fn print_status(global: &GlobalArgs, s: &identity::Status) {
     let (own, report) = (&s.own, &s.report);
-    output::emit(
-        global.json,
-        json!({
-            "user_id": own.user_id,
-            "master_key": own.master.to_base64(),
-            "identity_ok": report.own_identity.is_empty(),
-            "identity_problems": report.own_identity,
-            "problems": s.has_problems(),
-            "devices": report.devices.iter().map(|d| json!({
-                "user_id": d.user_id, "device_id": d.device_id,
-                "display_name": d.display_name,
-                "ed25519": d.ed25519.map(|k| k.to_base64()),
-                "trust": d.trust.as_str(), "reason": d.trust.reason(),
-                "this_device": d.user_id == own.user_id && d.device_id == s.this_device,
-            })).collect::<Vec<_>>(),
-            "users": report.users.iter().map(|u| json!({
-                "user_id": u.user_id, "master_key": u.master_key.map(|k| k.to_base64()),
-                "trust": u.trust.as_str(), "reason": u.trust.reason(),
-            })).collect::<Vec<_>>(),
-        }),
-        || {
-            say!(
-                "identity of {}: master key {}",
-                esc(&own.user_id),
-                fingerprint(&own.master)
-            );
-            if report.own_identity.is_empty() {
-                say!("  published and consistent with the token");
-            }
-            for p in &report.own_identity {
-                say!("  PROBLEM: {}", esc(p));
-            }
-            if !report.own_identity.is_empty() {
-                say!("  (`mxhsm identity publish` publishes the token's keys)");
-            }
+    output::emit(global.json, status_json(s), || {
+        say!(
+            "identity of {}: master key {}",
+            esc(&own.user_id),
+            fingerprint(&own.master)
+        );
+        if report.own_identity.is_empty() {
+            say!("  published and consistent with the token");
+        }
+        for p in &report.own_identity {
+            say!("  PROBLEM: {}", esc(p));
+        }
+        if !report.own_identity.is_empty() {
+            say!("  (`mxhsm identity publish` publishes the token's keys)");
+        }
+        say!("");
+        let rows: Vec<Vec<String>> = report
+            .devices
+            .iter()
+            .map(|d| {
+                let this = d.user_id == own.user_id && d.device_id == s.this_device;
+                vec![
+                    d.user_id.clone(),
+                    if this {
+                        format!("{} (this mxhsm)", d.device_id)
+                    } else {
+                        d.device_id.clone()
+                    },
+                    d.display_name.clone().unwrap_or_default(),
+                    d.ed25519.as_ref().map(fingerprint).unwrap_or_default(),
+                    d.trust.as_str().to_string(),
+                    d.trust.reason().to_string(),
+                ]
+            })
+            .collect();
+        output::table(
+            &["USER", "DEVICE", "NAME", "ED25519", "TRUST", "WHY"],
+            &rows,
+        );
+        if !report.users.is_empty() {
             say!("");
             let rows: Vec<Vec<String>> = report
-                .devices
+                .users
                 .iter()
-                .map(|d| {
-                    let this = d.user_id == own.user_id && d.device_id == s.this_device;
+                .map(|u| {
                     vec![
-                        d.user_id.clone(),
-                        if this {
-                            format!("{} (this mxhsm)", d.device_id)
-                        } else {
-                            d.device_id.clone()
-                        },
-                        d.display_name.clone().unwrap_or_default(),
-                        d.ed25519.as_ref().map(fingerprint).unwrap_or_default(),
-                        d.trust.as_str().to_string(),
-                        d.trust.reason().to_string(),
+                        u.user_id.clone(),
+                        u.master_key.as_ref().map(fingerprint).unwrap_or_default(),
+                        u.trust.as_str().to_string(),
+                        u.trust.reason().to_string(),
                     ]
                 })
                 .collect();
-            output::table(
-                &["USER", "DEVICE", "NAME", "ED25519", "TRUST", "WHY"],
-                &rows,
-            );
-            if !report.users.is_empty() {
-                say!("");
-                let rows: Vec<Vec<String>> = report
-                    .users
-                    .iter()
-                    .map(|u| {
-                        vec![
-                            u.user_id.clone(),
-                            u.master_key.as_ref().map(fingerprint).unwrap_or_default(),
-                            u.trust.as_str().to_string(),
-                            u.trust.reason().to_string(),
-                        ]
-                    })
-                    .collect();
-                output::table(&["USER", "MASTER KEY", "TRUST", "WHY"], &rows);
-            }
-        },
-    );
+            output::table(&["USER", "MASTER KEY", "TRUST", "WHY"], &rows);
+        }
+    });
 }
 
 /// One candidate as a line of the confirmation list.
@@ -466,6 +528,81 @@ fn sign_devices(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `sign devices --policy FILE`: for each chosen account, the devices the policy allows
+/// are signed and the rest listed; a summary per account (exit 3 when a device waits for
+/// a human, 1 when an account failed).
+fn sign_by_policy(global: &GlobalArgs, file: &std::path::Path, dry_run: bool) -> Result<ExitCode> {
+    use mxhsm::account::policy::{self, Decision, Policy};
+    // The policy is checked before any token or server is touched.
+    let rules = Policy::load(file)?;
+    let results = super::for_each_account(global, |account| {
+        let name = super::Setup::load(global)
+            .ok()
+            .and_then(|s| s.config.name_of(account.user_id()).map(str::to_string));
+        let outcome = policy::sign_by_policy(
+            account,
+            name.as_deref(),
+            &rules,
+            &policy::default_first_seen_path(account.user_id()),
+            dry_run,
+        )?;
+        let devices: Vec<serde_json::Value> = outcome
+            .devices
+            .iter()
+            .map(|d| {
+                let (decision, rule, reason) = match &d.decision {
+                    Decision::Signed { rule } => ("signed", Some(*rule), None),
+                    Decision::WouldSign { rule } => ("would_sign", Some(*rule), None),
+                    Decision::NeedsHuman { reason } => ("needs_human", None, Some(reason.clone())),
+                    Decision::Refused { reason } => ("refused", None, Some(reason.clone())),
+                };
+                json!({
+                    "device_id": d.device_id, "display_name": d.display_name,
+                    "ed25519": d.ed25519.map(|k| k.to_base64()),
+                    "decision": decision, "rule": rule, "reason": reason,
+                })
+            })
+            .collect();
+        for d in outcome.needs_human() {
+            note!(
+                "{}: {} \"{}\" {}: {}",
+                esc(account.user_id()),
+                esc(&d.device_id),
+                esc(d.display_name.as_deref().unwrap_or("")),
+                d.ed25519.as_ref().map(fingerprint).unwrap_or_default(),
+                match &d.decision {
+                    Decision::Refused { reason } => format!("NEVER signed: {}", esc(reason)),
+                    Decision::NeedsHuman { reason } => format!("for a human: {}", esc(reason)),
+                    Decision::Signed { .. } | Decision::WouldSign { .. } => String::new(),
+                }
+            );
+        }
+        let signed: Vec<String> = outcome.signed().map(|d| d.device_id.clone()).collect();
+        let waiting = outcome.needs_human().count();
+        Ok(super::Summary {
+            problem: waiting > 0,
+            doc: json!({"dry_run": dry_run, "devices": devices}),
+            cells: vec![
+                if signed.is_empty() {
+                    "-".into()
+                } else {
+                    signed.join(", ")
+                },
+                if waiting == 0 {
+                    "✔ none".into()
+                } else {
+                    format!("✘ {waiting} (listed above)")
+                },
+            ],
+        })
+    })?;
+    Ok(super::print_bulk(
+        global,
+        &[if dry_run { "WOULD SIGN" } else { "SIGNED" }, "FOR A HUMAN"],
+        results,
+    ))
+}
+
 pub fn run_sign(global: &GlobalArgs, cmd: SignCommand) -> Result<ExitCode> {
     match cmd {
         SignCommand::Device { device_id, yes } => {
@@ -478,9 +615,15 @@ pub fn run_sign(global: &GlobalArgs, cmd: SignCommand) -> Result<ExitCode> {
             )
         }
         SignCommand::Devices {
+            policy: Some(file),
+            dry_run,
+            ..
+        } => sign_by_policy(global, &file, dry_run),
+        SignCommand::Devices {
             device_ids,
             all_unsigned,
             yes,
+            ..
         } => {
             let selection = match (device_ids.is_empty(), all_unsigned) {
                 (false, _) => DeviceSelection::Named(device_ids),

@@ -111,7 +111,7 @@ impl Placement {
         o.touch_policy = self.touch_policy;
         o.force = self.force;
         let piv_only = o.slot.is_some() || o.pin_policy.is_some() || o.touch_policy.is_some();
-        if piv_only && matches!(store, Store::Pkcs11(_)) {
+        if piv_only && store.as_pkcs11().is_some() {
             bail!("--slot, --pin-policy, --touch-policy and --force are for YubiKeys (--yubikey)");
         }
         Ok(o)
@@ -126,6 +126,7 @@ fn role_parser() -> impl clap::builder::TypedValueParser<Value = KeyRole> {
         KeyRole::SelfSigning => "the self-signing key",
         KeyRole::UserSigning => "the user-signing key",
         KeyRole::Backup => "the key-backup key",
+        KeyRole::Audit => "mxhsm's audit-log key (signs the head of the audit log)",
     };
     PossibleValuesParser::new(KeyRole::ALL.map(|r| {
         let aliases = &r.names()[1..];
@@ -143,9 +144,9 @@ fn role_parser() -> impl clap::builder::TypedValueParser<Value = KeyRole> {
 
 #[cfg(feature = "yubikey")]
 fn yubikey(store: &Store) -> Result<&YubiKeyStore> {
-    match store {
-        Store::YubiKey(y) => Ok(y),
-        Store::Pkcs11(_) => bail!(
+    match store.as_yubikey() {
+        Some(y) => Ok(y),
+        None => bail!(
             "this is for YubiKeys (--yubikey); {} is a PKCS#11 token",
             store.summary()
         ),
@@ -159,7 +160,7 @@ pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
             let key = store.generate(&target.user, target.role, &placement.options(&store)?)?;
             report_new_key(global, "generated", &key);
             #[cfg(feature = "yubikey")]
-            if let Store::YubiKey(y) = &store {
+            if let Some(y) = store.as_yubikey() {
                 // Say at once whether Yubico vouches for the new key.
                 match y.attest(&key, &attestation::yubico_roots()) {
                     Ok(a) => note!("attested by Yubico: {}", describe_attestation(&a)),

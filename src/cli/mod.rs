@@ -3,6 +3,8 @@
 //! advice a user needs to an error ([`advice`]).
 
 mod account;
+mod accounts;
+mod audit;
 mod backup;
 mod identity;
 mod keys;
@@ -19,8 +21,10 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use mxhsm::account::accounts::Selector;
 use mxhsm::account::{Account, AccountError};
-use mxhsm::homeserver::{ClientOptions, HomeserverError, Session};
+use mxhsm::config::{AccountConfig, Config, ResolvedToken};
+use mxhsm::homeserver::{ClientOptions, HomeserverError, Session, Sessions};
 use mxhsm::token::{Store, StoreOptions, TokenChoice, TokenError};
 
 use output::note;
@@ -46,6 +50,27 @@ pub struct Cli {
 
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
+    /// The account: its name in the config file or its user ID. Commands that report or
+    /// sign in bulk (identity status, sign devices, backup status, watch --once) also take
+    /// `all` or a comma-separated list. Default: the config's [defaults] account, else the
+    /// only account logged in.
+    #[arg(
+        long,
+        global = true,
+        env = "MXHSM_ACCOUNT",
+        value_name = "NAME|@USER:SERVER|all",
+        help_heading = "Account"
+    )]
+    pub account: Option<String>,
+    /// The config file (default: $XDG_CONFIG_HOME/mxhsm/config.toml).
+    #[arg(
+        long,
+        global = true,
+        env = "MXHSM_CONFIG",
+        value_name = "FILE",
+        help_heading = "Account"
+    )]
+    pub config: Option<PathBuf>,
     /// The token, as a PKCS#11 URI: 'pkcs11:token=NAME;serial=N?module-path=/path/module.so'.
     /// Default: $MXHSM_TOKEN.
     #[arg(long, global = true, value_name = "URI", help_heading = "Token")]
@@ -89,6 +114,12 @@ pub enum Command {
     Login(account::LoginArgs),
     /// Log out and delete mxhsm's device.
     Logout,
+    /// The accounts of the config file and the saved sessions.
+    #[command(subcommand)]
+    Account(accounts::AccountCommand),
+    /// The audit log of everything the token did for mxhsm: verify it, show it.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Your cross-signing identity: create it on the token, publish it, check it.
     #[command(subcommand)]
     Identity(identity::IdentityCommand),
@@ -120,12 +151,64 @@ pub enum Command {
     Watch(watch::WatchArgs),
 }
 
+/// The audit log of this command, which every store it opens records into.
+static AUDIT: std::sync::OnceLock<std::sync::Arc<mxhsm::account::audit::AuditLog>> =
+    std::sync::OnceLock::new();
+
+/// Environment variable with a syslog socket (e.g. /dev/log) the audit log is mirrored to.
+const AUDIT_SYSLOG_ENV: &str = "MXHSM_AUDIT_SYSLOG";
+
+/// The command as a user would say it (`sign devices`), for the audit log.
+fn command_name() -> String {
+    use clap::CommandFactory;
+    let mut words = Vec::new();
+    if let Ok(m) = Cli::command().try_get_matches_from(std::env::args_os()) {
+        let mut m = &m;
+        while let Some((name, sub)) = m.subcommand() {
+            words.push(name.to_string());
+            m = sub;
+        }
+    }
+    words.join(" ")
+}
+
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    // Everything but the token's own checks and benchmarks is recorded.
+    if !matches!(
+        cli.command,
+        Command::Token(_) | Command::Audit(_) | Command::Completions { .. } | Command::Man
+    ) {
+        let mirror = std::env::var_os(AUDIT_SYSLOG_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| {
+                Config::load(cli.global.config.as_deref())
+                    .ok()
+                    .and_then(|c| c.defaults.audit_syslog)
+            });
+        let log = mxhsm::account::audit::AuditLog::new(
+            audit::log_path(&cli.global),
+            &command_name(),
+            mirror,
+        );
+        let _ = AUDIT.set(std::sync::Arc::new(log));
+    }
+    let code = dispatch(cli)?;
+    // Every store is closed by now, and has signed the log's head.
+    if let Some(e) = AUDIT.get().and_then(|l| l.take_error()) {
+        anyhow::bail!("the audit log was not closed with a head: {e}");
+    }
+    Ok(code)
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Token(cmd) => token::run(&cli.global, cmd),
         Command::Keys(cmd) => keys::run(&cli.global, cmd),
         Command::Login(args) => account::login(&cli.global, args),
         Command::Logout => account::logout(&cli.global),
+        Command::Account(cmd) => accounts::run(&cli.global, cmd),
+        Command::Audit(cmd) => audit::run(&cli.global, cmd),
         Command::Identity(cmd) => identity::run_identity(&cli.global, cmd),
         Command::Sign(cmd) => identity::run_sign(&cli.global, cmd),
         Command::Backup(cmd) => backup::run(&cli.global, cmd),
@@ -228,9 +311,12 @@ fn kind(e: &anyhow::Error) -> &'static str {
                 | AccountError::SessionExists { .. }
                 | AccountError::Refused(_) => "refused",
                 AccountError::Cancelled => "cancelled",
+                AccountError::KeysStoredBefore { .. } => "server",
                 AccountError::Token(t) => token(t),
                 AccountError::Homeserver(h) => homeserver(h),
                 AccountError::Input(_) | AccountError::File { .. } => "input",
+                AccountError::Config(_) => "config",
+                AccountError::WhichAccount { .. } => "usage",
                 _ => "error",
             };
         }
@@ -239,6 +325,15 @@ fn kind(e: &anyhow::Error) -> &'static str {
         }
         if let Some(t) = cause.downcast_ref::<TokenError>() {
             return token(t);
+        }
+        if cause.downcast_ref::<mxhsm::config::ConfigError>().is_some() {
+            return "config";
+        }
+        if let Some(e) = cause.downcast_ref::<mxhsm::config::TokenOrConfigError>() {
+            return match e {
+                mxhsm::config::TokenOrConfigError::Token(t) => token(t),
+                mxhsm::config::TokenOrConfigError::Config(_) => "config",
+            };
         }
     }
     "error"
@@ -271,6 +366,12 @@ fn advice(e: &anyhow::Error) -> Option<String> {
                     "`mxhsm login --replace` logs that session out first (its device is deleted), or run `mxhsm logout`".into(),
                 ),
                 AccountError::NoOlmDevice => Some("log in again with `mxhsm login --replace`".into()),
+                AccountError::KeysStoredBefore { .. } => Some(
+                    "`mxhsm identity publish --replace --new-keys` makes new cross-signing keys on the token and publishes those (the old ones stay on the token until you delete them)".into(),
+                ),
+                AccountError::WhichAccount { .. } => Some(
+                    "choose one with --account (or MXHSM_ACCOUNT), or set [defaults] account in the config file; `mxhsm account list` shows them".into(),
+                ),
                 AccountError::WeakExportRounds { .. } => {
                     Some("pass --weak-rounds only for tests".into())
                 }
@@ -290,6 +391,9 @@ fn advice(e: &anyhow::Error) -> Option<String> {
             return homeserver_advice(h);
         }
         if let Some(t) = cause.downcast_ref::<TokenError>() {
+            return token_advice(t);
+        }
+        if let Some(mxhsm::config::TokenOrConfigError::Token(t)) = cause.downcast_ref() {
             return token_advice(t);
         }
     }
@@ -350,26 +454,66 @@ fn client_options(global: &GlobalArgs) -> Result<ClientOptions> {
     Ok(o)
 }
 
-/// The device named by --token / --yubikey or the environment.
-fn token_choice(global: &GlobalArgs) -> Result<TokenChoice, TokenError> {
-    mxhsm::config::token_choice(global.token.as_deref(), global.yubikey.as_deref())
+/// The config file and the saved sessions.
+pub struct Setup {
+    pub config: Config,
+    pub sessions: Sessions,
 }
 
-/// Opens the token named by --token / --yubikey or the environment. The PIN is asked for
-/// when a private key is first used.
-fn open_store(global: &GlobalArgs) -> Result<Store> {
-    let choice = token_choice(global)?;
+impl Setup {
+    pub fn load(global: &GlobalArgs) -> Result<Setup> {
+        Ok(Setup {
+            config: Config::load(global.config.as_deref())?,
+            sessions: Sessions::open()?,
+        })
+    }
+
+    /// What --account says.
+    pub fn selector(global: &GlobalArgs) -> Selector {
+        Selector::parse(global.account.as_deref())
+    }
+
+    /// The token for `account` (flags, environment, config, the session's record), with its
+    /// PIN source; `Ok(None)` when nothing names one.
+    pub fn token(
+        &self,
+        global: &GlobalArgs,
+        account: Option<&AccountConfig>,
+        recorded: Option<&str>,
+    ) -> Result<Option<ResolvedToken>> {
+        Ok(self.config.resolve_token(
+            global.token.as_deref(),
+            global.yubikey.as_deref(),
+            account,
+            recorded,
+        )?)
+    }
+}
+
+/// Opens `token`. The PIN is asked for when a private key is first used.
+fn open_resolved(global: &GlobalArgs, token: &ResolvedToken) -> Result<Store> {
     #[allow(unused_mut)]
     let mut options = StoreOptions::default();
     #[cfg(feature = "yubikey")]
-    if let Some(f) = &global.management_key_file {
+    if let Some(f) = global
+        .management_key_file
+        .as_ref()
+        .or(token.management_key_file.as_ref())
+    {
         options.management_key =
             mxhsm::token::yubikey::ManagementKey::Given(secrets::management_key(f)?);
     }
-    #[allow(unused_mut)]
-    let mut store = Store::open(&choice, options, secrets::pins(global.pin_file.clone()))?;
+    let pin_file = match (&global.pin_file, &token.pin) {
+        (Some(f), _) => Some(f.clone()),
+        (None, Some(source)) => Some(source.path()?),
+        (None, None) => None,
+    };
+    let mut store = Store::open(&token.choice, options, secrets::pins(pin_file))?;
+    if let Some(log) = AUDIT.get() {
+        store.set_audit(log.clone());
+    }
     #[cfg(feature = "yubikey")]
-    if let Store::YubiKey(y) = &mut store {
+    if let Some(y) = store.as_yubikey_mut() {
         y.set_touch_notice(Box::new(|key| {
             note!(
                 "touch your YubiKey to use the {} key of {} ({})",
@@ -385,16 +529,186 @@ fn open_store(global: &GlobalArgs) -> Result<Store> {
     Ok(store)
 }
 
-/// The saved session, its homeserver client and the token.
+/// The token for a command about the token itself: the flags or the environment, else
+/// the chosen account's (when one can be chosen), else the config's default.
+fn resolve_store_token(global: &GlobalArgs) -> Result<ResolvedToken> {
+    let ctx = Setup::load(global)?;
+    let selector = Setup::selector(global);
+    let chosen = match &selector {
+        // An account named on purpose must be usable; a default one only if it is.
+        Selector::Default => {
+            mxhsm::account::accounts::choose_one(&ctx.config, &ctx.sessions, &selector).ok()
+        }
+        _ => Some(mxhsm::account::accounts::choose_one(
+            &ctx.config,
+            &ctx.sessions,
+            &selector,
+        )?),
+    };
+    let recorded = chosen
+        .as_ref()
+        .and_then(|c| c.session.as_ref())
+        .and_then(|s| s.token.clone());
+    ctx.token(
+        global,
+        chosen.as_ref().map(|c| &c.config),
+        recorded.as_deref(),
+    )?
+    .ok_or_else(|| TokenError::NoTokenChosen.into())
+}
+
+/// Opens the token of [`resolve_store_token`].
+fn open_store(global: &GlobalArgs) -> Result<Store> {
+    open_resolved(global, &resolve_store_token(global)?)
+}
+
+/// The chosen account (one), logged in, with its token.
 fn open_account(global: &GlobalArgs) -> Result<Account> {
-    let session = Session::load(&mxhsm::homeserver::session::session_path())?;
-    let options = client_options(global)?;
+    let ctx = Setup::load(global)?;
+    let mut chosen =
+        mxhsm::account::accounts::choose_one(&ctx.config, &ctx.sessions, &Setup::selector(global))?;
+    let session = chosen.take_session(&ctx.sessions)?;
+    let token = ctx
+        .token(global, Some(&chosen.config), session.token.as_deref())?
+        .ok_or(TokenError::NoTokenChosen)?;
+    let store = open_resolved(global, &token)?;
+    account_with(global, session, store).map_err(|failed| failed.0)
+}
+
+fn account_with(
+    global: &GlobalArgs,
+    session: Session,
+    store: Store,
+) -> Result<Account, Box<(anyhow::Error, Store)>> {
+    let options = match client_options(global) {
+        Ok(o) => o,
+        Err(e) => return Err(Box::new((e, store))),
+    };
     if session.insecure_http {
         note!(
             "warning: this session talks to {} over plain http://",
             output::esc(&session.homeserver)
         );
     }
-    let store = open_store(global)?;
-    Ok(Account::open(session, store, &options)?)
+    Account::try_open(session, store, &options).map_err(|failed| {
+        let (e, s) = *failed;
+        Box::new((e.into(), s))
+    })
+}
+
+/// What a bulk command did for one account.
+pub struct PerAccount<T> {
+    pub user_id: String,
+    pub name: Option<String>,
+    pub result: Result<T>,
+}
+
+/// Runs `f` for each chosen account. Accounts on the same token share one open store, so
+/// its PIN is asked for once. An account that fails does not stop the others.
+fn for_each_account<T>(
+    global: &GlobalArgs,
+    mut f: impl FnMut(&Account) -> Result<T>,
+) -> Result<Vec<PerAccount<T>>> {
+    let ctx = Setup::load(global)?;
+    let chosen =
+        mxhsm::account::accounts::choose(&ctx.config, &ctx.sessions, &Setup::selector(global))?;
+    let mut stores: Vec<(TokenChoice, Store)> = Vec::new();
+    let mut out = Vec::new();
+    for mut c in chosen {
+        let user_id = c.user_id().to_string();
+        let name = ctx.config.name_of(&user_id).map(str::to_string);
+        let mut run = || -> Result<T> {
+            let session = c.take_session(&ctx.sessions)?;
+            let token = ctx
+                .token(global, Some(&c.config), session.token.as_deref())?
+                .ok_or(TokenError::NoTokenChosen)?;
+            let store = match stores.iter().position(|(t, _)| *t == token.choice) {
+                Some(i) => stores.swap_remove(i).1,
+                None => open_resolved(global, &token)?,
+            };
+            let account = match account_with(global, session, store) {
+                Ok(a) => a,
+                Err(failed) => {
+                    let (e, store) = *failed;
+                    stores.push((token.choice, store));
+                    return Err(e);
+                }
+            };
+            let result = f(&account);
+            stores.push((token.choice, account.into_store()));
+            result
+        };
+        let result = run();
+        out.push(PerAccount {
+            user_id,
+            name,
+            result,
+        });
+    }
+    Ok(out)
+}
+
+/// What a bulk command found for one account: whether it is a problem, its JSON document,
+/// and its cells in the summary table.
+pub struct Summary {
+    pub problem: bool,
+    pub doc: serde_json::Value,
+    pub cells: Vec<String>,
+}
+
+/// Whether --account names several accounts (or `all`).
+fn is_bulk(global: &GlobalArgs) -> bool {
+    Setup::selector(global).is_many()
+}
+
+/// Prints a bulk command's results, one row per account (with --json, one document with
+/// each account's), and returns the exit code: 1 when an account failed, 3 when one has a
+/// problem, else 0.
+fn print_bulk(global: &GlobalArgs, header: &[&str], results: Vec<PerAccount<Summary>>) -> ExitCode {
+    let failed = results.iter().any(|r| r.result.is_err());
+    let problem = results
+        .iter()
+        .any(|r| r.result.as_ref().is_ok_and(|s| s.problem));
+    let docs: Vec<serde_json::Value> = results
+        .iter()
+        .map(|r| match &r.result {
+            Ok(s) => serde_json::json!({
+                "user_id": r.user_id, "name": r.name, "ok": !s.problem, "result": s.doc,
+            }),
+            Err(e) => serde_json::json!({
+                "user_id": r.user_id, "name": r.name, "ok": false,
+                "error": {"kind": kind(e), "message": format!("{e:#}"), "hint": advice(e)},
+            }),
+        })
+        .collect();
+    output::emit(
+        global.json,
+        serde_json::json!({"version": 1, "accounts": docs, "problems": problem || failed}),
+        || {
+            let mut head = vec!["ACCOUNT"];
+            head.extend_from_slice(header);
+            let rows: Vec<Vec<String>> = results
+                .iter()
+                .map(|r| {
+                    let mut row = vec![r.name.clone().unwrap_or_else(|| r.user_id.clone())];
+                    match &r.result {
+                        Ok(s) => row.extend(s.cells.iter().cloned()),
+                        Err(e) => {
+                            row.extend(std::iter::repeat_n(String::new(), header.len() - 1));
+                            row.push(format!("✘ ERROR: {e:#}"));
+                        }
+                    }
+                    row
+                })
+                .collect();
+            output::table(&head, &rows);
+        },
+    );
+    if failed {
+        ExitCode::FAILURE
+    } else if problem {
+        ExitCode::from(exit::PROBLEM)
+    } else {
+        ExitCode::SUCCESS
+    }
 }

@@ -137,34 +137,7 @@ pub fn fingerprint(key: &mxhsm::matrix::keys::Ed25519PublicKey) -> String {
         .join(" ")
 }
 
-/// `2026-11-28 03:27:36 UTC` from milliseconds since the epoch.
-pub fn timestamp(ms: Option<u64>) -> String {
-    let Some(ms) = ms else { return "-".into() };
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
+pub use mxhsm::text::timestamp;
 
 /// A line on standard output, made terminal-safe, with its verdict in colour: a `✔` and
 /// what follows in green, a `✘` and what follows in red (up to two spaces, the end of a

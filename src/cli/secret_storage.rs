@@ -23,8 +23,9 @@ pub enum SecretStorageCommand {
         /// otherwise it is asked for. Never on the command line.
         #[arg(long, value_name = "FILE")]
         key_file: Option<PathBuf>,
-        /// After the import is proven, delete these secrets from the server's account data
-        /// (the token becomes the only copy unless you keep the recovery key).
+        /// After the import is proven, delete these secrets from the server's account data.
+        /// The recovery key then decrypts nothing: this token, and any other you imported
+        /// them onto before, hold the only copies.
         #[arg(long)]
         remove_from_server: bool,
     },
@@ -100,7 +101,7 @@ pub fn run(global: &GlobalArgs, cmd: SecretStorageCommand) -> Result<ExitCode> {
             }
             if !r.removed.is_empty() {
                 note!(
-                    "removed {} from the server: the token is now the only copy of these keys unless you keep your recovery key",
+                    "removed {} from the server: your recovery key no longer opens them; this token (and any other you imported them onto) holds the only copies",
                     r.removed.join(", ")
                 );
             }

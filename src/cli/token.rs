@@ -36,6 +36,11 @@ pub enum TokenCommand {
         /// `PkDecryption` in software. 0 skips it.
         #[arg(long, default_value_t = 0)]
         restore_sessions: usize,
+        /// Also measure how key lookups grow with the number of users on the token: keys
+        /// for up to this many made-up users (@mxhsm-bench-N:bench.invalid, four keys
+        /// each) are generated in steps, timed, and deleted again. 0 skips it.
+        #[arg(long, default_value_t = 0, value_name = "USERS")]
+        scale_users: usize,
     },
 }
 
@@ -46,6 +51,15 @@ pub fn run(global: &GlobalArgs, cmd: TokenCommand) -> Result<ExitCode> {
         TokenCommand::Bench {
             seconds,
             restore_sessions,
+            scale_users,
+        } if scale_users > 0 => {
+            let _ = (seconds, restore_sessions);
+            scale_bench(global, scale_users)
+        }
+        TokenCommand::Bench {
+            seconds,
+            restore_sessions,
+            ..
         } => bench(global, seconds, restore_sessions),
     }
 }
@@ -240,7 +254,7 @@ pub(super) fn detail(c: &Check) -> String {
         None => c.detail.clone(),
         Some(Fix::LogIn) => with("log in again with `mxhsm login --replace`"),
         Some(Fix::PublishIdentity) => with(
-            "`mxhsm identity publish --replace` publishes the token's identity (it lists what is lost first)",
+            "`mxhsm identity publish --replace` publishes the token's identity (it lists what is lost first; add --new-keys on Synapse, which cannot take back keys it stored before)",
         ),
         Some(Fix::SignThisDevice) => with("`mxhsm identity publish` cross-signs this device"),
         Some(Fix::CreateBackup) => with("`mxhsm backup create` makes or re-signs one"),
@@ -377,4 +391,66 @@ fn print_restore_bench(b: &mxhsm::account::bench::RestoreBench) {
         100.0 * best.2 / b.best_raw(),
         b.best_raw()
     );
+}
+
+/// `token bench --scale-users N`: lookups against the number of users on the token.
+fn scale_bench(global: &GlobalArgs, users: usize) -> Result<ExitCode> {
+    let store = open_store(global)?;
+    note!(
+        "generating keys for up to {users} made-up users on {} (deleted again at the end)",
+        store.summary()
+    );
+    let mut first: Option<std::time::Duration> = None;
+    let rows = mxhsm::account::bench::scale(&store, users, |r| {
+        let base = *first.get_or_insert(r.one_user);
+        note!(
+            "{} users ({} keys): one user {:.2} ms ({:.2}x the first step), all {:.1} ms",
+            r.users,
+            r.keys,
+            r.one_user.as_secs_f64() * 1e3,
+            r.one_user.as_secs_f64() / base.as_secs_f64(),
+            r.all.as_secs_f64() * 1e3
+        );
+    })?;
+    let base = rows
+        .first()
+        .map(|r| r.one_user.as_secs_f64())
+        .unwrap_or(1.0);
+    output::emit(
+        global.json,
+        json!({"version": 1, "token": store.summary().to_string(), "rows": rows.iter().map(|r| json!({
+            "users": r.users, "keys": r.keys,
+            "one_user_ms": r.one_user.as_secs_f64() * 1e3, "all_ms": r.all.as_secs_f64() * 1e3,
+            "same_user_again_ms": r.same_user_again.as_secs_f64() * 1e3,
+            "one_user_ratio": r.one_user.as_secs_f64() / base,
+        })).collect::<Vec<_>>()}),
+        || {
+            let table: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.users.to_string(),
+                        r.keys.to_string(),
+                        format!("{:.2} ms", r.one_user.as_secs_f64() * 1e3),
+                        format!("{:.2}", r.one_user.as_secs_f64() / base),
+                        format!("{:.3} ms", r.same_user_again.as_secs_f64() * 1e3),
+                        format!("{:.1} ms", r.all.as_secs_f64() * 1e3),
+                    ]
+                })
+                .collect();
+            say!("key lookups on {} (medians)", store.summary());
+            output::table(
+                &[
+                    "USERS",
+                    "KEYS",
+                    "ONE USER",
+                    "ONE USER / FIRST",
+                    "SAME USER AGAIN",
+                    "ALL KEYS",
+                ],
+                &table,
+            );
+        },
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -42,7 +42,50 @@ pub fn exit_code(class: Class) -> u8 {
     }
 }
 
+/// `watch --once` for several accounts: each account's events, marked with its user ID,
+/// and the exit code of the loudest alarm of all (1 when an account could not be checked
+/// and none raised an alarm).
+fn once_for_each(global: &GlobalArgs, args: &WatchArgs) -> Result<ExitCode> {
+    if args.state.is_some() {
+        anyhow::bail!("--state is one account's file; with several accounts each has its own");
+    }
+    let results = super::for_each_account(global, |account| {
+        let path = watch::default_state_path(account.user_id());
+        let mut state = WatchState::load(&path, account)?;
+        let events = watch::check(account, &mut state)?;
+        state.save(&path)?;
+        for e in &events {
+            report(global, args, e, Some(account.user_id()));
+        }
+        Ok(events.iter().map(Event::class).min())
+    })?;
+    let mut failed = false;
+    let mut loudest = None;
+    for r in results {
+        match r.result {
+            Ok(c) => loudest = loudest.into_iter().chain(c).min(),
+            Err(e) => {
+                failed = true;
+                note!("{}: error: {e:#}", esc(&r.user_id));
+            }
+        }
+    }
+    Ok(match (loudest, failed) {
+        (Some(c), _) => ExitCode::from(exit_code(c)),
+        (None, true) => ExitCode::FAILURE,
+        (None, false) => ExitCode::SUCCESS,
+    })
+}
+
 pub fn run(global: &GlobalArgs, args: WatchArgs) -> Result<ExitCode> {
+    if super::is_bulk(global) {
+        if !args.once {
+            anyhow::bail!(
+                "watching several accounts needs --once (run one `mxhsm watch` per account to keep watching)"
+            );
+        }
+        return once_for_each(global, &args);
+    }
     let account = open_account(global)?;
     let state_path = args
         .state
@@ -53,7 +96,7 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> Result<ExitCode> {
         let events = watch::check(&account, &mut state)?;
         state.save(&state_path)?;
         for e in &events {
-            report(global, &args, e);
+            report(global, &args, e, None);
         }
         return Ok(match events.iter().map(Event::class).min() {
             None => ExitCode::SUCCESS,
@@ -77,7 +120,7 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> Result<ExitCode> {
             Step::Events(events) => {
                 failures = 0;
                 for e in &events {
-                    report(global, &args, e);
+                    report(global, &args, e, None);
                 }
                 for request in watcher.take_requests() {
                     answer(global, &args, &account, &mut watcher, &request)?;
@@ -138,13 +181,20 @@ fn answer(
     Ok(())
 }
 
-/// Prints `e` (a line, or a JSON line) and runs the hook.
-fn report(global: &GlobalArgs, args: &WatchArgs, e: &Event) {
-    let v = e.to_json();
+/// Prints `e` (a line, or a JSON line) and runs the hook. With several accounts, `user`
+/// marks whose event it is.
+fn report(global: &GlobalArgs, args: &WatchArgs, e: &Event, user: Option<&str>) {
+    let mut v = e.to_json();
+    if let (Some(u), Some(o)) = (user, v.as_object_mut()) {
+        o.insert("account".into(), u.into());
+    }
     if global.json {
         say!("{}", mxhsm::text::json_string(&v, false));
     } else {
-        say!("{}", describe(e));
+        match user {
+            Some(u) => say!("{}: {}", esc(u), describe(e)),
+            None => say!("{}", describe(e)),
+        }
     }
     if let Some(cmd) = &args.exec
         && let Err(err) = hook(cmd, e.kind(), &v)
@@ -180,7 +230,7 @@ fn describe(e: &Event) -> String {
     };
     match e {
         Event::IdentityReset { token, published } => format!(
-            "ALARM identity reset: the server publishes the master key {} instead of the token's {}. Some client reset your cross-signing identity; your devices and contacts now see a new identity. To take it back, run `mxhsm identity publish --replace` (it lists what is lost and asks first), then check who verified the other key.",
+            "ALARM identity reset: the server publishes the master key {} instead of the token's {}. Some client reset your cross-signing identity; your devices and contacts now see a new identity. To take it back, run `mxhsm identity publish --replace` (it lists what is lost and asks first; on Synapse, which cannot take back a key it stored before, add --new-keys), then check who verified the other key.",
             fp(published),
             fingerprint(token)
         ),

@@ -31,7 +31,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
-pub use session::Session;
+pub use session::{Session, Sessions};
 pub use url::HomeserverUrl;
 
 use crate::matrix::backup::BackupVersion;
@@ -595,6 +595,7 @@ impl Client {
             access_token: SecretString::from(field("access_token")?),
             olm_account: None,
             insecure_http: client.url.is_insecure(),
+            token: None,
         })
     }
 

@@ -23,15 +23,18 @@ pub enum KeyRole {
     UserSigning,
     /// The key-backup decryption key (`m.megolm_backup.v1.curve25519-aes-sha2`).
     Backup,
+    /// Not a Matrix key: mxhsm's own key that signs the head of its audit log.
+    Audit,
 }
 
 impl KeyRole {
     /// Every role, in the order they are created and listed.
-    pub const ALL: [KeyRole; 4] = [
+    pub const ALL: [KeyRole; 5] = [
         KeyRole::Master,
         KeyRole::SelfSigning,
         KeyRole::UserSigning,
         KeyRole::Backup,
+        KeyRole::Audit,
     ];
 
     /// The three cross-signing roles.
@@ -45,6 +48,7 @@ impl KeyRole {
             KeyRole::SelfSigning => "self_signing",
             KeyRole::UserSigning => "user_signing",
             KeyRole::Backup => "backup",
+            KeyRole::Audit => "audit",
         }
     }
 
@@ -63,6 +67,7 @@ impl KeyRole {
             KeyRole::SelfSigning => &["self_signing", "self-signing", "ssk"],
             KeyRole::UserSigning => &["user_signing", "user-signing", "usk"],
             KeyRole::Backup => &["backup"],
+            KeyRole::Audit => &["audit"],
         }
     }
 }
@@ -76,7 +81,7 @@ impl fmt::Display for KeyRole {
 /// A role name that is none of [`KeyRole::names`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown key role {:?} (expected master, self_signing, user_signing or backup)",
+    "unknown key role {:?} (expected master, self_signing, user_signing, backup or audit)",
     crate::text::escape(.0)
 )]
 pub struct UnknownRole(pub String);

@@ -10,6 +10,7 @@
 //! Backends: [`pkcs11`] (SoftHSM, Kryoptic, network HSMs, ykcs11 — any module) and, with
 //! the `yubikey` feature, [`yubikey`] (a YubiKey's PIV application, firmware 5.7+).
 
+pub mod audit;
 pub mod pin;
 pub mod pkcs11;
 mod process_lock;
@@ -25,7 +26,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 
 pub use crate::matrix::keys::{Curve25519PublicKey, KeyAlgorithm, KeyRole, PublicKey};
 pub use pin::{PinProvider, PinRequest, PinStatus};
-pub use store::{Store, StoreOptions, TokenChoice};
+pub use store::{Backend, Store, StoreOptions, TokenChoice};
 
 /// One of the 20 retired key-management slots of a YubiKey's PIV application
 /// (0x82..=0x95), the only slots mxhsm puts keys in.
@@ -689,10 +690,7 @@ impl crate::matrix::backup::X25519Agreement for TokenAgreement<'_> {
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it), for key creation times.
 pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    crate::text::now_ms()
 }
 
 /// Checks that `user_id` looks like a Matrix user ID (`@localpart:server`), so that labels
@@ -713,6 +711,8 @@ pub fn check_user_id(user_id: &str) -> Result<(), TokenError> {
 /// Errors from the token layer. Each names the token or input it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
+    #[error("the audit log cannot record this operation, so it was not done: {reason}")]
+    Audit { reason: String },
     #[error("PKCS#11 module {path} does not exist")]
     ModuleNotFound { path: String },
     #[error("cannot load PKCS#11 module {path}: {reason}")]

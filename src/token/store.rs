@@ -8,10 +8,14 @@
 
 use std::sync::Arc;
 
+use super::audit::{AuditSink, TokenOp};
 use super::pkcs11::{Pkcs11Store, Pkcs11Uri};
 #[cfg(feature = "yubikey")]
 use super::yubikey::{ManagementKey, YubiKeyOptions, YubiKeyStore};
-use super::{KeyStore, PinProvider, PinStatus, TokenError};
+use super::{
+    Curve25519PublicKey, KeyInfo, KeyOptions, KeyRole, KeyStore, PinProvider, PinStatus,
+    SecretKeyBytes, SharedSecret, TokenError,
+};
 
 /// Which device the keys are on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,11 +36,48 @@ pub struct StoreOptions {
     pub slot_map: Option<std::path::PathBuf>,
 }
 
-/// An open token of either kind; dereferences to its [`KeyStore`].
-pub enum Store {
+/// The device behind a [`Store`].
+pub enum Backend {
     Pkcs11(Pkcs11Store),
     #[cfg(feature = "yubikey")]
     YubiKey(YubiKeyStore),
+}
+
+impl Backend {
+    fn keys(&self) -> &dyn KeyStore {
+        match self {
+            Backend::Pkcs11(s) => s,
+            #[cfg(feature = "yubikey")]
+            Backend::YubiKey(s) => s,
+        }
+    }
+}
+
+/// An open token of either kind. It is a [`KeyStore`] (and dereferences to one): every
+/// private-key operation goes through it, and through its audit sink when it has one
+/// ([`Store::set_audit`]).
+pub struct Store {
+    backend: Backend,
+    audit: Option<Arc<dyn AuditSink>>,
+}
+
+impl From<Pkcs11Store> for Store {
+    fn from(s: Pkcs11Store) -> Store {
+        Store {
+            backend: Backend::Pkcs11(s),
+            audit: None,
+        }
+    }
+}
+
+#[cfg(feature = "yubikey")]
+impl From<YubiKeyStore> for Store {
+    fn from(s: YubiKeyStore) -> Store {
+        Store {
+            backend: Backend::YubiKey(s),
+            audit: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -50,10 +91,105 @@ impl std::fmt::Debug for Store {
 impl std::ops::Deref for Store {
     type Target = dyn KeyStore;
     fn deref(&self) -> &Self::Target {
-        match self {
-            Store::Pkcs11(s) => s,
-            #[cfg(feature = "yubikey")]
-            Store::YubiKey(s) => s,
+        self
+    }
+}
+
+impl Store {
+    /// Records every private-key operation from now on in `sink` (see [`super::audit`]).
+    pub fn set_audit(&mut self, sink: Arc<dyn AuditSink>) {
+        self.audit = Some(sink);
+    }
+
+    /// The device.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    fn record(&self, op: TokenOp<'_>) -> Result<(), TokenError> {
+        match &self.audit {
+            Some(sink) => sink
+                .record(self.summary(), op)
+                .map_err(|reason| TokenError::Audit { reason }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl KeyStore for Store {
+    fn summary(&self) -> &super::TokenSummary {
+        self.backend.keys().summary()
+    }
+
+    fn capabilities(&self) -> &super::Capabilities {
+        self.backend.keys().capabilities()
+    }
+
+    fn list_keys(&self, user_id: Option<&str>) -> Result<Vec<KeyInfo>, TokenError> {
+        self.backend.keys().list_keys(user_id)
+    }
+
+    fn generate(
+        &self,
+        user_id: &str,
+        role: KeyRole,
+        options: &KeyOptions,
+    ) -> Result<KeyInfo, TokenError> {
+        let key = self.backend.keys().generate(user_id, role, options)?;
+        self.record(TokenOp::Generated { key: &key })?;
+        Ok(key)
+    }
+
+    fn import(
+        &self,
+        user_id: &str,
+        role: KeyRole,
+        secret: SecretKeyBytes,
+        options: &KeyOptions,
+    ) -> Result<KeyInfo, TokenError> {
+        let key = self.backend.keys().import(user_id, role, secret, options)?;
+        self.record(TokenOp::Imported { key: &key })?;
+        Ok(key)
+    }
+
+    fn sign_ed25519(&self, key: &KeyInfo, message: &[u8]) -> Result<[u8; 64], TokenError> {
+        self.record(TokenOp::Sign { key, message })?;
+        self.backend.keys().sign_ed25519(key, message)
+    }
+
+    fn x25519(
+        &self,
+        key: &KeyInfo,
+        peer_public: &Curve25519PublicKey,
+    ) -> Result<SharedSecret, TokenError> {
+        self.record(TokenOp::Agree {
+            key,
+            peer: peer_public,
+        })?;
+        self.backend.keys().x25519(key, peer_public)
+    }
+
+    fn delete(&self, key: &KeyInfo) -> Result<(), TokenError> {
+        self.record(TokenOp::Delete { key })?;
+        self.backend.keys().delete(key)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let Some(sink) = self.audit.take() else {
+            return;
+        };
+        if !sink.needs_head() {
+            return;
+        }
+        let keys = self.backend.keys();
+        match super::audit::audit_key(keys) {
+            Ok(Some(key)) => {
+                let sign = |bytes: &[u8]| keys.sign_ed25519(&key, bytes);
+                sink.head(keys.summary(), Some((&key, &sign)));
+            }
+            _ => sink.head(keys.summary(), None),
         }
     }
 }
@@ -66,16 +202,17 @@ impl Store {
         pins: Arc<dyn PinProvider>,
     ) -> Result<Store, TokenError> {
         match choice {
-            TokenChoice::Pkcs11(uri) => Ok(Store::Pkcs11(Pkcs11Store::open_lazy(uri, pins)?)),
+            TokenChoice::Pkcs11(uri) => Ok(Pkcs11Store::open_lazy(uri, pins)?.into()),
             #[cfg(feature = "yubikey")]
-            TokenChoice::YubiKey(serial) => Ok(Store::YubiKey(YubiKeyStore::open_lazy(
+            TokenChoice::YubiKey(serial) => Ok(YubiKeyStore::open_lazy(
                 YubiKeyOptions {
                     serial: *serial,
                     management_key: options.management_key,
                     slot_map: options.slot_map,
                 },
                 pins,
-            )?)),
+            )?
+            .into()),
             #[cfg(not(feature = "yubikey"))]
             TokenChoice::YubiKey(_) => {
                 let _ = options;
@@ -89,19 +226,19 @@ impl Store {
 
     /// Logs in now (PKCS#11 `C_Login`, or the PIV PIN), unless done already.
     pub fn login(&self) -> Result<(), TokenError> {
-        match self {
-            Store::Pkcs11(s) => s.login(),
+        match &self.backend {
+            Backend::Pkcs11(s) => s.login(),
             #[cfg(feature = "yubikey")]
-            Store::YubiKey(s) => s.verify_pin(),
+            Backend::YubiKey(s) => s.verify_pin(),
         }
     }
 
     /// What the token said about its PIN retry counter when it was opened.
     pub fn pin_status_at_open(&self) -> PinStatus {
-        match self {
-            Store::Pkcs11(s) => s.pin_status_before_login(),
+        match &self.backend {
+            Backend::Pkcs11(s) => s.pin_status_before_login(),
             #[cfg(feature = "yubikey")]
-            Store::YubiKey(s) => s.pin_status_before_login(),
+            Backend::YubiKey(s) => s.pin_status_before_login(),
         }
     }
 
@@ -109,12 +246,12 @@ impl Store {
     /// one, or `None`.
     pub fn pin_warning(&self) -> Option<String> {
         let status = self.pin_status_at_open();
-        match self {
-            Store::Pkcs11(_) => status.describe().map(|w| {
+        match &self.backend {
+            Backend::Pkcs11(_) => status.describe().map(|w| {
                 format!("before this login the token reported: {w} (someone entered a wrong PIN)")
             }),
             #[cfg(feature = "yubikey")]
-            Store::YubiKey(y) => match (status.retries, y.pin_tries_total()) {
+            Backend::YubiKey(y) => match (status.retries, y.pin_tries_total()) {
                 (Some(left), Some(total)) if left < u32::from(total) => Some(format!(
                     "before this PIN the YubiKey had {left} of {total} tries left (someone entered a wrong PIN)"
                 )),
@@ -125,19 +262,28 @@ impl Store {
 
     /// The PKCS#11 store, if this is one.
     pub fn as_pkcs11(&self) -> Option<&Pkcs11Store> {
-        match self {
-            Store::Pkcs11(s) => Some(s),
+        match &self.backend {
+            Backend::Pkcs11(s) => Some(s),
             #[cfg(feature = "yubikey")]
-            Store::YubiKey(_) => None,
+            Backend::YubiKey(_) => None,
+        }
+    }
+
+    /// The YubiKey store, if this is one, to change its settings.
+    #[cfg(feature = "yubikey")]
+    pub fn as_yubikey_mut(&mut self) -> Option<&mut YubiKeyStore> {
+        match &mut self.backend {
+            Backend::YubiKey(s) => Some(s),
+            Backend::Pkcs11(_) => None,
         }
     }
 
     /// The YubiKey store, if this is one.
     #[cfg(feature = "yubikey")]
     pub fn as_yubikey(&self) -> Option<&YubiKeyStore> {
-        match self {
-            Store::YubiKey(s) => Some(s),
-            Store::Pkcs11(_) => None,
+        match &self.backend {
+            Backend::YubiKey(s) => Some(s),
+            Backend::Pkcs11(_) => None,
         }
     }
 }

@@ -273,7 +273,8 @@ impl MxhsmUser {
     }
 
     pub fn session_path(&self) -> std::path::PathBuf {
-        self.token.dir.path().join("data/mxhsm/session.json")
+        mxhsm::homeserver::Sessions::at(self.token.dir.path().join("data/mxhsm/sessions"))
+            .path_for(&self.user.user_id)
     }
 
     /// The saved session, as JSON.

@@ -64,7 +64,7 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("setup") => setup().map(|_| ()),
         _ => Err(
-            "usage: cargo xtask <test [-- cargo test args] | demo | bench | restore-memory [--sessions N] | piv-check | fuzz [--seconds N] [TARGET…] | setup>"
+            "usage: cargo xtask <test [-- cargo test args] | demo | bench [--scale [--users N]] | restore-memory [--sessions N] | piv-check | fuzz [--seconds N] [TARGET…] | setup>"
                 .into(),
         ),
     };
@@ -396,7 +396,8 @@ fn demo() -> Result {
 
 /// Token vs software rates for Ed25519 and X25519 on SoftHSM and Kryoptic, and key-backup
 /// restore throughput against each token's raw agreement rate, in one run
-/// (`cargo xtask bench [--seconds S] [--restore-sessions N]`).
+/// (`cargo xtask bench [--seconds S] [--restore-sessions N]`); with `--scale [--users N]`,
+/// how key lookups grow with the number of users a token holds.
 fn bench(args: &[String]) -> Result {
     let envs = setup()?;
     let kryoptic = envs
@@ -417,6 +418,18 @@ fn bench(args: &[String]) -> Result {
     let dir = target_dir().join("bench");
     let softhsm = tokens::Token::softhsm(&dir.join("softhsm"), "bench-softhsm")?;
     let kry = tokens::Token::kryoptic(&dir.join("kryoptic"), "bench-kryoptic", &kryoptic)?;
+    // `--scale [--users N]`: key lookups against the number of users on each token.
+    if args.iter().any(|a| a == "--scale") {
+        let users = arg("--users", "1000");
+        for t in [&softhsm, &kry] {
+            run(&mut mxhsm_cmd(
+                &bin,
+                t,
+                ["token", "bench", "--scale-users", &users],
+            ))?;
+        }
+        return Ok(());
+    }
     for t in [&softhsm, &kry] {
         run(&mut mxhsm_cmd(
             &bin,

@@ -77,6 +77,11 @@ pub struct Pkcs11Store {
     pins: Option<Arc<dyn PinProvider>>,
     /// Private-key handles by `CKA_ID`, so repeated operations skip `C_FindObjects`.
     handles: Mutex<HashMap<Vec<u8>, ObjectHandle>>,
+    /// Each user's keys as last listed (and whether logged in then), kept only while the
+    /// process lock is held: then no other process can change the token, and every change
+    /// this store makes clears its user's entry. A token search costs a pass over all its
+    /// objects, so a flow that looks a user up several times pays for it once.
+    listed: Mutex<HashMap<String, (bool, Vec<KeyInfo>)>>,
 }
 
 impl std::fmt::Debug for Pkcs11Store {
@@ -167,6 +172,7 @@ impl Pkcs11Store {
             _process_lock: process_lock,
             pool: Mutex::new(vec![session]),
             handles: Mutex::new(HashMap::new()),
+            listed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -231,6 +237,91 @@ impl Pkcs11Store {
         }
     }
 
+    /// Lists keys with a token search (see `list_keys`). Before login only the public
+    /// halves are visible (CKA_PRIVATE = false): enough to know which keys exist and their
+    /// public keys; the protection attributes of the private halves are read once logged in.
+    fn search_keys(
+        &self,
+        user_id: Option<&str>,
+        logged_in: bool,
+    ) -> Result<Vec<KeyInfo>, TokenError> {
+        let session = self.session()?;
+        // One search per label for a user (private and public halves together), or one
+        // per class for all: every C_FindObjects costs a pass over the token's objects,
+        // so the private keys are paired with their public halves in memory, not by a
+        // search each.
+        let (privates, publics) = match user_id {
+            Some(user) => {
+                check_user_id(user)?;
+                let mut all = Vec::new();
+                for role in KeyRole::ALL {
+                    all.extend(
+                        session
+                            .find_objects(&[Attribute::Label(key_label(user, role).into_bytes())])
+                            .map_err(self.dev("C_FindObjects"))?,
+                    );
+                }
+                let (mut privates, mut publics) = (Vec::new(), Vec::new());
+                for h in all {
+                    let class = session
+                        .get_attributes(h, &[AttributeType::Class])
+                        .map_err(self.dev("C_GetAttributeValue"))?;
+                    match class.first() {
+                        Some(Attribute::Class(c)) if *c == ObjectClass::PRIVATE_KEY => {
+                            privates.push(h)
+                        }
+                        Some(Attribute::Class(c)) if *c == ObjectClass::PUBLIC_KEY => {
+                            publics.push(h)
+                        }
+                        _ => {}
+                    }
+                }
+                (privates, publics)
+            }
+            None => {
+                let find = |class| {
+                    session
+                        .find_objects(&[Attribute::Class(class)])
+                        .map_err(self.dev("C_FindObjects"))
+                };
+                let publics = find(ObjectClass::PUBLIC_KEY)?;
+                let privates = if logged_in {
+                    find(ObjectClass::PRIVATE_KEY)?
+                } else {
+                    Vec::new()
+                };
+                (privates, publics)
+            }
+        };
+        let mut keys = Vec::new();
+        if logged_in {
+            let points = self.public_points(&session, &publics)?;
+            for h in privates {
+                if let Some(k) = self.key_info(&session, h, Some(&points))? {
+                    keys.push(k);
+                }
+            }
+        } else {
+            for h in publics {
+                if let Some(k) = self.public_key_info(&session, h)? {
+                    keys.push(k);
+                }
+            }
+        }
+        keys.sort_by(|a, b| {
+            (&a.user_id, a.role, a.created_ms).cmp(&(&b.user_id, b.role, b.created_ms))
+        });
+        Ok(keys)
+    }
+
+    /// Forgets the listing of `user_id` (its keys changed).
+    fn forget(&self, user_id: &str) {
+        self.listed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(user_id);
+    }
+
     fn unsupported(&self, what: &str) -> TokenError {
         TokenError::Unsupported {
             token: self.summary.to_string(),
@@ -249,50 +340,26 @@ impl KeyStore for Pkcs11Store {
     }
 
     fn list_keys(&self, user_id: Option<&str>) -> Result<Vec<KeyInfo>, TokenError> {
-        // Before login only the public halves are visible (CKA_PRIVATE = false): enough to
-        // know which keys exist and their public keys; the protection attributes of the
-        // private halves are read once logged in.
         let logged_in = self.is_logged_in();
-        let class = if logged_in {
-            ObjectClass::PRIVATE_KEY
-        } else {
-            ObjectClass::PUBLIC_KEY
-        };
-        let session = self.session()?;
-        let handles = match user_id {
-            Some(user) => {
-                check_user_id(user)?;
-                let mut all = Vec::new();
-                for role in KeyRole::ALL {
-                    all.extend(
-                        session
-                            .find_objects(&[
-                                Attribute::Class(class),
-                                Attribute::Label(key_label(user, role).into_bytes()),
-                            ])
-                            .map_err(self.dev("C_FindObjects"))?,
-                    );
-                }
-                all
-            }
-            None => session
-                .find_objects(&[Attribute::Class(class)])
-                .map_err(self.dev("C_FindObjects"))?,
-        };
-        let mut keys = Vec::new();
-        for h in handles {
-            let key = if logged_in {
-                self.key_info(&session, h)?
-            } else {
-                self.public_key_info(&session, h)?
-            };
-            if let Some(k) = key {
-                keys.push(k);
-            }
+        let cached = self._process_lock.is_some();
+        if cached
+            && let Some(user) = user_id
+            && let Some((when, keys)) = self
+                .listed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(user)
+            && *when == logged_in
+        {
+            return Ok(keys.clone());
         }
-        keys.sort_by(|a, b| {
-            (&a.user_id, a.role, a.created_ms).cmp(&(&b.user_id, b.role, b.created_ms))
-        });
+        let keys = self.search_keys(user_id, logged_in)?;
+        if cached && let Some(user) = user_id {
+            self.listed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(user.to_string(), (logged_in, keys.clone()));
+        }
         Ok(keys)
     }
 
@@ -303,13 +370,14 @@ impl KeyStore for Pkcs11Store {
         _options: &KeyOptions,
     ) -> Result<KeyInfo, TokenError> {
         check_user_id(user_id)?;
+        self.forget(user_id);
         self.key_params(role.algorithm())?;
         self.login()?;
         let session = self.session()?;
         let label = key_label(user_id, role);
         let (_, private) =
             self.generate_objects(&session, role.algorithm(), &label, new_key_id()?, true)?;
-        self.key_info(&session, private)?
+        self.key_info(&session, private, None)?
             .ok_or_else(|| self.bad_data("the new key cannot be read back".into()))
     }
 
@@ -321,6 +389,7 @@ impl KeyStore for Pkcs11Store {
         _options: &KeyOptions,
     ) -> Result<KeyInfo, TokenError> {
         check_user_id(user_id)?;
+        self.forget(user_id);
         let algorithm = role.algorithm();
         let (key_type, params) = self.key_params(algorithm)?;
         if !self.capabilities.import {
@@ -376,7 +445,7 @@ impl KeyStore for Pkcs11Store {
         })
         .map_err(self.dev("C_CreateObject (public key)"))
         .and_then(|_| {
-            self.key_info(&session, priv_handle)?
+            self.key_info(&session, priv_handle, None)?
                 .ok_or_else(|| self.bad_data("the imported key cannot be read back".into()))
         });
         drop(session);
@@ -473,6 +542,7 @@ impl KeyStore for Pkcs11Store {
         let KeyBackend::Pkcs11 { id, label, .. } = &key.backend else {
             return Err(self.other_token(key));
         };
+        self.forget(&key.user_id);
         self.login()?;
         let session = self.session()?;
         if self.destroy_pair(&session, id, label)? == 0 {

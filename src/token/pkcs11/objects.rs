@@ -72,11 +72,13 @@ impl Pkcs11Store {
         Ok(handle)
     }
 
-    /// Reads a key back from its private-key object and the public-key object paired with it.
+    /// Reads a key back from its private-key object and the public-key object paired with it
+    /// (its point taken from `points`, by `CKA_ID`, when the caller read them already).
     pub(super) fn key_info(
         &self,
         session: &Session,
         private: ObjectHandle,
+        points: Option<&PublicPoints>,
     ) -> Result<Option<KeyInfo>, TokenError> {
         let attrs = session
             .get_attributes(
@@ -136,6 +138,12 @@ impl Pkcs11Store {
             return Ok(None);
         };
         let id = id.unwrap_or_default();
+        if let Some(point) = points.and_then(|p| p.get(&(id.clone(), label.clone()))) {
+            let local = p.local;
+            return self
+                .described(label, id, identified, Some(*point), local, p)
+                .map(Some);
+        }
         let public = session
             .find_objects(&[
                 Attribute::Class(ObjectClass::PUBLIC_KEY),
@@ -223,6 +231,41 @@ impl Pkcs11Store {
             _ => None,
         };
         Ok(Some((role, user_id.to_string(), mechanism)))
+    }
+
+    /// The points of the public-key objects `handles`, by (`CKA_ID`, `CKA_LABEL`), read once
+    /// so that pairing each private key with its public half needs no search of its own.
+    pub(super) fn public_points(
+        &self,
+        session: &Session,
+        handles: &[ObjectHandle],
+    ) -> Result<PublicPoints, TokenError> {
+        let mut out = PublicPoints::new();
+        for h in handles {
+            let attrs = session
+                .get_attributes(
+                    *h,
+                    &[
+                        AttributeType::Id,
+                        AttributeType::Label,
+                        AttributeType::EcPoint,
+                    ],
+                )
+                .map_err(self.dev("C_GetAttributeValue"))?;
+            let (mut id, mut label, mut point) = (None, None, None);
+            for a in attrs {
+                match a {
+                    Attribute::Id(v) => id = Some(v),
+                    Attribute::Label(v) => label = String::from_utf8(v).ok(),
+                    Attribute::EcPoint(v) => point = ec::decode_point(&v),
+                    _ => {}
+                }
+            }
+            if let (Some(id), Some(label), Some(point)) = (id, label, point) {
+                out.insert((id, label), point);
+            }
+        }
+        Ok(out)
     }
 
     /// A key as its public-key object shows it (before login): no protection attributes.
@@ -456,6 +499,9 @@ pub(super) fn new_key_id() -> Result<Vec<u8>, TokenError> {
 /// Generated on the token (`CKA_LOCAL`) or imported.
 /// What a label names (role, user ID) and how the key does X25519.
 pub(super) type Identified = (KeyRole, String, Option<X25519Mechanism>);
+
+/// Public-key points by (`CKA_ID`, `CKA_LABEL`).
+pub(super) type PublicPoints = std::collections::HashMap<(Vec<u8>, String), [u8; 32]>;
 
 pub(super) fn origin(local: Option<bool>) -> KeyOrigin {
     match local {
