@@ -41,6 +41,10 @@ pub enum TokenCommand {
         /// each) are generated in steps, timed, and deleted again. 0 skips it.
         #[arg(long, default_value_t = 0, value_name = "USERS")]
         scale_users: usize,
+        /// With --scale-users: leave the made-up users' keys on the token (for a token made
+        /// for the bench; deleting thousands of keys takes longer than the bench).
+        #[arg(long, requires = "scale_users")]
+        scale_keep: bool,
     },
 }
 
@@ -52,9 +56,10 @@ pub fn run(global: &GlobalArgs, cmd: TokenCommand) -> Result<ExitCode> {
             seconds,
             restore_sessions,
             scale_users,
+            scale_keep,
         } if scale_users > 0 => {
             let _ = (seconds, restore_sessions);
-            scale_bench(global, scale_users)
+            scale_bench(global, scale_users, scale_keep)
         }
         TokenCommand::Bench {
             seconds,
@@ -394,14 +399,19 @@ fn print_restore_bench(b: &mxhsm::account::bench::RestoreBench) {
 }
 
 /// `token bench --scale-users N`: lookups against the number of users on the token.
-fn scale_bench(global: &GlobalArgs, users: usize) -> Result<ExitCode> {
+fn scale_bench(global: &GlobalArgs, users: usize, keep: bool) -> Result<ExitCode> {
     let store = open_store(global)?;
     note!(
-        "generating keys for up to {users} made-up users on {} (deleted again at the end)",
-        store.summary()
+        "generating keys for up to {users} made-up users on {}{}",
+        store.summary(),
+        if keep {
+            ""
+        } else {
+            " (deleted again at the end)"
+        }
     );
     let mut first: Option<std::time::Duration> = None;
-    let rows = mxhsm::account::bench::scale(&store, users, |r| {
+    let rows = mxhsm::account::bench::scale(&store, users, keep, |r| {
         let base = *first.get_or_insert(r.one_user);
         note!(
             "{} users ({} keys): one user {:.2} ms ({:.2}x the first step), all {:.1} ms",

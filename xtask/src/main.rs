@@ -19,6 +19,7 @@ use std::env;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::time::Instant;
 
 type Result<T = ()> = std::result::Result<T, String>;
 
@@ -64,7 +65,7 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("setup") => setup().map(|_| ()),
         _ => Err(
-            "usage: cargo xtask <test [-- cargo test args] | demo | bench [--scale [--users N]] | restore-memory [--sessions N] | piv-check | fuzz [--seconds N] [TARGET…] | setup>"
+            "usage: cargo xtask <test [-- cargo test args] | demo | bench [--scale [--users N] | --accounts N [--devices M]] | restore-memory [--sessions N] | piv-check | fuzz [--seconds N] [TARGET…] | setup>"
                 .into(),
         ),
     };
@@ -418,6 +419,16 @@ fn bench(args: &[String]) -> Result {
     let dir = target_dir().join("bench");
     let softhsm = tokens::Token::softhsm(&dir.join("softhsm"), "bench-softhsm")?;
     let kry = tokens::Token::kryoptic(&dir.join("kryoptic"), "bench-kryoptic", &kryoptic)?;
+    // `--accounts N [--devices M]`: many accounts against a local Synapse.
+    if args.iter().any(|a| a == "--accounts") {
+        let accounts: usize = arg("--accounts", "100")
+            .parse()
+            .map_err(|_| "--accounts N")?;
+        let devices: usize = arg("--devices", "1000")
+            .parse()
+            .map_err(|_| "--devices M")?;
+        return bench_accounts(&bin, &softhsm, accounts, devices);
+    }
     // `--scale [--users N]`: key lookups against the number of users on each token.
     if args.iter().any(|a| a == "--scale") {
         let users = arg("--users", "1000");
@@ -425,7 +436,7 @@ fn bench(args: &[String]) -> Result {
             run(&mut mxhsm_cmd(
                 &bin,
                 t,
-                ["token", "bench", "--scale-users", &users],
+                ["token", "bench", "--scale-users", &users, "--scale-keep"],
             ))?;
         }
         return Ok(());
@@ -444,6 +455,117 @@ fn bench(args: &[String]) -> Result {
             ],
         ))?;
     }
+    Ok(())
+}
+
+/// `cargo xtask bench --accounts N --devices M`: N accounts on one SoftHSM token in a local
+/// Synapse, each logged in with its identity on the token; `account list`; then M new
+/// devices spread over the accounts, signed by one `--account all sign devices --policy`.
+/// The same bulk command with no device to sign is measured first, in the same run, as the
+/// baseline of what the accounts cost by themselves.
+fn bench_accounts(bin: &Path, token: &tokens::Token, accounts: usize, devices: usize) -> Result {
+    let python = synapse::ensure_venv(&cache_dir())?;
+    let dir = fresh_dir(&target_dir().join("bench-accounts"))?;
+    let server = synapse::Server::start(&python, &dir.join("synapse"))?;
+    let mut users = Vec::new();
+    let mut config = String::new();
+    for i in 0..accounts {
+        let u = demo::register(&server.url, &format!("staff{i}"))?;
+        config.push_str(&format!(
+            "[accounts.a{i}]\nuser = \"{}\"\nhomeserver = \"{}\"\n\n",
+            u.user_id, server.url
+        ));
+        users.push(u);
+    }
+    let config_path = dir.join("config.toml");
+    std::fs::write(&config_path, &config).map_err(|e| e.to_string())?;
+    let policy = dir.join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[allow]]\ndevice-id = [\"BOT*\"]\nmax-age = \"1h\"\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let cmd = |args: &[&str]| {
+        let mut c = mxhsm_cmd(bin, token, args);
+        c.env("XDG_DATA_HOME", dir.join("data"))
+            .env("MXHSM_CONFIG", &config_path)
+            .env("MXHSM_AUDIT_LOG", dir.join("audit.jsonl"))
+            .stdout(std::process::Stdio::null());
+        c
+    };
+    let timed = |what: &str, c: &mut Command, ok_codes: &[i32]| -> Result<f64> {
+        let t = Instant::now();
+        let status = c.status().map_err(|e| e.to_string())?;
+        let secs = t.elapsed().as_secs_f64();
+        if !ok_codes.contains(&status.code().unwrap_or(-1)) {
+            return Err(format!("{what} failed: {status}"));
+        }
+        Ok(secs)
+    };
+    let start = Instant::now();
+    for (i, u) in users.iter().enumerate() {
+        let name = format!("a{i}");
+        let mut login = cmd(&["--account", &name, "login"]);
+        login.env("MXHSM_PASSWORD", &u.password);
+        timed("login", &mut login, &[0])?;
+        timed(
+            "identity create",
+            &mut cmd(&["--account", &name, "identity", "create"]),
+            &[0],
+        )?;
+    }
+    let setup = start.elapsed().as_secs_f64();
+    let list = timed("account list", &mut cmd(&["account", "list"]), &[0])?;
+    let policy_arg = policy.to_str().ok_or("path")?;
+    let bulk = [
+        "--account",
+        "all",
+        "sign",
+        "devices",
+        "--policy",
+        policy_arg,
+    ];
+    // The baseline: every account's flow with nothing new to sign (this run also starts
+    // each account's first-seen record).
+    let empty = timed("sign devices (nothing to sign)", &mut cmd(&bulk), &[0, 3])?;
+    for d in 0..devices {
+        let u = &users[d % accounts];
+        demo::phone(&server.url, u, &format!("BOT{d}"))?;
+    }
+    let t = Instant::now();
+    let out = cmd(&bulk)
+        .arg("--json")
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let signed = t.elapsed().as_secs_f64();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("sign devices --json: {e}"))?;
+    let count = report["accounts"]
+        .as_array()
+        .ok_or("no accounts in the report")?
+        .iter()
+        .flat_map(|a| a["result"]["devices"].as_array().cloned().unwrap_or_default())
+        .filter(|d| d["decision"] == "signed")
+        .count();
+    if count != devices {
+        return Err(format!("{count} of {devices} devices were signed: {report}"));
+    }
+    let verify = timed("audit verify", &mut cmd(&["audit", "verify"]), &[0])?;
+    println!("\n{accounts} accounts on one SoftHSM token, {devices} devices, one local Synapse");
+    println!(
+        "  login + identity create, all accounts   {setup:8.1} s ({:.2} s per account)",
+        setup / accounts as f64
+    );
+    println!("  account list                              {list:8.2} s");
+    println!("  sign devices --policy, nothing to sign    {empty:8.2} s (the baseline)");
+    println!(
+        "  sign devices --policy, {devices} devices   {signed:8.2} s ({:.0} devices/s; {:.2}x the baseline)",
+        devices as f64 / (signed - empty).max(0.001),
+        signed / empty
+    );
+    println!("  audit verify                              {verify:8.2} s");
+    drop(server);
     Ok(())
 }
 
