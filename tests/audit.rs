@@ -340,19 +340,23 @@ fn two_processes_keep_one_chain_and_a_crash_leaves_a_prefix() {
     }
     let (code, v) = verify(&u, &log);
     assert_eq!((code, v["torn_tail"].as_bool()), (0, Some(true)), "{v}");
-    let mut c = soft.cli();
-    c.env("MXHSM_AUDIT_LOG", &log)
-        .env("XDG_DATA_HOME", soft.dir.path().join("data"))
-        .args([
-            "keys",
-            "delete",
-            "--role",
-            "master",
-            "--user",
-            "@a:example.org",
-            "--yes",
-        ]);
-    ok(&mut c);
+    // Deletes the current master key of @a, recording into the shared log.
+    let delete = || {
+        let mut c = soft.cli();
+        c.env("MXHSM_AUDIT_LOG", &log)
+            .env("XDG_DATA_HOME", soft.dir.path().join("data"))
+            .args([
+                "keys",
+                "delete",
+                "--role",
+                "master",
+                "--user",
+                "@a:example.org",
+                "--yes",
+            ]);
+        c
+    };
+    ok(&mut delete());
     let (code, v) = verify(&u, &log);
     assert_eq!(code, 0, "{v}");
     assert_eq!(v["repairs"], json!([25]), "{v}");
@@ -360,19 +364,7 @@ fn two_processes_keep_one_chain_and_a_crash_leaves_a_prefix() {
 
     // A log mxhsm cannot append to stops the operation: nothing is generated.
     std::fs::write(&log, "not an audit log\n").unwrap();
-    let mut c = soft.cli();
-    c.env("MXHSM_AUDIT_LOG", &log)
-        .env("XDG_DATA_HOME", soft.dir.path().join("data"))
-        .args([
-            "keys",
-            "delete",
-            "--role",
-            "master",
-            "--user",
-            "@a:example.org",
-            "--yes",
-        ]);
-    let (code, _, err) = run(&mut c);
+    let (code, _, err) = run(&mut delete());
     assert_ne!(code, 0);
     assert!(err.contains("audit log"), "{err}");
     let keys: Value = serde_json::from_str(&ok(soft

@@ -9,7 +9,7 @@ use std::process::Command;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
-use common::clients::{phone, random_key, sign_with, verifies};
+use common::clients::{phone, phone_signed_by, random_key, verifies};
 use common::synapse::{Proxy, Synapse, TestUser, http};
 use common::{Kind, TestToken, exits, fails, ok, run};
 use serde_json::{Value, json};
@@ -126,8 +126,8 @@ token = "kry"
     }
 }
 
-/// The self-signing key (base64) the server publishes for `user`.
-fn published_ssk(synapse: &Synapse, token: &str, user: &str) -> String {
+/// Synapse's `/keys/query` answer for `user`.
+fn query(synapse: &Synapse, token: &str, user: &str) -> Value {
     let (_, q) = http(
         &synapse.url,
         "POST",
@@ -135,7 +135,12 @@ fn published_ssk(synapse: &Synapse, token: &str, user: &str) -> String {
         Some(token),
         Some(json!({"device_keys": {user: []}})),
     );
-    q["self_signing_keys"][user]["keys"]
+    q
+}
+
+/// The self-signing key (base64) the server publishes for `user`.
+fn published_ssk(synapse: &Synapse, token: &str, user: &str) -> String {
+    query(synapse, token, user)["self_signing_keys"][user]["keys"]
         .as_object()
         .unwrap()
         .values()
@@ -148,14 +153,7 @@ fn published_ssk(synapse: &Synapse, token: &str, user: &str) -> String {
 
 /// Synapse's own copy of `user`'s device `id`.
 fn stored_device(synapse: &Synapse, token: &str, user: &str, id: &str) -> Value {
-    let (_, q) = http(
-        &synapse.url,
-        "POST",
-        "/keys/query",
-        Some(token),
-        Some(json!({"device_keys": {user: []}})),
-    );
-    q["device_keys"][user][id].clone()
+    query(synapse, token, user)["device_keys"][user][id].clone()
 }
 
 /// Whether Synapse holds a signature of `id` by `user`'s published self-signing key.
@@ -166,33 +164,6 @@ fn cross_signed(synapse: &Synapse, checker: &str, user: &str, id: &str) -> bool 
         .get(format!("ed25519:{ssk}"))
         .is_some()
         && verifies(&device, user, &ssk)
-}
-
-/// A device whose self-signature is made by another key than its own: what a server
-/// that swaps a device's key leaves.
-fn forged_phone(synapse: &Synapse, user: &TestUser, id: &str) {
-    let token = synapse.login(user, id);
-    let key = random_key();
-    let mut keys = json!({
-        "user_id": user.user_id, "device_id": id,
-        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
-        "keys": {format!("ed25519:{id}"): B64.encode(key.verifying_key().to_bytes()),
-                 format!("curve25519:{id}"): B64.encode(random_key().verifying_key().to_bytes())},
-    });
-    sign_with(
-        &mut keys,
-        &user.user_id,
-        &format!("ed25519:{id}"),
-        &random_key(),
-    );
-    let (s, v) = http(
-        &synapse.url,
-        "POST",
-        "/keys/upload",
-        Some(&token),
-        Some(json!({"device_keys": keys})),
-    );
-    assert_eq!(s, 200, "{v}");
 }
 
 #[test]
@@ -413,7 +384,7 @@ fn devices_signed_under_a_policy_with_one_pin() {
     // New devices: bots of alice and bob, a phone, and a bot with a forged self-signature.
     phone(org.synapse, &org.alice, "BOTA1");
     phone(org.synapse, &org.alice, "PHONE");
-    forged_phone(org.synapse, &org.alice, "BOTFAKE");
+    phone_signed_by(org.synapse, &org.alice, "BOTFAKE", Some(&random_key()));
     phone(org.synapse, &org.bob, "BOTB1");
     // The dry run signs nothing.
     let dry = org.json(&[

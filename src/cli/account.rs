@@ -128,23 +128,16 @@ pub fn login(global: &GlobalArgs, args: LoginArgs) -> Result<ExitCode> {
     let outcome = login::login(request, &ctx.sessions, store)?;
     match outcome {
         LoginOutcome::Reused(session) => {
-            let path = ctx.sessions.path_for(&session.user_id);
-            output::emit(
-                global.json,
-                json!({
-                    "user_id": session.user_id, "device_id": session.device_id,
-                    "homeserver": session.homeserver, "session_file": path.display().to_string(),
-                    "reused": true, "cross_signed": null,
-                }),
-                || {
-                    say!(
-                        "already logged in as {} on {} (device {}): kept that session; `mxhsm login --replace` starts a new device",
-                        esc(&session.user_id),
-                        esc(&session.homeserver),
-                        esc(&session.device_id)
-                    );
-                },
-            )
+            let mut doc = session_json(&ctx, &session);
+            doc["reused"] = true.into();
+            output::emit(global.json, doc, || {
+                say!(
+                    "already logged in as {} on {} (device {}): kept that session; `mxhsm login --replace` starts a new device",
+                    esc(&session.user_id),
+                    esc(&session.homeserver),
+                    esc(&session.device_id)
+                );
+            })
         }
         LoginOutcome::New {
             session,
@@ -152,54 +145,57 @@ pub fn login(global: &GlobalArgs, args: LoginArgs) -> Result<ExitCode> {
             cross_signed,
         } => {
             let path = ctx.sessions.path_for(&session.user_id);
-            output::emit(
-                global.json,
-                json!({
-                    "user_id": session.user_id, "device_id": session.device_id,
-                    "homeserver": session.homeserver, "session_file": path.display().to_string(),
-                    "reused": false,
-                    "cross_signed": cross_signed == CrossSigned::Yes,
-                    "replaced": replaced.as_ref().map(|o| json!({
-                        "user_id": o.user_id, "device_id": o.device_id, "logged_out": o.logged_out,
-                    })),
-                }),
-                || {
-                    if let Some(o) = &replaced {
-                        if o.logged_out {
-                            say!(
-                                "logged out the previous session ({} device {}); its device is deleted",
-                                esc(&o.user_id),
-                                esc(&o.device_id)
-                            );
-                        } else {
-                            say!(
-                                "the previous session ({} device {}) had already ended on the server",
-                                esc(&o.user_id),
-                                esc(&o.device_id)
-                            );
-                        }
+            let mut doc = session_json(&ctx, &session);
+            doc["cross_signed"] = (cross_signed == CrossSigned::Yes).into();
+            doc["replaced"] = json!(replaced.as_ref().map(|o| json!({
+                "user_id": o.user_id, "device_id": o.device_id, "logged_out": o.logged_out,
+            })));
+            output::emit(global.json, doc, || {
+                if let Some(o) = &replaced {
+                    if o.logged_out {
+                        say!(
+                            "logged out the previous session ({} device {}); its device is deleted",
+                            esc(&o.user_id),
+                            esc(&o.device_id)
+                        );
+                    } else {
+                        say!(
+                            "the previous session ({} device {}) had already ended on the server",
+                            esc(&o.user_id),
+                            esc(&o.device_id)
+                        );
                     }
-                    say!(
-                        "logged in as {} on {} (device {}); session saved in {}",
-                        esc(&session.user_id),
-                        esc(&session.homeserver),
-                        esc(&session.device_id),
-                        path.display()
-                    );
-                    match cross_signed {
-                        CrossSigned::Yes => {
-                            say!("cross-signed this device with the self-signing key on the token")
-                        }
-                        CrossSigned::NoToken | CrossSigned::NotPublished => say!(
-                            "once your identity is on the token, `mxhsm identity publish` (or `mxhsm sign device {}`) cross-signs this device",
-                            esc(&session.device_id)
-                        ),
+                }
+                say!(
+                    "logged in as {} on {} (device {}); session saved in {}",
+                    esc(&session.user_id),
+                    esc(&session.homeserver),
+                    esc(&session.device_id),
+                    path.display()
+                );
+                match cross_signed {
+                    CrossSigned::Yes => {
+                        say!("cross-signed this device with the self-signing key on the token")
                     }
-                },
-            )
+                    CrossSigned::NoToken | CrossSigned::NotPublished => say!(
+                        "once your identity is on the token, `mxhsm identity publish` (or `mxhsm sign device {}`) cross-signs this device",
+                        esc(&session.device_id)
+                    ),
+                }
+            })
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The login document (docs/json.md), before what only a new login adds.
+fn session_json(ctx: &Setup, session: &mxhsm::homeserver::Session) -> serde_json::Value {
+    json!({
+        "user_id": session.user_id, "device_id": session.device_id,
+        "homeserver": session.homeserver,
+        "session_file": ctx.sessions.path_for(&session.user_id).display().to_string(),
+        "reused": false, "cross_signed": null,
+    })
 }
 
 pub fn logout(global: &GlobalArgs) -> Result<ExitCode> {

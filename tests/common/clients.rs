@@ -68,6 +68,17 @@ pub fn user_trust(status: &Value, user: &str) -> (String, String) {
 
 /// Another client of the same user: a device with its own Ed25519 key, uploaded over HTTP.
 pub fn phone(synapse: &Synapse, user: &TestUser, id: &str) -> (String, SigningKey) {
+    phone_signed_by(synapse, user, id, None)
+}
+
+/// [`phone`], whose self-signature is made by `signer` instead of its own key when given:
+/// what a server that swapped the device's key leaves.
+pub fn phone_signed_by(
+    synapse: &Synapse,
+    user: &TestUser,
+    id: &str,
+    signer: Option<&SigningKey>,
+) -> (String, SigningKey) {
     let token = synapse.login(user, id);
     let key = random_key();
     let mut keys = json!({
@@ -76,7 +87,12 @@ pub fn phone(synapse: &Synapse, user: &TestUser, id: &str) -> (String, SigningKe
         "keys": {format!("ed25519:{id}"): B64.encode(key.verifying_key().to_bytes()),
                  format!("curve25519:{id}"): B64.encode(random_key().verifying_key().to_bytes())},
     });
-    sign_with(&mut keys, &user.user_id, &format!("ed25519:{id}"), &key);
+    sign_with(
+        &mut keys,
+        &user.user_id,
+        &format!("ed25519:{id}"),
+        signer.unwrap_or(&key),
+    );
     let (s, v) = http(
         &synapse.url,
         "POST",

@@ -539,17 +539,24 @@ fn bench_accounts(bin: &Path, token: &tokens::Token, accounts: usize, devices: u
         .output()
         .map_err(|e| e.to_string())?;
     let signed = t.elapsed().as_secs_f64();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("sign devices --json: {e}"))?;
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("sign devices --json: {e}"))?;
     let count = report["accounts"]
         .as_array()
         .ok_or("no accounts in the report")?
         .iter()
-        .flat_map(|a| a["result"]["devices"].as_array().cloned().unwrap_or_default())
+        .flat_map(|a| {
+            a["result"]["devices"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
         .filter(|d| d["decision"] == "signed")
         .count();
     if count != devices {
-        return Err(format!("{count} of {devices} devices were signed: {report}"));
+        return Err(format!(
+            "{count} of {devices} devices were signed: {report}"
+        ));
     }
     let verify = timed("audit verify", &mut cmd(&["audit", "verify"]), &[0])?;
     println!("\n{accounts} accounts on one SoftHSM token, {devices} devices, one local Synapse");
