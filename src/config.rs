@@ -557,6 +557,52 @@ impl Config {
             .map(|a| a.name.as_str())
     }
 
+    /// The device a [`TokenRef`] names.
+    fn ref_choice(&self, r: &TokenRef) -> TokenChoice {
+        match r {
+            TokenRef::Named(n) => self.tokens[n].choice.clone(),
+            TokenRef::Inline(c) => c.clone(),
+        }
+    }
+
+    /// `choice` with the settings the config has for it. The PIN source is the account's
+    /// (when the account's token is this one, or it names none), else the token's own, else
+    /// the defaults' (when the default token is this one, or there is none): a PIN meant for
+    /// one token is never sent to another.
+    fn resolved(
+        &self,
+        choice: TokenChoice,
+        source: String,
+        account: Option<&AccountConfig>,
+    ) -> ResolvedToken {
+        let named = self.tokens.values().find(|t| t.choice == choice);
+        let account_pin = account
+            .filter(|a| {
+                a.token
+                    .as_ref()
+                    .is_none_or(|r| self.ref_choice(r) == choice)
+            })
+            .and_then(|a| a.pin.clone());
+        let default_pin = self
+            .defaults
+            .token
+            .as_ref()
+            .is_none_or(|r| self.ref_choice(r) == choice)
+            .then(|| self.defaults.pin.clone())
+            .flatten();
+        ResolvedToken {
+            pin: account_pin
+                .or_else(|| named.and_then(|t| t.pin.clone()))
+                .or(default_pin),
+            management_key_file: named.and_then(|t| t.management_key_file.clone()),
+            source: match named {
+                Some(t) if !source.contains(&t.name) => format!("{source} (token {})", t.name),
+                _ => source,
+            },
+            choice,
+        }
+    }
+
     /// The token for `account`, from the config alone: its own, else `recorded` (what its
     /// session was logged in with), else the defaults'. Flags and the environment come
     /// before this; see [`Config::resolve_token`].
@@ -570,56 +616,25 @@ impl Config {
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_default();
-        let from_ref = |r: &TokenRef, source: String, pin: Option<PinSource>| match r {
-            TokenRef::Named(n) => {
-                let t = &self.tokens[n];
-                ResolvedToken {
-                    choice: t.choice.clone(),
-                    source: format!("{source} (token {n})"),
-                    pin: pin.or_else(|| t.pin.clone()),
-                    management_key_file: t.management_key_file.clone(),
-                }
-            }
-            TokenRef::Inline(choice) => ResolvedToken {
-                choice: choice.clone(),
-                source,
-                pin,
-                management_key_file: None,
-            },
-        };
-        let account_pin = account.and_then(|a| a.pin.clone());
         if let Some(a) = account
             && let Some(r) = &a.token
         {
-            return Ok(Some(from_ref(
-                r,
-                format!("account {} in {file}", a.name),
-                account_pin.or_else(|| self.defaults.pin.clone()),
-            )));
+            let source = format!("account {} in {file}", a.name);
+            return Ok(Some(self.resolved(self.ref_choice(r), source, account)));
         }
         if let Some(spec) = recorded {
             let choice = parse_token_spec(spec).map_err(|e| ConfigError::Parse {
                 path: PathBuf::from("the session file"),
                 message: format!("its token: {e}"),
             })?;
-            // A PIN source of the config for this same token still applies.
-            let named = self.tokens.values().find(|t| t.choice == choice);
-            return Ok(Some(ResolvedToken {
-                choice,
-                source: "the session (the token it was logged in with)".into(),
-                pin: account_pin
-                    .or_else(|| named.and_then(|t| t.pin.clone()))
-                    .or_else(|| self.defaults.pin.clone()),
-                management_key_file: named.and_then(|t| t.management_key_file.clone()),
-            }));
+            let source = "the session (the token it was logged in with)".to_string();
+            return Ok(Some(self.resolved(choice, source, account)));
         }
-        Ok(self.defaults.token.as_ref().map(|r| {
-            from_ref(
-                r,
-                format!("[defaults] in {file}"),
-                account_pin.or_else(|| self.defaults.pin.clone()),
-            )
-        }))
+        Ok(self
+            .defaults
+            .token
+            .as_ref()
+            .map(|r| self.resolved(self.ref_choice(r), format!("[defaults] in {file}"), account)))
     }
 
     /// The token to use: the flags, else the environment, else [`Config::config_token`].
@@ -634,14 +649,8 @@ impl Config {
         let flagged = flag_token.is_some() || flag_yubikey.is_some();
         // `--token NAME` names a token of the config file.
         if let Some(named) = flag_token.and_then(|t| self.tokens.get(t)) {
-            return Ok(Some(ResolvedToken {
-                choice: named.choice.clone(),
-                source: format!("--token {}", named.name),
-                pin: account
-                    .and_then(|a| a.pin.clone())
-                    .or_else(|| named.pin.clone()),
-                management_key_file: named.management_key_file.clone(),
-            }));
+            let source = format!("--token {}", named.name);
+            return Ok(Some(self.resolved(named.choice.clone(), source, account)));
         }
         if let Some(choice) = flag_or_env_token(flag_token, flag_yubikey)? {
             let source = match (flagged, &choice) {
@@ -650,16 +659,7 @@ impl Config {
                 (false, TokenChoice::Pkcs11(_)) => TOKEN_ENV,
                 (false, TokenChoice::YubiKey(_)) => YUBIKEY_ENV,
             };
-            // The config's PIN source for this token still applies.
-            let named = self.tokens.values().find(|t| t.choice == choice);
-            return Ok(Some(ResolvedToken {
-                choice,
-                source: source.into(),
-                pin: account
-                    .and_then(|a| a.pin.clone())
-                    .or_else(|| named.and_then(|t| t.pin.clone())),
-                management_key_file: named.and_then(|t| t.management_key_file.clone()),
-            }));
+            return Ok(Some(self.resolved(choice, source.into(), account)));
         }
         Ok(self.config_token(account, recorded)?)
     }
@@ -872,6 +872,25 @@ token = "yubikey:any"
         assert_eq!(b.choice, TokenChoice::YubiKey(Some(12345678)));
         assert_eq!(b.pin, Some(PinSource::File("/etc/bot.pin".into())));
         assert_eq!(b.management_key_file, Some(PathBuf::from("/etc/mgm")));
+        // A PIN meant for one token is never sent to another: bob's pin file is for "yk",
+        // not for a token given on the command line; the defaults' PIN source (for
+        // "team") does not go to the recorded YubiKey 7.
+        let other = c
+            .resolve_token(
+                Some("pkcs11:token=other?module-path=/x.so"),
+                None,
+                Some(&bot),
+                None,
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(other.pin, None);
+        assert_eq!(r.pin, None);
+        let named = c
+            .resolve_token(Some("team"), None, Some(&bot), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(named.pin, Some(PinSource::Credential("mxhsm-pin".into())));
     }
 
     #[test]

@@ -207,6 +207,19 @@ fn a_mixed_session_is_recorded_and_every_tampering_is_found() {
         first_head + 1,
         "signature",
     );
+    // The last head replaced by an unsigned one (what rewriting the log from some entry on
+    // would leave): refused, since heads were signed before it.
+    let mut unsigned = all.clone();
+    let last = unsigned.len() - 1;
+    let mut head: Value = serde_json::from_str(&unsigned[last]).unwrap();
+    head["audit_key"] = Value::Null;
+    head["signature"] = Value::Null;
+    unsigned[last] = head.to_string();
+    bad(
+        &copy("unsigned", joined(&unsigned), false),
+        last + 1,
+        "unsigned, after signed ones",
+    );
     // A removed entry.
     let mut removed = all.clone();
     removed.remove(sign_line);

@@ -95,12 +95,15 @@ pub fn classify(message: &[u8]) -> Value {
     let Ok(Value::Object(o)) = serde_json::from_slice::<Value>(message) else {
         return json!({"type": "bytes", "length": message.len()});
     };
-    let text = |k: &str| o.get(k).and_then(Value::as_str);
+    // The server chooses these strings: a long one is kept as its hash, so an entry stays
+    // small whatever a device calls itself.
+    let text = |k: &str| o.get(k).and_then(Value::as_str).map(bounded);
     let first_key = || {
         o.get("keys")
             .and_then(Value::as_object)
             .and_then(|k| k.values().next())
             .and_then(Value::as_str)
+            .map(bounded)
     };
     if let Some(usage) = o.get("usage").and_then(Value::as_array) {
         return json!({
@@ -121,6 +124,15 @@ pub fn classify(message: &[u8]) -> Value {
         return json!({"type": "backup_auth_data", "public_key": text("public_key")});
     }
     json!({"type": "json"})
+}
+
+/// `text`, or when it is longer than 255 bytes, `sha256:<hex>` of it.
+fn bounded(text: &str) -> String {
+    if text.len() <= 255 {
+        text.to_string()
+    } else {
+        format!("sha256:{}", line_hash(text.as_bytes()))
+    }
 }
 
 /// Agreements of one key in this command.
@@ -148,6 +160,9 @@ pub struct AuditLog {
     /// A syslog socket (`/dev/log`) every line is also sent to.
     mirror: Option<PathBuf>,
     state: Mutex<State>,
+    /// Held from the check for a key's first agreement until its `agree` entry is written,
+    /// so that no thread agrees before that entry is on disk.
+    agree_gate: Mutex<()>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -168,6 +183,7 @@ impl AuditLog {
             command: command.to_string(),
             mirror,
             state: Mutex::new(State::default()),
+            agree_gate: Mutex::new(()),
         }
     }
 
@@ -213,7 +229,14 @@ impl AuditLog {
             seq += 1;
         }
         let entry = build(seq + 1, &prev)?;
-        self.write_line(&mut file, &entry)?;
+        let hash = self.write_line(&mut file, &entry)?;
+        if entry.get("op").and_then(Value::as_str) == Some("head") {
+            // Still under the lock, so the file always names the newest head.
+            let head = json!({"seq": seq + 1, "sha256": hash}).to_string();
+            let at = head_path(&self.path);
+            crate::files::write_private(&at, head.as_bytes())
+                .map_err(|e| format!("cannot write {}: {e}", at.display()))?;
+        }
         Ok(())
     }
 
@@ -306,23 +329,27 @@ impl AuditSink for AuditLog {
             }),
             TokenOp::Agree { key, peer } => {
                 let id = format!("{}|{}", token.serial, key.public_key_base64());
-                let first = {
-                    let mut s = self.state.lock().map_err(|_| "poisoned".to_string())?;
-                    let first = !s.agreements.contains_key(&id);
-                    let t = s.agreements.entry(id).or_insert_with(|| Tally {
-                        account: key.user_id.clone(),
-                        token: token_json(token),
-                        key: key_json(key),
-                        count: 0,
-                        digest: Sha256::new(),
-                    });
-                    t.count += 1;
-                    t.digest.update(peer.as_bytes());
-                    first
-                };
-                if first {
+                let _gate = self.agree_gate.lock().map_err(|_| "poisoned".to_string())?;
+                let known = self
+                    .state
+                    .lock()
+                    .map_err(|_| "poisoned".to_string())?
+                    .agreements
+                    .contains_key(&id);
+                if !known {
+                    // Written before the first agreement; only then is the key tallied.
                     self.record_entry("agree", token, key, |_| {})?;
                 }
+                let mut s = self.state.lock().map_err(|_| "poisoned".to_string())?;
+                let t = s.agreements.entry(id).or_insert_with(|| Tally {
+                    account: key.user_id.clone(),
+                    token: token_json(token),
+                    key: key_json(key),
+                    count: 0,
+                    digest: Sha256::new(),
+                });
+                t.count += 1;
+                t.digest.update(peer.as_bytes());
                 Ok(())
             }
             TokenOp::Generated { key } => self.record_entry("generate", token, key, |_| {}),
@@ -340,7 +367,6 @@ impl AuditSink for AuditLog {
 
     fn head(&self, token: &TokenSummary, signer: Option<(&KeyInfo, &HeadSigner<'_>)>) {
         let result = self.flush_agreements().and_then(|()| {
-            let mut written: Option<(u64, String)> = None;
             self.append(|seq, prev| {
                 let mut e = self.entry(seq, prev, "head");
                 e.insert("token".into(), token_json(token));
@@ -360,17 +386,8 @@ impl AuditSink for AuditLog {
                         e.insert("signature".into(), Value::Null);
                     }
                 }
-                let line = serde_json::to_string(&e).map_err(|e| e.to_string())?;
-                written = Some((seq, line_hash(line.as_bytes())));
                 Ok(e)
-            })?;
-            if let Some((seq, hash)) = written {
-                let head = json!({"seq": seq, "sha256": hash}).to_string();
-                crate::files::write_private(&head_path(&self.path), head.as_bytes()).map_err(
-                    |e| format!("cannot write {}: {e}", head_path(&self.path).display()),
-                )?;
-            }
-            Ok(())
+            })
         });
         if let Ok(mut s) = self.state.lock() {
             s.pending = false;
@@ -416,7 +433,7 @@ fn read_tail(file: &mut std::fs::File) -> Result<Tail, String> {
     let complete = match buf.iter().rposition(|b| *b == b'\n') {
         Some(i) => i + 1,
         None if start == 0 => 0,
-        None => return Err("its last line is longer than 1 MiB: not an mxhsm audit log".into()),
+        None => return Err("its last line is longer than 2 MiB: not an mxhsm audit log".into()),
     };
     let torn = (complete < buf.len()).then(|| (start + complete as u64, buf[complete..].to_vec()));
     if complete == 0 {
@@ -429,7 +446,7 @@ fn read_tail(file: &mut std::fs::File) -> Result<Tail, String> {
     let body = &buf[..complete - 1];
     let from = body.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
     if from == 0 && start > 0 {
-        return Err("its last line is longer than 1 MiB: not an mxhsm audit log".into());
+        return Err("its last line is longer than 2 MiB: not an mxhsm audit log".into());
     }
     let last = &body[from..];
     let seq = serde_json::from_slice::<Value>(last)
@@ -479,12 +496,14 @@ pub enum AuditError {
 }
 
 /// Checks the log at `path` offline: every line is an entry; `seq` counts up from 1; each
-/// `prev` is the hash of the line before; every signed head verifies with the audit key
-/// (`key`, else the first head's), and the log still reaches the head recorded in
-/// `<log>.head` and `expected_head`. The first line that fails is the error.
+/// `prev` is the hash of the line before; every signed head verifies with one of the audit
+/// keys (`keys`, else the first signed head's: a log several tokens sign, or one whose
+/// audit key was rotated, needs them all given); once a head is signed, every later head
+/// must be, and with `keys` given the last one must be; and the log still reaches the head
+/// recorded in `<log>.head` and `expected_head`. The first line that fails is the error.
 pub fn verify(
     path: &Path,
-    key: Option<&Ed25519PublicKey>,
+    keys: &[Ed25519PublicKey],
     expected_head: Option<(u64, &str)>,
 ) -> Result<Verified, AuditError> {
     let read = |source| AuditError::Read {
@@ -499,7 +518,9 @@ pub fn verify(
     };
     let mut out = Verified::default();
     let mut prev = ZERO_HASH.to_string();
-    let mut pinned: Option<Ed25519PublicKey> = key.copied();
+    let mut pinned: Vec<Ed25519PublicKey> = keys.to_vec();
+    let mut signing_began = false;
+    let mut last_head_signed = false;
     let mut hashes: BTreeMap<u64, String> = BTreeMap::new();
     let mut rest: &[u8] = &bytes;
     let mut n = 0u64;
@@ -546,14 +567,20 @@ pub fn verify(
                     (Some(Value::String(k)), Some(Value::String(sig))) => {
                         let k = Ed25519PublicKey::from_base64(k)
                             .map_err(|e| bad(n, format!("its audit_key is not a key ({e})")))?;
-                        let expected = *pinned.get_or_insert(k);
-                        if k != expected {
+                        if pinned.is_empty() {
+                            pinned.push(k);
+                        }
+                        if !pinned.contains(&k) {
                             return Err(bad(
                                 n,
                                 format!(
                                     "this head is signed by the key {}, not by the audit key {}",
                                     k.to_base64(),
-                                    expected.to_base64()
+                                    pinned
+                                        .iter()
+                                        .map(|k| k.to_base64())
+                                        .collect::<Vec<_>>()
+                                        .join(" or ")
                                 ),
                             ));
                         }
@@ -567,8 +594,16 @@ pub fn verify(
                             return Err(bad(n, "its signature does not verify".into()));
                         }
                         out.signed_heads += 1;
+                        signing_began = true;
+                        last_head_signed = true;
                     }
-                    (Some(Value::Null), Some(Value::Null)) => {}
+                    (Some(Value::Null), Some(Value::Null)) if signing_began => {
+                        return Err(bad(
+                            n,
+                            "this head is unsigned, after signed ones: heads were replaced".into(),
+                        ));
+                    }
+                    (Some(Value::Null), Some(Value::Null)) => last_head_signed = false,
                     _ => return Err(bad(n, "a head with a malformed signature".into())),
                 }
                 out.last_head = Some((n, line_hash(line)));
@@ -584,7 +619,13 @@ pub fn verify(
         hashes.insert(n, prev.clone());
         out.entries = n;
     }
-    out.audit_key = pinned.map(|k| k.to_base64());
+    if !keys.is_empty() && out.heads > 0 && !last_head_signed {
+        return Err(bad(
+            out.last_head.as_ref().map_or(n, |(s, _)| *s),
+            "the last head is not signed by the audit key".into(),
+        ));
+    }
+    out.audit_key = pinned.first().map(|k| k.to_base64());
     let recorded = std::fs::read(head_path(path)).ok().and_then(|b| {
         let v: Value = serde_json::from_slice(&b).ok()?;
         Some((
@@ -667,7 +708,7 @@ mod tests {
                 });
             }
         });
-        let v = verify(&path, None, None).unwrap();
+        let v = verify(&path, &[], None).unwrap();
         assert_eq!(v.entries, 200);
     }
 
@@ -685,12 +726,12 @@ mod tests {
             .open(&path)
             .unwrap();
         f.write_all(b"{\"seq\":3,\"prev\":\"ab").unwrap();
-        let v = verify(&path, None, None).unwrap();
+        let v = verify(&path, &[], None).unwrap();
         assert!(v.torn_tail);
         assert_eq!((v.entries, v.heads), (2, 1));
         log.append(|seq, prev| Ok(log.entry(seq, prev, "delete")))
             .unwrap();
-        let v = verify(&path, None, None).unwrap();
+        let v = verify(&path, &[], None).unwrap();
         assert!(!v.torn_tail);
         assert_eq!(v.repairs, vec![3]);
         assert_eq!(v.entries, 4);
@@ -698,6 +739,12 @@ mod tests {
 
     #[test]
     fn objects_are_classified() {
+        let long = "D".repeat(3000);
+        let d = classify(
+            format!(r#"{{"algorithms":[],"device_id":"{long}","keys":{{}},"user_id":"@a:b"}}"#)
+                .as_bytes(),
+        );
+        assert!(d["device_id"].as_str().unwrap().starts_with("sha256:"));
         let c = classify(br#"{"keys":{"ed25519:K":"K"},"usage":["master"],"user_id":"@a:b"}"#);
         assert_eq!(c["type"], "cross_signing_key");
         assert_eq!(c["usage"], "master");

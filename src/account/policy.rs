@@ -161,12 +161,12 @@ pub fn matches(pattern: &str, text: &str) -> bool {
     let (mut pi, mut ti) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
+        if pi < p.len() && p[pi] == '*' {
             star = Some((pi, ti));
             pi += 1;
+        } else if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
         } else if let Some((sp, st)) = star {
             pi = sp + 1;
             ti = st + 1;
@@ -183,8 +183,9 @@ pub fn matches(pattern: &str, text: &str) -> bool {
 pub struct FirstSeen {
     /// When the record began; devices present then have no time of their own.
     pub since_ms: u64,
-    /// Device ID → (Ed25519 key, first seen; `None`: present when the record began).
-    pub devices: BTreeMap<String, Seen>,
+    /// Device ID → every Ed25519 key it has shown, each with when it was first seen
+    /// (`None`: present when the record began).
+    pub devices: BTreeMap<String, Vec<Seen>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -234,15 +235,14 @@ impl FirstSeen {
             devices: BTreeMap::new(),
         });
         for (id, key) in seen {
-            let known = r.devices.get(id).is_some_and(|s| &s.ed25519 == key);
-            if !known {
-                r.devices.insert(
-                    id.clone(),
-                    Seen {
-                        ed25519: key.clone(),
-                        first_seen_ms: (!fresh).then_some(now_ms),
-                    },
-                );
+            let keys = r.devices.entry(id.clone()).or_default();
+            // A key once seen keeps its first time, even when the device showed another
+            // key in between: a server cannot make an old device new by swapping keys.
+            if !keys.iter().any(|s| &s.ed25519 == key) {
+                keys.push(Seen {
+                    ed25519: key.clone(),
+                    first_seen_ms: (!fresh).then_some(now_ms),
+                });
             }
         }
         r
@@ -337,9 +337,11 @@ fn refuses(
         ));
     }
     if let Some(max) = rule.max_age {
+        let key = c.ed25519.map(|k| k.to_base64());
         let seen = first_seen
             .devices
             .get(&c.device_id)
+            .and_then(|keys| keys.iter().find(|s| Some(&s.ed25519) == key.as_ref()))
             .and_then(|s| s.first_seen_ms);
         match seen {
             None => {
@@ -488,6 +490,8 @@ mod tests {
             ("exact", "exact", true),
             ("exact", "exactly", false),
             ("**a", "bba", true),
+            ("*a", "*ba", true),
+            ("a*", "a*", true),
         ] {
             assert_eq!(matches(p, t), m, "{p} {t}");
         }
@@ -517,17 +521,20 @@ mod tests {
     fn first_seen_starts_with_a_baseline() {
         let seen = vec![("A".to_string(), "ka".to_string())];
         let r = FirstSeen::update(None, &seen, 1000);
-        assert_eq!(r.devices["A"].first_seen_ms, None);
+        assert_eq!(r.devices["A"][0].first_seen_ms, None);
         let seen2 = vec![
             ("A".to_string(), "ka".to_string()),
             ("B".to_string(), "kb".to_string()),
         ];
         let r2 = FirstSeen::update(Some(r), &seen2, 2000);
-        assert_eq!(r2.devices["A"].first_seen_ms, None);
-        assert_eq!(r2.devices["B"].first_seen_ms, Some(2000));
-        // A device whose key changed is a new device.
+        assert_eq!(r2.devices["A"][0].first_seen_ms, None);
+        assert_eq!(r2.devices["B"][0].first_seen_ms, Some(2000));
+        // A new key of a device is new; its first key, shown again, is still old.
         let seen3 = vec![("A".to_string(), "other".to_string())];
         let r3 = FirstSeen::update(Some(r2), &seen3, 3000);
-        assert_eq!(r3.devices["A"].first_seen_ms, Some(3000));
+        assert_eq!(r3.devices["A"][1].first_seen_ms, Some(3000));
+        let r4 = FirstSeen::update(Some(r3), &seen, 4000);
+        assert_eq!(r4.devices["A"].len(), 2);
+        assert_eq!(r4.devices["A"][0].first_seen_ms, None);
     }
 }

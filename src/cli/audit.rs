@@ -19,10 +19,11 @@ pub enum AuditCommand {
     Verify {
         /// The log (default: the configured one, else $XDG_DATA_HOME/mxhsm/audit.jsonl).
         file: Option<PathBuf>,
-        /// The audit key the heads must be signed with (base64, from `mxhsm keys list
-        /// --role audit`); default: the key of the first signed head.
+        /// An audit key the heads must be signed with (base64, from `mxhsm keys list`);
+        /// repeat it for a log that several tokens sign, or whose audit key was rotated.
+        /// Default: the key of the first signed head.
         #[arg(long, value_name = "BASE64")]
-        key: Option<String>,
+        key: Vec<String>,
         /// A head you kept elsewhere (`SEQ:SHA256`, as verify prints it): the log must
         /// still contain exactly that line.
         #[arg(long, value_name = "SEQ:SHA256")]
@@ -66,9 +67,10 @@ pub fn run(global: &GlobalArgs, cmd: AuditCommand) -> Result<ExitCode> {
     match cmd {
         AuditCommand::Verify { file, key, head } => {
             let path = file.unwrap_or_else(|| log_path(global));
-            let key = key
+            let keys = key
+                .iter()
                 .map(|k| mxhsm::Ed25519PublicKey::from_base64(k.trim()))
-                .transpose()
+                .collect::<Result<Vec<_>, _>>()
                 .context("--key is not an Ed25519 public key")?;
             let head = head
                 .map(|h| {
@@ -77,11 +79,7 @@ pub fn run(global: &GlobalArgs, cmd: AuditCommand) -> Result<ExitCode> {
                         .ok_or_else(|| anyhow::anyhow!("--head takes SEQ:SHA256"))
                 })
                 .transpose()?;
-            match audit::verify(
-                &path,
-                key.as_ref(),
-                head.as_ref().map(|(s, h)| (*s, h.as_str())),
-            ) {
+            match audit::verify(&path, &keys, head.as_ref().map(|(s, h)| (*s, h.as_str()))) {
                 Ok(v) => {
                     output::emit(
                         global.json,

@@ -59,6 +59,9 @@ impl Backend {
 pub struct Store {
     backend: Backend,
     audit: Option<Arc<dyn AuditSink>>,
+    /// This store recorded an operation: it signs the record's head when it closes (a
+    /// store that only read never needs its token's PIN or touch for that).
+    recorded: std::sync::atomic::AtomicBool,
 }
 
 impl From<Pkcs11Store> for Store {
@@ -66,6 +69,7 @@ impl From<Pkcs11Store> for Store {
         Store {
             backend: Backend::Pkcs11(s),
             audit: None,
+            recorded: Default::default(),
         }
     }
 }
@@ -76,6 +80,7 @@ impl From<YubiKeyStore> for Store {
         Store {
             backend: Backend::YubiKey(s),
             audit: None,
+            recorded: Default::default(),
         }
     }
 }
@@ -108,9 +113,12 @@ impl Store {
 
     fn record(&self, op: TokenOp<'_>) -> Result<(), TokenError> {
         match &self.audit {
-            Some(sink) => sink
-                .record(self.summary(), op)
-                .map_err(|reason| TokenError::Audit { reason }),
+            Some(sink) => {
+                self.recorded
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                sink.record(self.summary(), op)
+                    .map_err(|reason| TokenError::Audit { reason })
+            }
             None => Ok(()),
         }
     }
@@ -180,7 +188,7 @@ impl Drop for Store {
         let Some(sink) = self.audit.take() else {
             return;
         };
-        if !sink.needs_head() {
+        if !sink.needs_head() || !self.recorded.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
         let keys = self.backend.keys();
