@@ -674,6 +674,16 @@ fn cli_on_the_yubikey() {
     ok(t.cli().args([
         "keys", "adopt", "--user", ALICE, "--role", "backup", "--slot", "90",
     ]));
+    // The adoption is in the audit log.
+    let shown = json(&ok(t.cli().args(["--json", "audit", "show"])));
+    assert!(
+        shown["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["op"] == "adopt" && e["key"]["role"] == "backup"),
+        "{shown}"
+    );
     let err = fails(t.cli().args([
         "keys", "adopt", "--user", ALICE, "--role", "master", "--slot", "91",
     ]));

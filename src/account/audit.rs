@@ -12,7 +12,7 @@
 //! | `sign` | before a signature | `account`, `token`, `key`, `object` (what was signed: its type and who it names), `sha256` of the signed bytes (the canonical JSON) |
 //! | `agree` | before the first X25519 agreement of a key in a command | `account`, `token`, `key` |
 //! | `agree_done` | at the end of the command | `count`, `sha256` over the peer keys in order |
-//! | `generate`, `import` | after the key exists | `account`, `token`, `key` (with its public key) |
+//! | `generate`, `import`, `adopt` | after the key exists (or, for `adopt`, a key already in a YubiKey slot is mapped) | `account`, `token`, `key` (with its public key) |
 //! | `delete` | before a deletion | `account`, `token`, `key` |
 //! | `repair` | before the first entry after a crash that left half a line | `dropped_bytes`, `dropped_sha256` |
 //! | `head` | at the end of each command that recorded something | `audit_key` and `signature`, or both `null` when the token has no audit key |
@@ -354,6 +354,7 @@ impl AuditSink for AuditLog {
             }
             TokenOp::Generated { key } => self.record_entry("generate", token, key, |_| {}),
             TokenOp::Imported { key } => self.record_entry("import", token, key, |_| {}),
+            TokenOp::Adopted { key } => self.record_entry("adopt", token, key, |_| {}),
             TokenOp::Delete { key } => self.record_entry("delete", token, key, |_| {}),
         }
     }
@@ -553,7 +554,7 @@ pub fn verify(
         let op = v.get("op").and_then(Value::as_str).unwrap_or_default();
         let time = v.get("time").and_then(Value::as_str).unwrap_or_default();
         match op {
-            "sign" | "agree" | "agree_done" | "generate" | "import" | "delete" => {
+            "sign" | "agree" | "agree_done" | "generate" | "import" | "adopt" | "delete" => {
                 out.unsigned_tail += 1
             }
             "repair" => {

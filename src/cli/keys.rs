@@ -326,7 +326,8 @@ fn attest(_: &GlobalArgs, _: KeyTarget, _: Vec<PathBuf>) -> Result<()> {
 /// `keys adopt`: records a key already in a PIV slot.
 #[cfg(feature = "yubikey")]
 fn adopt(store: &Store, target: &KeyTarget, slot: RetiredSlot) -> Result<KeyInfo> {
-    Ok(yubikey(store)?.adopt(&target.user, target.role, slot)?)
+    yubikey(store)?;
+    Ok(store.adopt(&target.user, target.role, slot)?)
 }
 
 #[cfg(not(feature = "yubikey"))]

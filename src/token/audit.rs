@@ -29,6 +29,10 @@ pub enum TokenOp<'a> {
     Imported {
         key: &'a KeyInfo,
     },
+    /// A key already on the device was taken into use (a PIV slot mapped to a role).
+    Adopted {
+        key: &'a KeyInfo,
+    },
     Delete {
         key: &'a KeyInfo,
     },

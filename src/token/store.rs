@@ -277,6 +277,26 @@ impl Store {
         }
     }
 
+    /// Takes the key already in `slot` of a YubiKey into use as `role` of `user_id`,
+    /// recorded like a generation.
+    #[cfg(feature = "yubikey")]
+    pub fn adopt(
+        &self,
+        user_id: &str,
+        role: KeyRole,
+        slot: super::RetiredSlot,
+    ) -> Result<KeyInfo, TokenError> {
+        let Backend::YubiKey(y) = &self.backend else {
+            return Err(TokenError::Unsupported {
+                token: self.summary().to_string(),
+                what: "adopting a key in a slot (that is for YubiKeys)".into(),
+            });
+        };
+        let key = y.adopt(user_id, role, slot)?;
+        self.record(TokenOp::Adopted { key: &key })?;
+        Ok(key)
+    }
+
     /// The YubiKey store, if this is one, to change its settings.
     #[cfg(feature = "yubikey")]
     pub fn as_yubikey_mut(&mut self) -> Option<&mut YubiKeyStore> {

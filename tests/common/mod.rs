@@ -256,6 +256,8 @@ impl TestToken {
     /// The mxhsm binary, set up to use this token with the right PIN.
     pub fn cli(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_mxhsm"));
+        // The audit log, sessions and watch states of this token's tests stay beside it.
+        c.env("XDG_DATA_HOME", self.dir.path().join("data"));
         if self.kind == Kind::VirtualYubiKey {
             c.env("MXHSM_YUBIKEY", self.serial().to_string())
                 .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
