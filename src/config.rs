@@ -703,13 +703,13 @@ impl Config {
         } else {
             Config::parse(&text, path)?
         };
-        if before.accounts.contains_key(&entry.name) && !replace {
+        let exists = before.accounts.contains_key(&entry.name);
+        if exists && !replace {
             return Err(ConfigError::AccountExists {
                 name: entry.name.clone(),
                 path: path.to_path_buf(),
             });
         }
-        let exists = before.accounts.contains_key(&entry.name);
         // A new account is appended as its own table, so everything before it stays
         // byte for byte; a replaced one is edited in place.
         let mut doc: toml_edit::DocumentMut = if exists {

@@ -126,6 +126,18 @@ token = "kry"
     }
 }
 
+/// `--account ACCOUNTS sign devices --policy POLICY`.
+fn policy_args<'a>(accounts: &'a str, policy: &'a std::path::Path) -> [&'a str; 6] {
+    [
+        "--account",
+        accounts,
+        "sign",
+        "devices",
+        "--policy",
+        policy.to_str().unwrap(),
+    ]
+}
+
 /// Synapse's `/keys/query` answer for `user`.
 fn query(synapse: &Synapse, token: &str, user: &str) -> Value {
     let (_, q) = http(
@@ -357,14 +369,7 @@ fn devices_signed_under_a_policy_with_one_pin() {
         "# bots sign themselves in within the hour\n[[allow]]\ndevice-id = [\"BOT*\"]\nmax-age = \"1h\"\n",
     )
     .unwrap();
-    let first = org.json(&[
-        "--account",
-        "alice,bob",
-        "sign",
-        "devices",
-        "--policy",
-        policy.to_str().unwrap(),
-    ]);
+    let first = org.json(&policy_args("alice,bob", &policy));
     let alice_first = &first["accounts"][0]["result"]["devices"];
     let old = alice_first
         .as_array()
@@ -387,15 +392,7 @@ fn devices_signed_under_a_policy_with_one_pin() {
     phone_signed_by(org.synapse, &org.alice, "BOTFAKE", Some(&random_key()));
     phone(org.synapse, &org.bob, "BOTB1");
     // The dry run signs nothing.
-    let dry = org.json(&[
-        "--account",
-        "all",
-        "sign",
-        "devices",
-        "--policy",
-        policy.to_str().unwrap(),
-        "--dry-run",
-    ]);
+    let dry = org.json(&[&policy_args("all", &policy)[..], &["--dry-run"]].concat());
     assert!(dry.to_string().contains("would_sign"), "{dry}");
     let alice_check = checker(&org.alice);
     assert!(!cross_signed(
@@ -424,15 +421,8 @@ fn devices_signed_under_a_policy_with_one_pin() {
         .env_remove("MXHSM_PIN")
         .env("PKCS11SPY", &org.team.module)
         .env("PKCS11SPY_OUTPUT", &spy_log)
-        .args([
-            "--json",
-            "--account",
-            "all",
-            "sign",
-            "devices",
-            "--policy",
-            policy.to_str().unwrap(),
-        ]));
+        .arg("--json")
+        .args(policy_args("all", &policy)));
     assert_eq!(code, 3, "devices wait for a human: {out}\n{err}");
     let calls = std::fs::read_to_string(&spy_log).unwrap();
     assert_eq!(
@@ -493,14 +483,7 @@ fn devices_signed_under_a_policy_with_one_pin() {
         "BOTB1"
     ));
     // The human summary lists what waits for a human.
-    let (_, out, err) = run(org.cli().args([
-        "--account",
-        "alice",
-        "sign",
-        "devices",
-        "--policy",
-        policy.to_str().unwrap(),
-    ]));
+    let (_, out, err) = run(org.cli().args(policy_args("alice", &policy)));
     assert!(
         err.contains("PHONE") && err.contains("for a human") && err.contains("BOTFAKE"),
         "{err}"
@@ -509,14 +492,7 @@ fn devices_signed_under_a_policy_with_one_pin() {
 
     // A bad policy is refused before anything is touched.
     std::fs::write(&policy, "[[allow]]\nmax-age = \"soon\"\n").unwrap();
-    let err = fails(org.cli().args([
-        "--account",
-        "all",
-        "sign",
-        "devices",
-        "--policy",
-        policy.to_str().unwrap(),
-    ]));
+    let err = fails(org.cli().args(policy_args("all", &policy)));
     assert!(
         err.contains("line 2") && err.contains("not a duration"),
         "{err}"
@@ -530,14 +506,7 @@ fn a_hostile_server_swapping_a_device_key_gets_no_signature() {
     std::fs::write(&policy, "[[allow]]\ndevice-id = [\"BOT*\"]\n").unwrap();
     // The baseline run, then a new bot whose key the server swaps for its own in every
     // answer (keeping the device's signature, which then does not verify).
-    ok(org.cli().args([
-        "--account",
-        "alice",
-        "sign",
-        "devices",
-        "--policy",
-        policy.to_str().unwrap(),
-    ]));
+    ok(org.cli().args(policy_args("alice", &policy)));
     phone(org.synapse, &org.alice, "BOTSWAP");
     let attacker = B64.encode(random_key().verifying_key().to_bytes());
     let evil = attacker.clone();
@@ -565,14 +534,7 @@ fn a_hostile_server_swapping_a_device_key_gets_no_signature() {
     let mut s: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     s["homeserver"] = json!(proxy.url);
     std::fs::write(&path, s.to_string()).unwrap();
-    let v = org.json(&[
-        "--account",
-        "alice",
-        "sign",
-        "devices",
-        "--policy",
-        policy.to_str().unwrap(),
-    ]);
+    let v = org.json(&policy_args("alice", &policy));
     let d = v["accounts"][0]["result"]["devices"]
         .as_array()
         .unwrap()

@@ -79,10 +79,8 @@ pub fn choose(
     sessions: &Sessions,
     selector: &Selector,
 ) -> Result<Vec<Chosen>, AccountError> {
-    let chosen = |config: AccountConfig| -> Result<Chosen, AccountError> {
-        let session = sessions.load_if_any(&config.user_id)?;
-        Ok(Chosen { config, session })
-    };
+    // Sessions already read (for `all`) are not read again.
+    let mut saved: BTreeMap<String, Session> = BTreeMap::new();
     let names: Vec<String> = match selector {
         Selector::Some(list) => list.clone(),
         Selector::Default => match &config.defaults.account {
@@ -111,11 +109,21 @@ pub fn choose(
                 .values()
                 .map(|a| a.user_id.clone())
                 .collect();
-            users.extend(sessions.list()?.into_iter().map(|s| s.user_id));
+            for s in sessions.list()? {
+                users.push(s.user_id.clone());
+                saved.insert(s.user_id.clone(), s);
+            }
             users.sort();
             users.dedup();
             users
         }
+    };
+    let mut chosen = |config: AccountConfig| -> Result<Chosen, AccountError> {
+        let session = match saved.remove(&config.user_id) {
+            Some(s) => Some(s),
+            None => sessions.load_if_any(&config.user_id)?,
+        };
+        Ok(Chosen { config, session })
     };
     let mut out: Vec<Chosen> = Vec::new();
     for name in names {

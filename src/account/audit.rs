@@ -18,7 +18,8 @@
 //! | `head` | at the end of each command that recorded something | `audit_key` and `signature`, or both `null` when the token has no audit key |
 //!
 //! A head's signature is an Ed25519 signature by the token's audit key (role `audit`)
-//! over `mxhsm audit head v1\n{seq}\n{prev}\n{time}`; since `prev` chains every line
+//! (`audit_user` names whose key it is) over `mxhsm audit head v1\n{seq}\n{prev}\n{time}`;
+//! since `prev` chains every line
 //! before it, a head vouches for the whole log up to it. The last head is also written to
 //! `<log>.head`, so cutting the log back to an earlier head is noticed on this machine
 //! (an auditor keeps the head [`verify`] prints, or the syslog mirror, elsewhere).
@@ -232,7 +233,10 @@ impl AuditLog {
         let hash = self.write_line(&mut file, &entry)?;
         if entry.get("op").and_then(Value::as_str) == Some("head") {
             // Still under the lock, so the file always names the newest head.
-            let head = json!({"seq": seq + 1, "sha256": hash}).to_string();
+            let head = json!({
+                "seq": seq + 1, "sha256": hash, "audit_user": entry.get("audit_user"),
+            })
+            .to_string();
             let at = head_path(&self.path);
             crate::files::write_private(&at, head.as_bytes())
                 .map_err(|e| format!("cannot write {}: {e}", at.display()))?;
@@ -359,6 +363,12 @@ impl AuditSink for AuditLog {
         }
     }
 
+    fn audit_user_hint(&self) -> Option<String> {
+        let text = std::fs::read(head_path(&self.path)).ok()?;
+        let v: Value = serde_json::from_slice(&text).ok()?;
+        v.get("audit_user")?.as_str().map(str::to_string)
+    }
+
     fn needs_head(&self) -> bool {
         self.state
             .lock()
@@ -371,12 +381,17 @@ impl AuditSink for AuditLog {
             self.append(|seq, prev| {
                 let mut e = self.entry(seq, prev, "head");
                 e.insert("token".into(), token_json(token));
-                let time = e["time"].as_str().unwrap_or_default().to_string();
+                let time = e
+                    .get("time")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
                 match signer {
                     Some((key, sign)) => {
                         let sig = sign(&head_message(seq, prev, &time))
                             .map_err(|e| format!("the audit key did not sign the head: {e}"))?;
                         e.insert("audit_key".into(), key.public_key_base64().into());
+                        e.insert("audit_user".into(), key.user_id.clone().into());
                         e.insert(
                             "signature".into(),
                             crate::matrix::signed_json::encode_base64(&sig).into(),

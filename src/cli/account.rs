@@ -49,8 +49,7 @@ pub fn login(global: &GlobalArgs, args: LoginArgs) -> Result<ExitCode> {
     // and token are the defaults here.
     let account = match &global.account {
         Some(a) => {
-            let selector = Setup::selector(global);
-            if selector.is_many() || selector == mxhsm::account::accounts::Selector::All {
+            if Setup::selector(global).is_many() {
                 anyhow::bail!("log in to one account at a time (--account {})", esc(a));
             }
             Some(ctx.config.account(a)?)

@@ -146,14 +146,14 @@ fn list(global: &GlobalArgs) -> Result<ExitCode> {
             .map(|s| s.homeserver.clone())
             .or_else(|| c.config.homeserver.clone())
             .unwrap_or_else(|| "-".into());
-        let name = setup.config.name_of(c.user_id()).unwrap_or("-").to_string();
+        let name = setup.config.name_of(c.user_id());
         let logged_in = c
             .session
             .as_ref()
             .map(|s| format!("yes ({})", s.device_id))
             .unwrap_or_else(|| "no".into());
         docs.push(json!({
-            "name": setup.config.name_of(c.user_id()),
+            "name": name,
             "user_id": c.user_id(),
             "homeserver": homeserver,
             "token": token_label,
@@ -162,7 +162,7 @@ fn list(global: &GlobalArgs) -> Result<ExitCode> {
             "identity": identity,
         }));
         rows.push(vec![
-            name,
+            name.unwrap_or("-").to_string(),
             c.user_id().to_string(),
             homeserver,
             token_label,

@@ -535,13 +535,12 @@ fn sign_by_policy(global: &GlobalArgs, file: &std::path::Path, dry_run: bool) ->
     use mxhsm::account::policy::{self, Decision, Policy};
     // The policy is checked before any token or server is touched.
     let rules = Policy::load(file)?;
+    let config = super::Setup::load(global)?.config;
     let results = super::for_each_account(global, |account| {
-        let name = super::Setup::load(global)
-            .ok()
-            .and_then(|s| s.config.name_of(account.user_id()).map(str::to_string));
+        let name = config.name_of(account.user_id());
         let outcome = policy::sign_by_policy(
             account,
-            name.as_deref(),
+            name,
             &rules,
             &policy::default_first_seen_path(account.user_id()),
             dry_run,

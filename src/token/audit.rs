@@ -53,13 +53,26 @@ pub trait AuditSink: Send + Sync {
     /// token has an audit key (`None`: an unsigned head). Called when the store is dropped;
     /// errors are the sink's to report.
     fn head(&self, token: &TokenSummary, signer: Option<(&KeyInfo, &HeadSigner<'_>)>);
+
+    /// Whose audit key signed the last head, if the record knows: looked up first, so
+    /// that finding the audit key needs no listing of the whole token.
+    fn audit_user_hint(&self) -> Option<String> {
+        None
+    }
 }
 
-/// The newest key of role [`KeyRole::Audit`] on `store`, whoever's it is.
-pub fn audit_key(store: &dyn KeyStore) -> Result<Option<KeyInfo>, TokenError> {
-    Ok(store
-        .list_keys(None)?
-        .into_iter()
-        .filter(|k| k.role == KeyRole::Audit)
-        .max_by_key(|k| k.created_ms))
+/// The newest key of role [`KeyRole::Audit`] on `store`, whoever's it is: among `hint`'s
+/// keys when that user has one (one user's lookup), else from a listing of every key.
+pub fn audit_key(store: &dyn KeyStore, hint: Option<&str>) -> Result<Option<KeyInfo>, TokenError> {
+    let newest = |keys: Vec<KeyInfo>| {
+        keys.into_iter()
+            .filter(|k| k.role == KeyRole::Audit)
+            .max_by_key(|k| k.created_ms)
+    };
+    if let Some(user) = hint
+        && let Some(key) = newest(store.list_keys(Some(user))?)
+    {
+        return Ok(Some(key));
+    }
+    Ok(newest(store.list_keys(None)?))
 }

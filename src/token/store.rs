@@ -192,7 +192,7 @@ impl Drop for Store {
             return;
         }
         let keys = self.backend.keys();
-        match super::audit::audit_key(keys) {
+        match super::audit::audit_key(keys, sink.audit_user_hint().as_deref()) {
             Ok(Some(key)) => {
                 let sign = |bytes: &[u8]| keys.sign_ed25519(&key, bytes);
                 sink.head(keys.summary(), Some((&key, &sign)));

@@ -250,7 +250,9 @@ impl Pkcs11Store {
         // per class for all: every C_FindObjects costs a pass over the token's objects,
         // so the private keys are paired with their public halves in memory, not by a
         // search each.
-        let (privates, publics) = match user_id {
+        // A user's label searches find both halves; the listing of all keys finds each
+        // class once.
+        let (found_privates, halves) = match user_id {
             Some(user) => {
                 check_user_id(user)?;
                 let mut all = Vec::new();
@@ -261,22 +263,7 @@ impl Pkcs11Store {
                             .map_err(self.dev("C_FindObjects"))?,
                     );
                 }
-                let (mut privates, mut publics) = (Vec::new(), Vec::new());
-                for h in all {
-                    let class = session
-                        .get_attributes(h, &[AttributeType::Class])
-                        .map_err(self.dev("C_GetAttributeValue"))?;
-                    match class.first() {
-                        Some(Attribute::Class(c)) if *c == ObjectClass::PRIVATE_KEY => {
-                            privates.push(h)
-                        }
-                        Some(Attribute::Class(c)) if *c == ObjectClass::PUBLIC_KEY => {
-                            publics.push(h)
-                        }
-                        _ => {}
-                    }
-                }
-                (privates, publics)
+                (Vec::new(), all)
             }
             None => {
                 let find = |class| {
@@ -284,25 +271,26 @@ impl Pkcs11Store {
                         .find_objects(&[Attribute::Class(class)])
                         .map_err(self.dev("C_FindObjects"))
                 };
-                let publics = find(ObjectClass::PUBLIC_KEY)?;
                 let privates = if logged_in {
                     find(ObjectClass::PRIVATE_KEY)?
                 } else {
                     Vec::new()
                 };
-                (privates, publics)
+                (privates, find(ObjectClass::PUBLIC_KEY)?)
             }
         };
         let mut keys = Vec::new();
         if logged_in {
-            let points = self.public_points(&session, &publics)?;
+            let (mut privates, points) = self.split_halves(&session, &halves)?;
+            privates.extend(found_privates);
             for h in privates {
                 if let Some(k) = self.key_info(&session, h, Some(&points))? {
                     keys.push(k);
                 }
             }
         } else {
-            for h in publics {
+            // Before login only public objects are visible.
+            for h in halves {
                 if let Some(k) = self.public_key_info(&session, h)? {
                     keys.push(k);
                 }

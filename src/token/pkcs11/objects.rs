@@ -233,39 +233,50 @@ impl Pkcs11Store {
         Ok(Some((role, user_id.to_string(), mechanism)))
     }
 
-    /// The points of the public-key objects `handles`, by (`CKA_ID`, `CKA_LABEL`), read once
-    /// so that pairing each private key with its public half needs no search of its own.
-    pub(super) fn public_points(
+    /// Sorts `handles` into private keys and the points of public keys, by (`CKA_ID`,
+    /// `CKA_LABEL`), with one read each, so that pairing each private key with its public
+    /// half needs no search of its own.
+    pub(super) fn split_halves(
         &self,
         session: &Session,
         handles: &[ObjectHandle],
-    ) -> Result<PublicPoints, TokenError> {
-        let mut out = PublicPoints::new();
+    ) -> Result<(Vec<ObjectHandle>, PublicPoints), TokenError> {
+        let mut privates = Vec::new();
+        let mut points = PublicPoints::new();
         for h in handles {
+            // CKA_EC_POINT is unavailable on a private key; it is left out, not an error.
             let attrs = session
                 .get_attributes(
                     *h,
                     &[
+                        AttributeType::Class,
                         AttributeType::Id,
                         AttributeType::Label,
                         AttributeType::EcPoint,
                     ],
                 )
                 .map_err(self.dev("C_GetAttributeValue"))?;
-            let (mut id, mut label, mut point) = (None, None, None);
+            let (mut class, mut id, mut label, mut point) = (None, None, None, None);
             for a in attrs {
                 match a {
+                    Attribute::Class(c) => class = Some(c),
                     Attribute::Id(v) => id = Some(v),
                     Attribute::Label(v) => label = String::from_utf8(v).ok(),
                     Attribute::EcPoint(v) => point = ec::decode_point(&v),
                     _ => {}
                 }
             }
-            if let (Some(id), Some(label), Some(point)) = (id, label, point) {
-                out.insert((id, label), point);
+            match class {
+                Some(ObjectClass::PRIVATE_KEY) => privates.push(*h),
+                Some(ObjectClass::PUBLIC_KEY) => {
+                    if let (Some(id), Some(label), Some(point)) = (id, label, point) {
+                        points.insert((id, label), point);
+                    }
+                }
+                _ => {}
             }
         }
-        Ok(out)
+        Ok((privates, points))
     }
 
     /// A key as its public-key object shows it (before login): no protection attributes.
