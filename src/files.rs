@@ -59,7 +59,7 @@ impl PrivateFile {
         let unnamed = rustix::fs::openat(
             CWD,
             dir,
-            OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
+            OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         );
         let (file, backing) = match unnamed {
@@ -103,6 +103,15 @@ impl PrivateFile {
             )
             .map_err(std::io::Error::from),
             Backing::Named(tmp) => std::fs::hard_link(tmp, at),
+        }
+    }
+
+    /// A second handle on the file being written, for reading what was written and
+    /// flushed so far (positioned reads: the writer's offset is shared).
+    pub fn reader(&self) -> std::io::Result<File> {
+        match &self.file {
+            Some(f) => f.get_ref().try_clone(),
+            None => Err(std::io::Error::other("the file is closed")),
         }
     }
 

@@ -166,9 +166,11 @@ pub fn open_private_rw(path: &Path) -> Result<std::fs::File, PrivateError> {
 }
 
 /// Creates a new 0600 file: never through a symbolic link, never over an existing file.
+/// Open for reading too (a restore parses its spool while writing it).
 pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
     no_follow(
         std::fs::OpenOptions::new()
+            .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600),

@@ -224,3 +224,68 @@ fn an_interrupted_restore_resumes() {
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&clean).unwrap());
     assert_eq!(restored(&out), made);
 }
+
+/// A second restore with `--new-only` restores only the sessions added since the first
+/// (the state file remembers the rest), and `--room` restores one room through the
+/// per-room endpoint.
+#[test]
+fn new_only_restores_what_is_new_and_room_restores_one_room() {
+    let (u, version, public) = with_backup(Kind::SoftHsm);
+    let entries = |made: &std::collections::BTreeMap<(String, String), String>| {
+        made.iter()
+            .map(|((r, s), k)| (r.clone(), s.clone(), session_data(&public, k)))
+            .collect::<Vec<_>>()
+    };
+    let put_all = |made| {
+        let e = entries(made);
+        let e: Vec<(&str, &str, Value)> = e
+            .iter()
+            .map(|(r, s, d)| (r.as_str(), s.as_str(), d.clone()))
+            .collect();
+        put(&u, &version, &e);
+    };
+    let first = sessions(30, 3);
+    put_all(&first);
+    let dir = u.token.dir.path();
+    let restore = |name: &str, extra: &[&str]| -> Value {
+        let out = dir.join(name);
+        let o = ok(u
+            .cli()
+            .args(["--json", "backup", "restore", "--format", "json"])
+            .args(extra)
+            .arg("--out")
+            .arg(&out));
+        serde_json::from_str(&o).unwrap()
+    };
+    let all = restore("all.json", &[]);
+    assert_eq!(all["restored"], 30, "{all}");
+    assert_eq!(restored(&dir.join("all.json")), first);
+
+    let more = sessions(4, 1);
+    put_all(&more);
+    let new = restore("new.json", &["--new-only"]);
+    assert_eq!(new["restored"], 4, "{new}");
+    assert_eq!(new["unchanged"], 30, "{new}");
+    assert_eq!(restored(&dir.join("new.json")), more);
+    // Nothing new: an empty file, no agreement.
+    let none = restore("none.json", &["--new-only"]);
+    assert_eq!(none["restored"], 0, "{none}");
+    assert_eq!(none["unchanged"], 34, "{none}");
+
+    let room = "!room1:localhost";
+    let one = restore("room.json", &["--room", room]);
+    let expected: std::collections::BTreeMap<_, _> = first
+        .iter()
+        .filter(|((r, _), _)| r == room)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert_eq!(one["restored"], expected.len(), "{one}");
+    assert_eq!(restored(&dir.join("room.json")), expected);
+    let err = fails(
+        u.cli()
+            .args(["backup", "restore", "--format", "json", "--room", "room1"])
+            .arg("--out")
+            .arg(dir.join("bad.json")),
+    );
+    assert!(err.contains("is not a room ID"), "{err}");
+}

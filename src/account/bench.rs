@@ -331,3 +331,85 @@ pub fn scale(
     }
     result.map(|()| rows)
 }
+
+/// What mxhsm's agreement path costs over a bare PKCS#11 loop, at one thread count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OverheadRow {
+    pub jobs: usize,
+    /// Agreements/s through [`crate::token::KeyStore::x25519`] (what a restore calls).
+    pub keystore: f64,
+    /// Agreements/s of the bare loop (the same three calls, nothing around them).
+    pub bare: f64,
+}
+
+impl OverheadRow {
+    /// `keystore ÷ bare`: 1.0 means mxhsm adds nothing.
+    pub fn ratio(&self) -> f64 {
+        self.keystore / self.bare
+    }
+}
+
+/// Runs `KeyStore::x25519` and the bare loop side by side on a PKCS#11 token, `n` agreements
+/// each, at 1 to 4 threads: seven alternating runs each, medians kept. `None` for a
+/// token that is not PKCS#11 (a YubiKey has no bare loop to compare with).
+pub fn bench_overhead(store: &Store, n: usize) -> Result<Option<Vec<OverheadRow>>, AccountError> {
+    let Some(p11) = store.as_pkcs11() else {
+        return Ok(None);
+    };
+    if store.capabilities().x25519.is_none() {
+        return Ok(None);
+    }
+    let k = SessionKey::new(store, KeyAlgorithm::X25519)?;
+    let peer =
+        Curve25519PublicKey::from_bytes(XPublic::from(&StaticSecret::from([9u8; 32])).to_bytes());
+    let cores = std::thread::available_parallelism()
+        .map(|c| c.get())
+        .unwrap_or(1);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let keystore_rate = |jobs: usize| -> Result<f64, AccountError> {
+        let start = Instant::now();
+        let failed = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..jobs)
+                .map(|t| {
+                    let share = n / jobs + usize::from(t < n % jobs);
+                    let (k, peer) = (&k, &peer);
+                    s.spawn(move || {
+                        (0..share)
+                            .map(|_| store.x25519(&k.key, peer).map(drop))
+                            .find_map(Result::err)
+                    })
+                })
+                .collect();
+            workers.into_iter().find_map(|w| w.join().ok().flatten())
+        });
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(n as f64 / start.elapsed().as_secs_f64()),
+        }
+    };
+    let mut rows = Vec::new();
+    for jobs in 1..=cores.clamp(2, 4) {
+        let (mut ours, mut bare) = (Vec::new(), Vec::new());
+        // Warm both paths (session pool, handle cache) before anything counts.
+        keystore_rate(jobs)?;
+        for round in 0..7 {
+            // The order flips every round, so neither side always runs first.
+            if round % 2 == 0 {
+                ours.push(keystore_rate(jobs)?);
+                bare.push(p11.bare_x25519_rate(&k.key, &peer, n, jobs)?);
+            } else {
+                bare.push(p11.bare_x25519_rate(&k.key, &peer, n, jobs)?);
+                ours.push(keystore_rate(jobs)?);
+            }
+        }
+        rows.push(OverheadRow {
+            jobs,
+            keystore: median(ours),
+            bare: median(bare),
+        });
+    }
+    Ok(Some(rows))
+}

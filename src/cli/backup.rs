@@ -66,6 +66,14 @@ pub enum BackupCommand {
         /// Continue an interrupted restore into the same --out file, where it stopped.
         #[arg(long)]
         resume: bool,
+        /// Only sessions that are new, or whose backed-up data changed, since the last
+        /// restore of this backup version on this machine (no agreement for the rest): the
+        /// file holds just those.
+        #[arg(long)]
+        new_only: bool,
+        /// Only this room's sessions, fetched through the per-room endpoint (repeatable).
+        #[arg(long = "room", value_name = "ROOM_ID")]
+        rooms: Vec<String>,
         /// Export passphrase file (else $MXHSM_EXPORT_PASSPHRASE or a prompt, asked twice).
         #[arg(long, value_name = "FILE")]
         passphrase_file: Option<PathBuf>,
@@ -97,23 +105,49 @@ fn bar(len: u64, template: &str) -> indicatif::ProgressBar {
     bar
 }
 
-/// The progress bars of a restore, on standard error.
+/// The progress bars of a restore, on standard error: the download and the sessions
+/// restored, at once (the restore starts while the backup downloads). The ETA is from the
+/// rate the token has been restoring at.
 struct Bars {
+    _all: indicatif::MultiProgress,
     download: indicatif::ProgressBar,
     sessions: indicatif::ProgressBar,
+}
+
+impl Bars {
+    fn new() -> Bars {
+        let all = indicatif::MultiProgress::new();
+        let download = all.add(bar(
+            0,
+            "{spinner} downloading the backup: {bytes} ({bytes_per_sec})",
+        ));
+        let sessions = all.add(bar(
+            0,
+            "{bar:40} {pos}/{len} sessions  {per_sec}  ETA {eta}",
+        ));
+        Bars {
+            _all: all,
+            download,
+            sessions,
+        }
+    }
 }
 
 impl RestoreProgress for Bars {
     fn downloaded(&self, bytes: u64) {
         self.download.set_position(bytes);
     }
-    fn start(&self, total: u64, already: u64) {
-        self.download.finish_and_clear();
+    fn start(&self, already: u64) {
         if already > 0 {
-            note!("resuming: {already} of {total} sessions were restored by the interrupted run");
+            note!("resuming: {already} sessions were restored by the interrupted run");
         }
-        self.sessions.set_length(total);
         self.sessions.set_position(already);
+    }
+    fn found(&self, total: u64, complete: bool) {
+        self.sessions.set_length(total);
+        if complete {
+            self.download.finish_and_clear();
+        }
     }
     fn session(&self) {
         self.sessions.inc(1);
@@ -258,6 +292,8 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
             format,
             jobs,
             resume,
+            new_only,
+            rooms,
             passphrase_file,
             rounds,
             weak_rounds,
@@ -270,18 +306,14 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
                 weak_rounds,
                 jobs,
                 resume,
+                new_only,
+                rooms: &rooms,
             };
             let passphrase = || {
                 secrets::passphrase(passphrase_file.as_deref(), true)
                     .map_err(|e| AccountError::Refused(format!("{e:#}")))
             };
-            let bars = Bars {
-                download: bar(
-                    0,
-                    "{spinner} downloading the backup: {bytes} ({bytes_per_sec})",
-                ),
-                sessions: bar(0, "{bar:40} {pos}/{len} sessions  {per_sec}  ETA {eta}"),
-            };
+            let bars = Bars::new();
             let r = restore::restore(&account, &options, &passphrase, &bars)?;
             bars.sessions.finish_and_clear();
             let rate = (r.restored + r.failed.len() - r.resumed) as f64 / r.seconds.max(1e-9);
@@ -291,6 +323,7 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
                     "out": r.out.display().to_string(), "restored": r.restored, "failed": r.failed.len(),
                     "failures": r.failed.iter().map(|(room, s, e)| json!({"room_id": room, "session_id": s, "error": e})).collect::<Vec<_>>(),
                     "resumed": r.resumed, "downloaded": r.downloaded,
+                    "unchanged": r.unchanged, "duplicates": r.duplicates,
                     "jobs": r.jobs, "seconds": r.seconds, "sessions_per_second": rate,
                 }),
                 || {
@@ -305,6 +338,18 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
                             String::new()
                         }
                     );
+                    if r.unchanged > 0 {
+                        say!(
+                            "{} sessions were restored before with the same data and skipped",
+                            r.unchanged
+                        );
+                    }
+                    if r.duplicates > 0 {
+                        say!(
+                            "the server sent {} sessions more than once; the first copy of each was restored",
+                            r.duplicates
+                        );
+                    }
                     if !r.failed.is_empty() {
                         say!("{} sessions failed and were not written:", r.failed.len());
                         for (room, s, e) in &r.failed {

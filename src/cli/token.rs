@@ -36,6 +36,11 @@ pub enum TokenCommand {
         /// `PkDecryption` in software. 0 skips it.
         #[arg(long, default_value_t = 0)]
         restore_sessions: usize,
+        /// Also measure what mxhsm's agreement path costs: this many X25519 agreements
+        /// through mxhsm beside a bare PKCS#11 loop (the same three calls, nothing around
+        /// them), 1 to N threads, medians of 7 alternating runs. 0 skips it.
+        #[arg(long, default_value_t = 0, value_name = "AGREEMENTS")]
+        overhead: usize,
         /// Also measure how key lookups grow with the number of users on the token: keys
         /// for up to this many made-up users (@mxhsm-bench-N:bench.invalid, four keys
         /// each) are generated in steps, timed, and deleted again. 0 skips it.
@@ -53,19 +58,16 @@ pub fn run(global: &GlobalArgs, cmd: TokenCommand) -> Result<ExitCode> {
         TokenCommand::List { module } => list(global, module),
         TokenCommand::Doctor => doctor(global),
         TokenCommand::Bench {
-            seconds,
-            restore_sessions,
             scale_users,
             scale_keep,
-        } if scale_users > 0 => {
-            let _ = (seconds, restore_sessions);
-            scale_bench(global, scale_users, scale_keep)
-        }
+            ..
+        } if scale_users > 0 => scale_bench(global, scale_users, scale_keep),
         TokenCommand::Bench {
             seconds,
             restore_sessions,
+            overhead,
             ..
-        } => bench(global, seconds, restore_sessions),
+        } => bench(global, seconds, restore_sessions, overhead),
     }
 }
 
@@ -314,9 +316,18 @@ fn doctor(global: &GlobalArgs) -> Result<ExitCode> {
     })
 }
 
-fn bench(global: &GlobalArgs, seconds: f64, restore_sessions: usize) -> Result<ExitCode> {
+fn bench(
+    global: &GlobalArgs,
+    seconds: f64,
+    restore_sessions: usize,
+    overhead: usize,
+) -> Result<ExitCode> {
     let store = open_store(global)?;
     let results = mxhsm::account::bench::bench(&store, seconds)?;
+    let overhead = match overhead {
+        0 => None,
+        n => mxhsm::account::bench::bench_overhead(&store, n)?,
+    };
     let restore = if restore_sessions > 0 && store.capabilities().x25519.is_some() {
         Some(mxhsm::account::bench::bench_restore(
             &store,
@@ -347,12 +358,33 @@ fn bench(global: &GlobalArgs, seconds: f64, restore_sessions: usize) -> Result<E
                 "ratio": r.token_per_second / r.software_per_second,
             })).collect::<Vec<_>>(),
             "restore": restore.as_ref().map(|r| r.to_json()),
+            "overhead": overhead.as_ref().map(|rows| rows.iter().map(|r| json!({
+                "jobs": r.jobs, "keystore_per_second": r.keystore,
+                "bare_per_second": r.bare, "keystore_over_bare": r.ratio(),
+            })).collect::<Vec<_>>()),
         }),
         || {
             say!("{} — one thread, one session", store.summary());
             output::table(&["OPERATION", "TOKEN", "SOFTWARE", "TOKEN/SOFTWARE"], &rows);
             if let Some(r) = &restore {
                 print_restore_bench(r);
+            }
+            if let Some(rows) = &overhead {
+                say!(
+                    "\nX25519 through mxhsm against a bare PKCS#11 loop, medians of 7 alternating runs"
+                );
+                let rows: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.jobs.to_string(),
+                            format!("{:.0}/s", r.keystore),
+                            format!("{:.0}/s", r.bare),
+                            format!("{:.3}", r.ratio()),
+                        ]
+                    })
+                    .collect();
+                output::table(&["JOBS", "MXHSM", "BARE LOOP", "MXHSM/BARE"], &rows);
             }
         },
     );

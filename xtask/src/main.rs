@@ -415,6 +415,7 @@ fn bench(args: &[String]) -> Result {
     };
     let seconds = arg("--seconds", "3");
     let sessions = arg("--restore-sessions", "10000");
+    let overhead = arg("--overhead", "20000");
     let bin = build_mxhsm(true)?;
     let dir = target_dir().join("bench");
     let softhsm = tokens::Token::softhsm(&dir.join("softhsm"), "bench-softhsm")?;
@@ -452,6 +453,8 @@ fn bench(args: &[String]) -> Result {
                 &seconds,
                 "--restore-sessions",
                 &sessions,
+                "--overhead",
+                &overhead,
             ],
         ))?;
     }

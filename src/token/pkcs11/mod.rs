@@ -17,6 +17,7 @@
 //! (login and the session pool), `objects` (the object scheme and templates), [`uri`],
 //! [`ec`].
 
+mod bare;
 pub mod ec;
 mod module;
 mod objects;
@@ -213,11 +214,12 @@ impl Pkcs11Store {
         Ok((candidates, available))
     }
 
-    fn dev(&self, operation: &str) -> impl Fn(CkError) -> TokenError + '_ {
-        let operation = operation.to_string();
+    /// The error of a failed call: allocates only when there is one (the agreement loop
+    /// of a restore calls this for every session).
+    fn dev<'a>(&'a self, operation: &'a str) -> impl Fn(CkError) -> TokenError + 'a {
         move |e| TokenError::Device {
             token: self.summary.to_string(),
-            operation: operation.clone(),
+            operation: operation.to_string(),
             reason: e.to_string(),
         }
     }
