@@ -539,6 +539,8 @@ pub fn restore(
         }
     };
     if !same_version {
+        // Another version's download is never parsed as this one's.
+        let _ = std::fs::remove_file(&spool);
         crate::files::write_private(&spool_version, version.as_bytes())
             .map_err(|e| AccountError::file("cannot write", &spool_version, e))?;
     }
