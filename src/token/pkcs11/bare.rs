@@ -5,9 +5,7 @@
 
 use std::time::Instant;
 
-use cryptoki::mechanism::Mechanism;
-use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
-use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
+use cryptoki::object::AttributeType;
 
 use super::Pkcs11Store;
 use crate::token::{Curve25519PublicKey, KeyInfo, TokenError};
@@ -43,18 +41,7 @@ impl Pkcs11Store {
                 .map(|(t, session)| {
                     let share = n / threads + usize::from(t < n % threads);
                     s.spawn(move || {
-                        let mechanism = Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(
-                            EcKdf::null(),
-                            peer.as_bytes(),
-                        ));
-                        let template = [
-                            Attribute::Class(ObjectClass::SECRET_KEY),
-                            Attribute::KeyType(KeyType::GENERIC_SECRET),
-                            Attribute::Token(false),
-                            Attribute::Sensitive(false),
-                            Attribute::Extractable(true),
-                            Attribute::ValueLen(32.into()),
-                        ];
+                        let (mechanism, template) = super::ecdh_derive(peer);
                         for _ in 0..share {
                             let derived = session
                                 .derive_key(&mechanism, handle, &template)

@@ -58,6 +58,22 @@ use session::LoginState;
 pub(super) const ENUMERATION_TRIES: u32 = 5;
 
 /// A logged-in PKCS#11 token holding mxhsm keys.
+/// The mechanism and template of one X25519 agreement: the shared secret as a readable
+/// session object. The peer key is raw (32 bytes): Kryoptic refuses the DER form, ykcs11
+/// needs exactly 32.
+fn ecdh_derive(peer: &Curve25519PublicKey) -> (Mechanism<'_>, [Attribute; 6]) {
+    let mechanism = Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::null(), peer.as_bytes()));
+    let template = [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::Token(false),
+        Attribute::Sensitive(false),
+        Attribute::Extractable(true),
+        Attribute::ValueLen(32.into()),
+    ];
+    (mechanism, template)
+}
+
 pub struct Pkcs11Store {
     ctx: Pkcs11,
     slot: Slot,
@@ -494,19 +510,7 @@ impl KeyStore for Pkcs11Store {
         self.login()?;
         let session = self.session()?;
         let handle = self.private_handle(&session, key)?;
-        // Raw 32-byte peer key: Kryoptic refuses the DER form, ykcs11 needs exactly 32.
-        let mechanism = Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(
-            EcKdf::null(),
-            peer_public.as_bytes(),
-        ));
-        let template = [
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::GENERIC_SECRET),
-            Attribute::Token(false),
-            Attribute::Sensitive(false),
-            Attribute::Extractable(true),
-            Attribute::ValueLen(32.into()),
-        ];
+        let (mechanism, template) = ecdh_derive(peer_public);
         let derived = session
             .derive_key(&mechanism, handle, &template)
             .map_err(self.dev("C_DeriveKey (ECDH)"))?;
