@@ -410,6 +410,43 @@ fn doctor_and_bench_without_x25519() {
     assert!(results[0]["ratio"].as_f64().unwrap() > 0.0);
 }
 
+/// `token bench --backup-key-of` measures with the user's stored backup key, which it
+/// keeps; a user without one, or a malformed user ID, is refused by name.
+#[test]
+fn bench_with_a_stored_backup_key() {
+    let t = TestToken::new(Kind::Kryoptic);
+    ok(t.cli()
+        .args(["keys", "generate", "--user", ALICE, "--role", "backup"]));
+    let keys = |t: &TestToken| ok(t.cli().args(["keys", "list", "--json"]));
+    let before = keys(&t);
+    let bench = |user: &str| {
+        let mut c = t.cli();
+        c.args(["token", "bench", "--seconds", "0.05"])
+            .args(["--restore-sessions", "60", "--overhead", "60"])
+            .args(["--backup-key-of", user]);
+        c
+    };
+    let out = json(&ok(bench(ALICE).arg("--json")));
+    let rows = out["restore"]["by_jobs"].as_array().unwrap();
+    assert!(!rows.is_empty(), "{out}");
+    assert!(
+        rows.iter()
+            .all(|r| r["raw_agreements_per_second"].as_f64().unwrap() > 0.0)
+    );
+    assert!(!out["overhead"].as_array().unwrap().is_empty(), "{out}");
+    assert_eq!(keys(&t), before, "the stored key is kept, nothing added");
+    let err = fails(&mut bench("@bob:localhost"));
+    assert!(
+        err.contains("holds no backup key of @bob:localhost"),
+        "{err}"
+    );
+    let err = fails(&mut bench("bob"));
+    assert!(
+        err.contains("--backup-key-of: \"bob\" is not a Matrix user ID"),
+        "{err}"
+    );
+}
+
 /// A key another tool made with the token's default template (on SoftHSM: decrypt, unwrap,
 /// sign-recover, modifiable, copyable) under mxhsm's label is flagged by the doctor, while
 /// mxhsm's own keys pass.

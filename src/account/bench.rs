@@ -9,7 +9,7 @@ use x25519_dalek::{PublicKey as XPublic, StaticSecret};
 
 use super::AccountError;
 use super::doctor::SessionKey;
-use crate::token::{Curve25519PublicKey, KeyAlgorithm, Store};
+use crate::token::{Curve25519PublicKey, KeyAlgorithm, KeyInfo, Store};
 
 /// Runs `op` repeatedly for `seconds` and returns operations per second.
 fn rate(
@@ -135,13 +135,19 @@ impl RestoreBench {
 
 /// Key-backup restore through the token, `n` real megolm sessions, at 1 to 4 parallel
 /// agreements, against the token's raw agreement rate and vodozemac in software: medians of
-/// three alternating runs.
-pub fn bench_restore(store: &Store, n: usize) -> Result<RestoreBench, AccountError> {
+/// three alternating runs. With `stored`, that key on the token is used, not a temporary
+/// session key (a stored key can be slower to reach: Kryoptic reads and decrypts it from
+/// its database on every use).
+pub fn bench_restore(
+    store: &Store,
+    n: usize,
+    stored: Option<&KeyInfo>,
+) -> Result<RestoreBench, AccountError> {
     use crate::matrix::backup::{self, BackedUpSession};
     use crate::token::TokenAgreement;
     use vodozemac::megolm::{GroupSession, InboundGroupSession, SessionConfig};
 
-    let k = SessionKey::new(store, KeyAlgorithm::X25519)?;
+    let k = SessionKey::or_new(store, stored, KeyAlgorithm::X25519)?;
     let agreement = TokenAgreement::new(&**store, k.key.clone())?;
     let soft = vodozemac::pk_encryption::PkDecryption::new();
     // Realistic sessions: real megolm session keys, encrypted to the token's key and to
@@ -352,14 +358,18 @@ impl OverheadRow {
 /// Runs `KeyStore::x25519` and the bare loop side by side on a PKCS#11 token, `n` agreements
 /// each, at 1 to 4 threads: seven alternating runs each, medians kept. `None` for a
 /// token that is not PKCS#11 (a YubiKey has no bare loop to compare with).
-pub fn bench_overhead(store: &Store, n: usize) -> Result<Option<Vec<OverheadRow>>, AccountError> {
+pub fn bench_overhead(
+    store: &Store,
+    n: usize,
+    stored: Option<&KeyInfo>,
+) -> Result<Option<Vec<OverheadRow>>, AccountError> {
     let Some(p11) = store.as_pkcs11() else {
         return Ok(None);
     };
     if store.capabilities().x25519.is_none() {
         return Ok(None);
     }
-    let k = SessionKey::new(store, KeyAlgorithm::X25519)?;
+    let k = SessionKey::or_new(store, stored, KeyAlgorithm::X25519)?;
     let peer =
         Curve25519PublicKey::from_bytes(XPublic::from(&StaticSecret::from([9u8; 32])).to_bytes());
     let cores = std::thread::available_parallelism()

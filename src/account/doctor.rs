@@ -236,6 +236,8 @@ fn check(name: impl Into<String>, r: Result<String, AccountError>) -> Check {
 pub(crate) struct SessionKey<'a> {
     pub(crate) store: &'a dyn KeyStore,
     pub(crate) key: KeyInfo,
+    /// False for a stored key a measurement borrows ([`SessionKey::stored`]): kept.
+    temporary: bool,
 }
 
 /// The user of a YubiKey's temporary test keys.
@@ -263,13 +265,37 @@ impl<'a> SessionKey<'a> {
         Ok(SessionKey {
             store: &**store,
             key,
+            temporary: true,
         })
+    }
+
+    /// A key already on the token, used in place of a temporary one and kept.
+    pub(crate) fn stored(store: &'a Store, key: KeyInfo) -> Self {
+        SessionKey {
+            store: &**store,
+            key,
+            temporary: false,
+        }
+    }
+
+    /// `stored`, or else a new temporary key.
+    pub(crate) fn or_new(
+        store: &'a Store,
+        stored: Option<&KeyInfo>,
+        algorithm: KeyAlgorithm,
+    ) -> Result<Self, AccountError> {
+        match stored {
+            Some(k) => Ok(Self::stored(store, k.clone())),
+            None => Self::new(store, algorithm),
+        }
     }
 }
 
 impl Drop for SessionKey<'_> {
     fn drop(&mut self) {
-        let _ = self.store.delete(&self.key);
+        if self.temporary {
+            let _ = self.store.delete(&self.key);
+        }
     }
 }
 

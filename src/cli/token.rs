@@ -41,6 +41,11 @@ pub enum TokenCommand {
         /// them), 1 to N threads, medians of 7 alternating runs. 0 skips it.
         #[arg(long, default_value_t = 0, value_name = "AGREEMENTS")]
         overhead: usize,
+        /// With --restore-sessions or --overhead: agree with this user's current backup
+        /// key on the token rather than a temporary session key (a stored key can be
+        /// slower to reach: Kryoptic reads and decrypts it from its database on every use).
+        #[arg(long, value_name = "USER_ID")]
+        backup_key_of: Option<String>,
         /// Also measure how key lookups grow with the number of users on the token: keys
         /// for up to this many made-up users (@mxhsm-bench-N:bench.invalid, four keys
         /// each) are generated in steps, timed, and deleted again. 0 skips it.
@@ -66,8 +71,15 @@ pub fn run(global: &GlobalArgs, cmd: TokenCommand) -> Result<ExitCode> {
             seconds,
             restore_sessions,
             overhead,
+            backup_key_of,
             ..
-        } => bench(global, seconds, restore_sessions, overhead),
+        } => bench(
+            global,
+            seconds,
+            restore_sessions,
+            overhead,
+            backup_key_of.as_deref(),
+        ),
     }
 }
 
@@ -321,17 +333,37 @@ fn bench(
     seconds: f64,
     restore_sessions: usize,
     overhead: usize,
+    backup_key_of: Option<&str>,
 ) -> Result<ExitCode> {
+    if let Some(user) = backup_key_of {
+        mxhsm::token::check_user_id(user).map_err(|e| anyhow::anyhow!("--backup-key-of: {e}"))?;
+    }
     let store = open_store(global)?;
+    let stored = match backup_key_of {
+        Some(user) => Some(
+            store
+                .current_keys(user)?
+                .remove(&mxhsm::token::KeyRole::Backup)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{} holds no backup key of {}",
+                        store.summary(),
+                        mxhsm::text::escape(user)
+                    )
+                })?,
+        ),
+        None => None,
+    };
     let results = mxhsm::account::bench::bench(&store, seconds)?;
     let overhead = match overhead {
         0 => None,
-        n => mxhsm::account::bench::bench_overhead(&store, n)?,
+        n => mxhsm::account::bench::bench_overhead(&store, n, stored.as_ref())?,
     };
     let restore = if restore_sessions > 0 && store.capabilities().x25519.is_some() {
         Some(mxhsm::account::bench::bench_restore(
             &store,
             restore_sessions,
+            stored.as_ref(),
         )?)
     } else {
         None
