@@ -9,6 +9,7 @@
 //! * then fmt, clippy and the test suite with the test tokens' locations in the environment.
 
 mod demo;
+mod e2e;
 mod fuzz;
 mod peer;
 mod piv;
@@ -65,7 +66,7 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("setup") => setup().map(|_| ()),
         _ => Err(
-            "usage: cargo xtask <test [-- cargo test args] | demo | bench [--scale [--users N] | --accounts N [--devices M]] | restore-memory [--sessions N] | piv-check | fuzz [--seconds N] [TARGET…] | setup>"
+            "usage: cargo xtask <test [-- cargo test args] | demo | bench [--scale [--users N] | --accounts N [--devices M] | --e2e [--sessions N]…] | restore-memory [--sessions N] | piv-check | fuzz [--seconds N] [TARGET…] | setup>"
                 .into(),
         ),
     };
@@ -398,7 +399,8 @@ fn demo() -> Result {
 /// Token vs software rates for Ed25519 and X25519 on SoftHSM and Kryoptic, and key-backup
 /// restore throughput against each token's raw agreement rate, in one run
 /// (`cargo xtask bench [--seconds S] [--restore-sessions N]`); with `--scale [--users N]`,
-/// how key lookups grow with the number of users a token holds.
+/// how key lookups grow with the number of users a token holds; with `--e2e [--sessions
+/// N]…`, a restore end to end against a local Synapse (see `e2e`).
 fn bench(args: &[String]) -> Result {
     let envs = setup()?;
     let kryoptic = envs
@@ -429,6 +431,35 @@ fn bench(args: &[String]) -> Result {
             .parse()
             .map_err(|_| "--devices M")?;
         return bench_accounts(&bin, &softhsm, accounts, devices);
+    }
+    // `--e2e [--sessions N]…`: where a restore's time goes, against a local Synapse.
+    if args.iter().any(|a| a == "--e2e") {
+        let mut sizes = Vec::new();
+        for (i, a) in args.iter().enumerate() {
+            if a == "--sessions" {
+                let n: usize = args
+                    .get(i + 1)
+                    .and_then(|n| n.parse().ok())
+                    .filter(|n| *n >= 100)
+                    .ok_or("--sessions N, at least 100")?;
+                sizes.push(n);
+            }
+        }
+        if sizes.is_empty() {
+            sizes = vec![10_000, 100_000];
+        }
+        sizes.sort_unstable();
+        sizes.dedup();
+        ensure_packages(&["time"])?;
+        let python = synapse::ensure_venv(&cache_dir())?;
+        let dir = fresh_dir(&target_dir().join("bench-e2e"))?;
+        return e2e::bench_e2e(
+            &bin,
+            &python,
+            &dir,
+            &[("softhsm", &softhsm), ("kryoptic", &kry)],
+            &sizes,
+        );
     }
     // `--scale [--users N]`: key lookups against the number of users on each token.
     if args.iter().any(|a| a == "--scale") {
