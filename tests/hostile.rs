@@ -1186,3 +1186,97 @@ fn the_device_signs_no_master_object_the_server_dressed_up() {
         &u.token_key("self_signing")
     ));
 }
+
+/// Attack 24: During a restore the server sends sessions twice with its own data (a second
+/// copy inside the room, and the room itself a second time) and swaps one session's data
+/// for a session of its own under that ID. The genuine copies are restored, the copies
+/// counted, the swapped session fails its ID check and is not written; and the state file
+/// does not let the attacker's data hide the genuine session from the next `--new-only`.
+#[test]
+fn a_restore_keeps_the_genuine_copy_of_every_session() {
+    use common::backups::{put, restored, session_data, sessions, with_backup};
+    let (u, version, public) = with_backup(Kind::SoftHsm);
+    let made = sessions(12, 2);
+    let entries: Vec<(&str, &str, Value)> = made
+        .iter()
+        .map(|((r, s), k)| (r.as_str(), s.as_str(), session_data(&public, k)))
+        .collect();
+    put(&u, &version, &entries);
+    // The attacker's own session, encrypted to the public backup key like any client can.
+    let theirs = sessions(1, 1).into_values().next().unwrap();
+    let (r0, r1) = ("!room0:localhost", "!room1:localhost");
+    let in_room = |room: &str| -> Vec<&str> {
+        entries
+            .iter()
+            .filter(|(r, _, _)| *r == room)
+            .map(|(_, s, _)| *s)
+            .collect()
+    };
+    let (copied, again, swapped) = (in_room(r0)[0], in_room(r0)[1], in_room(r1)[0]);
+    let entry = |s: &str, data: &Value| {
+        format!(
+            "{}:{}",
+            json!(s),
+            json!({"first_message_index": 0, "forwarded_count": 0, "is_verified": true, "session_data": data})
+        )
+    };
+    let genuine = |room: &str, skip: &str| -> Vec<String> {
+        entries
+            .iter()
+            .filter(|(r, s, _)| *r == room && *s != skip)
+            .map(|(_, s, d)| entry(s, d))
+            .collect()
+    };
+    let mut room0 = genuine(r0, "");
+    room0.push(entry(copied, &session_data(&public, &theirs)));
+    let mut room1 = genuine(r1, swapped);
+    room1.push(entry(swapped, &session_data(&public, &theirs)));
+    let body = format!(
+        "{{\"rooms\":{{{}:{{\"sessions\":{{{}}}}},{}:{{\"sessions\":{{{}}}}},{}:{{\"sessions\":{{{}}}}}}}}}",
+        json!(r0),
+        room0.join(","),
+        json!(r1),
+        room1.join(","),
+        json!(r0),
+        entry(again, &session_data(&public, &theirs)),
+    );
+    let server = Hostile::start(&u.synapse.url, move |r| {
+        if r.is("GET", "/room_keys/keys") {
+            let body = body.clone();
+            return Reply::Stream(Box::new(move |w| w.write_all(body.as_bytes())));
+        }
+        Reply::Forward
+    });
+    let dir = u.token.dir.path();
+    let restore = |name: &str, extra: &[&str]| -> Value {
+        let o = ok(u
+            .cli()
+            .args(["--json", "backup", "restore", "--format", "json"])
+            .args(extra)
+            .arg("--out")
+            .arg(dir.join(name)));
+        serde_json::from_str(&o).unwrap()
+    };
+    {
+        let _via = u.via(&server.url);
+        let r = restore("hostile.json", &[]);
+        assert_eq!(r["restored"], 11, "{r}");
+        assert_eq!(r["duplicates"], 2, "{r}");
+        assert_eq!(r["failed"], 1, "{r}");
+        assert_eq!(r["failures"][0]["session_id"], swapped, "{r}");
+        let mut expected = made.clone();
+        expected.remove(&(r1.to_string(), swapped.to_string()));
+        assert_eq!(restored(&dir.join("hostile.json")), expected);
+        assert_eq!(server.count("GET", "/room_keys/keys"), 1);
+    }
+    // The honest server's next `--new-only`: the swapped session's genuine data differs
+    // from what failed, so it is restored now; nothing else is.
+    let r = restore("next.json", &["--new-only"]);
+    assert_eq!(r["restored"], 1, "{r}");
+    assert_eq!(r["unchanged"], 11, "{r}");
+    let key = (r1.to_string(), swapped.to_string());
+    assert_eq!(
+        restored(&dir.join("next.json")),
+        [(key.clone(), made[&key].clone())].into_iter().collect()
+    );
+}
