@@ -124,6 +124,31 @@ pub fn access_token(hs: &str, user: &User) -> Result<String> {
         .to_string())
 }
 
+/// A backup for `user`, through `cmd` (an mxhsm command with the token and data
+/// directory set): login, identity, backup. Returns (version, public key, an access token
+/// of a second device for filling the backup).
+pub fn account_with_backup(
+    hs: &str,
+    user: &User,
+    cmd: impl Fn(&[&str]) -> std::process::Command,
+) -> Result<(String, String, String)> {
+    let quiet = |args: &[&str]| {
+        let mut c = cmd(args);
+        c.stdout(std::process::Stdio::null());
+        crate::run(&mut c)
+    };
+    quiet(&["login", "--homeserver", hs, "--user", &user.localpart])?;
+    quiet(&["identity", "create"])?;
+    let out = cmd(&["--json", "backup", "create"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let created: Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("backup create: {e}"))?;
+    let version = created["version"].as_str().ok_or("no version")?;
+    let public = created["public_key"].as_str().ok_or("no public key")?;
+    Ok((version.into(), public.into(), access_token(hs, user)?))
+}
+
 /// Backs up `n` new megolm sessions (vodozemac) to backup `version`, encrypted to
 /// `public_key` as any client does it; in rooms of 500 sessions, 1000 per request.
 pub fn fill_backup(hs: &str, token: &str, version: &str, public_key: &str, n: usize) -> Result {

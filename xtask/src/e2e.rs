@@ -167,25 +167,8 @@ pub fn bench_e2e(
             c.env("XDG_DATA_HOME", &data);
             restore(c, &out)
         };
-        crate::run(
-            cmd(&[
-                "login",
-                "--homeserver",
-                &server.url,
-                "--user",
-                &user.localpart,
-            ])
-            .stdout(Stdio::null()),
-        )?;
-        crate::run(cmd(&["identity", "create"]).stdout(Stdio::null()))?;
-        let out = cmd(&["--json", "backup", "create"])
-            .output()
-            .map_err(|e| e.to_string())?;
-        let created: serde_json::Value =
-            serde_json::from_slice(&out.stdout).map_err(|e| format!("backup create: {e}"))?;
-        let version = created["version"].as_str().ok_or("no version")?;
-        let public = created["public_key"].as_str().ok_or("no public key")?;
-        let access = demo::access_token(&server.url, &user)?;
+        let (version, public, access) = demo::account_with_backup(&server.url, &user, cmd)?;
+        let (version, public) = (version.as_str(), public.as_str());
         let (rate, rate_jobs) = token_rate(bin, token, &user.user_id, 5_000)?;
         let mut filled = 0;
         let mut full = 0.0;

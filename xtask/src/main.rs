@@ -638,23 +638,8 @@ fn restore_memory(args: &[String]) -> Result {
             .env("MXHSM_PASSWORD", &user.password);
         c
     };
-    run(&mut cmd(&[
-        "login",
-        "--homeserver",
-        &server.url,
-        "--user",
-        &user.localpart,
-    ]))?;
-    run(&mut cmd(&["identity", "create"]))?;
-    let out = cmd(&["--json", "backup", "create"])
-        .output()
-        .map_err(|e| e.to_string())?;
-    let created: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("backup create: {e}"))?;
-    let version = created["version"].as_str().ok_or("no version")?;
-    let public = created["public_key"].as_str().ok_or("no public key")?;
-    let access = demo::access_token(&server.url, &user)?;
-    demo::fill_backup(&server.url, &access, version, public, sessions)?;
+    let (version, public, access) = demo::account_with_backup(&server.url, &user, cmd)?;
+    demo::fill_backup(&server.url, &access, &version, &public, sessions)?;
     let mut restore = Command::new("/usr/bin/time");
     restore
         .arg("-v")
