@@ -94,8 +94,8 @@ fn list(global: &GlobalArgs, modules: Vec<PathBuf>) -> Result<ExitCode> {
     let yubikeys = (!explicit).then(list_yubikeys);
     if modules.is_empty() && !matches!(&yubikeys, Some(Ok(y)) if !y.is_empty()) {
         bail!(
-            "no PKCS#11 module and no YubiKey found; name a module with --module PATH or set {}",
-            pkcs11::MODULE_ENV
+            "{}",
+            nothing_found(yubikeys.as_ref().and_then(|r| r.as_ref().err()))
         );
     }
     let mut found: Vec<(PathBuf, Result<Vec<TokenEntry>, String>)> = Vec::new();
@@ -232,6 +232,19 @@ struct YubiKeyEntry {
 #[cfg(not(feature = "yubikey"))]
 fn list_yubikeys() -> Result<Vec<YubiKeyEntry>, mxhsm::token::TokenError> {
     Ok(Vec::new())
+}
+
+/// Why `token list` found nothing: with the reason YubiKeys could not be listed, if they
+/// could not (pcscd not running, say), which "no YubiKey found" alone would hide.
+fn nothing_found(yubikeys: Option<&impl std::fmt::Display>) -> String {
+    let hint = format!(
+        "name a module with --module PATH or set {}",
+        pkcs11::MODULE_ENV
+    );
+    match yubikeys {
+        Some(e) => format!("no PKCS#11 module found, and YubiKeys cannot be listed ({e}); {hint}"),
+        None => format!("no PKCS#11 module and no YubiKey found; {hint}"),
+    }
 }
 
 /// The module of --token/$MXHSM_TOKEN, $MXHSM_PKCS11_MODULE and the usual install paths.
@@ -527,4 +540,25 @@ fn scale_bench(global: &GlobalArgs, users: usize, keep: bool) -> Result<ExitCode
         },
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_empty_listing_names_why_yubikeys_were_not_listed() {
+        let pcscd = "PC/SC: listing readers failed: pcscd is not running";
+        let m = super::nothing_found(Some(&pcscd));
+        assert!(
+            m.contains(
+                "YubiKeys cannot be listed (PC/SC: listing readers failed: pcscd is not running)"
+            ),
+            "{m}"
+        );
+        assert!(m.contains("--module PATH"), "{m}");
+        let m = super::nothing_found(None::<&String>);
+        assert_eq!(
+            m,
+            "no PKCS#11 module and no YubiKey found; name a module with --module PATH or set MXHSM_PKCS11_MODULE"
+        );
+    }
 }
