@@ -236,7 +236,7 @@ fn check(name: impl Into<String>, r: Result<String, AccountError>) -> Check {
 pub(crate) struct SessionKey<'a> {
     pub(crate) store: &'a dyn KeyStore,
     pub(crate) key: KeyInfo,
-    /// False for a stored key a measurement borrows ([`SessionKey::stored`]): kept.
+    /// False for a stored key a measurement borrows ([`SessionKey::or_new`]): kept.
     temporary: bool,
 }
 
@@ -269,23 +269,19 @@ impl<'a> SessionKey<'a> {
         })
     }
 
-    /// A key already on the token, used in place of a temporary one and kept.
-    pub(crate) fn stored(store: &'a Store, key: KeyInfo) -> Self {
-        SessionKey {
-            store: &**store,
-            key,
-            temporary: false,
-        }
-    }
-
-    /// `stored`, or else a new temporary key.
+    /// `stored`, a key already on the token, used in place of a temporary one and kept;
+    /// or else a new temporary key.
     pub(crate) fn or_new(
         store: &'a Store,
         stored: Option<&KeyInfo>,
         algorithm: KeyAlgorithm,
     ) -> Result<Self, AccountError> {
         match stored {
-            Some(k) => Ok(Self::stored(store, k.clone())),
+            Some(k) => Ok(SessionKey {
+                store: &**store,
+                key: k.clone(),
+                temporary: false,
+            }),
             None => Self::new(store, algorithm),
         }
     }

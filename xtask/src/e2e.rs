@@ -30,7 +30,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// One timed `mxhsm backup restore`: wall seconds, peak RSS in MB.
+/// One timed `mxhsm backup restore`: wall seconds, peak RSS in MB, and from its JSON the
+/// sessions restored and the job count it ended with.
 struct Run {
     wall: f64,
     rss_mb: f64,
@@ -147,6 +148,10 @@ pub fn bench_e2e(
 ) -> Result {
     let server = synapse::Server::start(python, &dir.join("synapse"))?;
     let mut lines = Vec::new();
+    let mut report = |line: String| {
+        println!("{line}");
+        lines.push(line);
+    };
     for (name, token) in tokens {
         let user = demo::register(&server.url, &format!("e2e-{name}"))?;
         let data = dir.join(format!("data-{name}"));
@@ -193,13 +198,12 @@ pub fn bench_e2e(
             let (get, wall) = (median(gets), median(walls));
             let floor = n as f64 / rate;
             full = wall;
-            lines.push(format!(
+            report(format!(
                 "{name:9} {n:>7}  server {get:6.2} s ({:.0} MB)  token {rate:6.0}/s ({rate_jobs} jobs; floor {floor:6.2} s)  \
                  wall {wall:6.2} s ({jobs} jobs, peak RSS {rss:.0} MB)  wall/max {:.3}",
                 bytes as f64 / 1e6,
                 wall / get.max(floor),
             ));
-            println!("{}", lines.last().map(String::as_str).unwrap_or_default());
         }
         // A second restore of what is new: 1 % more sessions each time, then --new-only.
         let new = (filled / 100).max(1);
@@ -217,11 +221,10 @@ pub fn bench_e2e(
             walls.push(r.wall);
         }
         let wall = median(walls);
-        lines.push(format!(
+        report(format!(
             "{name:9} {filled:>7}  --new-only with {new} new: wall {wall:6.2} s = {:.1} % of the full restore ({full:.2} s)",
             100.0 * wall / full,
         ));
-        println!("{}", lines.last().map(String::as_str).unwrap_or_default());
     }
     println!("\nend-to-end restore against a local Synapse, medians of {RUNS} alternating runs");
     for l in &lines {
