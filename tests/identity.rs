@@ -625,3 +625,212 @@ fn the_trust_tree_fits_80_columns() {
         "colour despite NO_COLOR: {plain:?}"
     );
 }
+
+/// The nodes (`node`) and edges (`edge`) of an SVG Graphviz drew: for each, its classes
+/// (beyond `node`/`edge`) and its text.
+fn svg_items(svg: &str, kind: &str) -> Vec<(String, String)> {
+    // Graphviz writes an SVG 1.1 DOCTYPE (no entities of its own).
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
+    let doc = roxmltree::Document::parse_with_options(svg, options).expect("the SVG parses as XML");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    doc.descendants()
+        .filter(|n| n.tag_name().name() == "g")
+        .filter_map(|n| {
+            let class = n.attribute("class")?;
+            let mut words = class.split_whitespace();
+            if words.next() != Some(kind) {
+                return None;
+            }
+            let text = n
+                .descendants()
+                .filter(|t| t.tag_name().name() == "text")
+                .filter_map(|t| t.text())
+                .collect::<Vec<_>>()
+                .join(" ");
+            Some((words.collect::<Vec<_>>().join(" "), text))
+        })
+        .collect()
+}
+
+/// `mxhsm graph` draws the live account: the token's private keys (red), the public keys,
+/// devices and the user we verified (green), the backup and secret storage (orange),
+/// signatures and the backup's encryption, and a broken link with its reason. Checked in
+/// the SVG Graphviz made, by class and text. A device name chosen by another client cannot
+/// add a node or break out of its label. Without a session it draws the token alone.
+#[test]
+fn the_graph_holds_every_key_and_device_with_its_colour() {
+    let alice = Alice::new(Kind::SoftHsm);
+    let own = alice.login();
+    ok(alice.cli().args(["identity", "create"]));
+    ok(alice.cli().args(["backup", "create"]));
+    let (phone_token, _) = phone(alice.synapse, &alice.user, "PHONE");
+    phone(alice.synapse, &alice.user, "TABLET");
+    ok(alice.cli().args(["sign", "device", "PHONE", "--yes"]));
+    let evil_name = "x\"]; n99 [label=\"pwned\\N\u{202e}";
+    let (s, v) = http(
+        &alice.synapse.url,
+        "PUT",
+        "/devices/PHONE",
+        Some(&phone_token),
+        Some(json!({"display_name": evil_name})),
+    );
+    assert_eq!(s, 200, "{v}");
+    let bob = alice.synapse.register("bob");
+    let bob_token = alice.synapse.login(&bob, "BOBPHONE");
+    let bob_msk = software_identity(alice.synapse, &bob, &bob_token);
+    let fp = common::clients::spaced(&B64.encode(bob_msk.verifying_key().to_bytes()));
+    ok(alice
+        .cli()
+        .args(["sign", "user", &bob.user_id, "--fingerprint", &fp]));
+
+    let dir = alice.token.dir.path();
+    let svg_path = dir.join("keys.svg");
+    let out = ok(alice
+        .cli()
+        .args(["graph", "--out", svg_path.to_str().unwrap()]));
+    assert!(out.contains("wrote"), "{out}");
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    let nodes = svg_items(&svg, "node");
+    let edges = svg_items(&svg, "edge");
+    let node = |class: &str, text: &str| {
+        nodes
+            .iter()
+            .filter(|(c, t)| c == class && t.contains(text))
+            .count()
+    };
+    let short = |role: &str| {
+        let k = alice.token_key(role);
+        format!("{} {} {}", &k[0..4], &k[4..8], &k[8..12])
+    };
+    for role in ["master", "self-signing", "user-signing", "backup"] {
+        assert_eq!(
+            node("private", &format!("{role} private key")),
+            1,
+            "{role} {nodes:?}"
+        );
+    }
+    assert_eq!(node("private", "non-extractable"), 4, "{nodes:?}");
+    for (role, words) in [
+        ("master", "master key"),
+        ("self_signing", "self-signing key"),
+        ("user_signing", "user-signing key"),
+        ("backup", "backup key"),
+    ] {
+        assert_eq!(
+            node("public", &format!("{words} {}", short(role))),
+            1,
+            "{role} {nodes:?}"
+        );
+    }
+    assert_eq!(node("public", &format!("device {own} (this mxhsm)")), 1);
+    assert_eq!(node("public", "device PHONE"), 1, "{nodes:?}");
+    assert_eq!(node("public", "device TABLET"), 1, "{nodes:?}");
+    // Bob is drawn without --user: the audit log says our user-signing key signed him.
+    assert_eq!(node("public", &format!("{} master key", bob.user_id)), 1);
+    assert_eq!(node("shared", "key backup version"), 1, "{nodes:?}");
+    assert_eq!(node("shared", "secret storage"), 1, "{nodes:?}");
+    // The legend shows each colour.
+    for class in ["private legend", "public legend", "shared legend"] {
+        assert!(nodes.iter().any(|(c, _)| c == class), "{class}: {nodes:?}");
+    }
+    // The device name is one label's text, escaped: no node of its own.
+    assert!(!nodes.iter().any(|(_, t)| t == "pwned"), "{nodes:?}");
+    assert!(!svg.contains('\u{202e}'), "a bidi control reached the SVG");
+    assert_eq!(node("public", "n99 [label="), 1, "{nodes:?}");
+    let edge = |class: &str, text: &str| {
+        edges
+            .iter()
+            .filter(|(c, t)| c == class && t.contains(text))
+            .count()
+    };
+    // MSK → SSK, MSK → USK, SSK → own device and PHONE, USK → Bob, MSK → auth_data.
+    assert_eq!(edge("signature", "signs"), 6, "{edges:?}");
+    assert_eq!(edge("signature", "signs auth_data"), 1, "{edges:?}");
+    assert_eq!(edge("agreement", "room keys encrypted to"), 1, "{edges:?}");
+    assert_eq!(edge("broken", "✘ unsigned"), 1, "TABLET: {edges:?}");
+
+    // A server that forges PHONE's signature: that link is drawn broken, with the reason.
+    let proxy = Proxy::start(
+        &alice.synapse.url,
+        Arc::new({
+            let me = alice.user.user_id.clone();
+            move |path, _, v| {
+                if path.starts_with("/keys/query")
+                    && let Some(sigs) =
+                        v["device_keys"][&me]["PHONE"]["signatures"][&me].as_object_mut()
+                {
+                    for (k, s) in sigs.iter_mut() {
+                        if k != "ed25519:PHONE" {
+                            *s = json!(B64.encode([5u8; 64]));
+                        }
+                    }
+                }
+            }
+        }),
+    );
+    let session = std::fs::read_to_string(alice.session_path()).unwrap();
+    let mut via: Value = serde_json::from_str(&session).unwrap();
+    via["homeserver"] = json!(proxy.url);
+    std::fs::write(alice.session_path(), via.to_string()).unwrap();
+    let forged = ok(alice.cli().args(["graph", "--format", "svg"]));
+    std::fs::write(alice.session_path(), &session).unwrap();
+    let edges = svg_items(&forged, "edge");
+    assert!(
+        edges
+            .iter()
+            .any(|(c, t)| c == "broken" && t.contains("✘ broken") && t.contains("does not match")),
+        "{edges:?}"
+    );
+
+    // DOT text, and a PNG (saved beside the token for a look).
+    let dot = ok(alice.cli().args(["graph", "--format", "dot"]));
+    assert!(dot.starts_with("digraph mxhsm {"), "{dot}");
+    let png = dir.join("keys.png");
+    ok(alice
+        .cli()
+        .args(["graph", "--format", "png", "--out", png.to_str().unwrap()]));
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    if let Some(keep) = std::env::var_os("MXHSM_TEST_KEEP_GRAPH") {
+        std::fs::copy(&png, keep).unwrap();
+    }
+
+    // An existing file is never replaced; a bad user ID is refused by name.
+    let err = fails(
+        alice
+            .cli()
+            .args(["graph", "--out", svg_path.to_str().unwrap()]),
+    );
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(std::fs::read_to_string(&svg_path).unwrap(), svg);
+    let err = fails(alice.cli().args(["graph", "--user", "bob"]));
+    assert!(err.contains("bob"), "{err}");
+
+    // The token alone: without a session, each user's keys and their attributes.
+    ok(alice.cli().args(["logout"]));
+    let (code, svg, err) = common::run(alice.cli().args(["graph"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("not logged in: drawing the token"), "{err}");
+    let nodes = svg_items(&svg, "node");
+    assert_eq!(
+        nodes
+            .iter()
+            .filter(|(c, t)| c == "private" && t.contains("non-extractable"))
+            .count(),
+        4,
+        "master, self-signing, user-signing and backup keys: {nodes:?}"
+    );
+    assert!(
+        nodes
+            .iter()
+            .any(|(c, t)| c == "public" && t.contains(&format!("master key {}", short("master")))),
+        "{nodes:?}"
+    );
+    assert!(
+        svg.contains(&alice.user.user_id),
+        "the cluster names the user"
+    );
+}

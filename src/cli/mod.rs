@@ -6,6 +6,7 @@ mod account;
 mod accounts;
 mod audit;
 mod backup;
+mod graph;
 mod identity;
 mod keys;
 mod output;
@@ -139,6 +140,9 @@ pub enum Command {
     /// device, the backup and its flag for other clients, secret storage. Exits with 3 on
     /// a problem. (`mxhsm token doctor` checks the token itself.)
     Doctor,
+    /// Draw the account's keys, devices, verified users, backup and secret storage as a
+    /// diagram (SVG, PNG or Graphviz DOT), or the token's keys alone without a session.
+    Graph(graph::GraphArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish or powershell).
     Completions {
         /// The shell to complete for.
@@ -216,6 +220,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Verify(args) => verify::run(&cli.global, args),
         Command::Watch(args) => watch::run(&cli.global, args),
         Command::Doctor => account::doctor(&cli.global),
+        Command::Graph(args) => graph::run(&cli.global, args),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut script = Vec::new();

@@ -36,7 +36,7 @@ impl Node {
 }
 
 /// The start of a key, enough to tell keys apart and compare with another screen.
-fn short(key: &Ed25519PublicKey) -> String {
+pub(super) fn short(key: &Ed25519PublicKey) -> String {
     let b = key.to_base64();
     format!("{} {} {}…", &b[0..4], &b[4..8], &b[8..12])
 }
@@ -49,31 +49,45 @@ fn verdict(t: &Trust) -> String {
     }
 }
 
-/// What holds the private key of `key`, in a few words.
-fn holder(key: &KeyInfo, token: &TokenSummary) -> String {
+/// How the token keeps the private key of `key`: its origin and whether it can leave (a
+/// PIV slot: its PIN and touch policies).
+pub(super) fn protection(key: &KeyInfo) -> String {
     let p = &key.protection;
     let problems = p.problems(key.algorithm());
-    let protection = if p.sensitive.is_none() && p.extractable.is_none() {
-        // A PKCS#11 token shows a private key's attributes only after login.
-        "its attributes need a login to read".to_string()
-    } else if problems.is_empty() {
-        "non-extractable".to_string()
-    } else {
-        format!("WEAK: {}", problems.join("; "))
-    };
     match &key.backend {
-        KeyBackend::Pkcs11 { .. } => format!(
-            "on token {:?} (serial {}), {}, {protection}",
-            esc(&token.label),
-            esc(&token.serial),
-            key.origin.as_str()
-        ),
-        KeyBackend::Piv { slot, pin, touch } => format!(
-            "on YubiKey {} slot {slot}, {}, PIN {}, touch {}",
-            esc(&token.serial),
+        KeyBackend::Pkcs11 { .. } => {
+            let protection = if p.sensitive.is_none() && p.extractable.is_none() {
+                // A PKCS#11 token shows a private key's attributes only after login.
+                "its attributes need a login to read".to_string()
+            } else if problems.is_empty() {
+                "non-extractable".to_string()
+            } else {
+                format!("WEAK: {}", problems.join("; "))
+            };
+            format!("{}, {protection}", key.origin.as_str())
+        }
+        KeyBackend::Piv { pin, touch, .. } => format!(
+            "{}, PIN {}, touch {}",
             key.origin.as_str(),
             pin.map(|p| p.as_str()).unwrap_or("?"),
             touch.map(|t| t.as_str()).unwrap_or("?")
+        ),
+    }
+}
+
+/// What holds the private key of `key`, in a few words.
+fn holder(key: &KeyInfo, token: &TokenSummary) -> String {
+    match &key.backend {
+        KeyBackend::Pkcs11 { .. } => format!(
+            "on token {:?} (serial {}), {}",
+            esc(&token.label),
+            esc(&token.serial),
+            protection(key)
+        ),
+        KeyBackend::Piv { slot, .. } => format!(
+            "on YubiKey {} slot {slot}, {}",
+            esc(&token.serial),
+            protection(key)
         ),
     }
 }

@@ -49,6 +49,11 @@ pub const APT_PACKAGES: &[&str] = &[
     // openssl: the private CA of the TLS test.
     "time",
     "openssl",
+    // Graphviz lays out `mxhsm graph` (its PNG needs a font); tmux is the real terminal
+    // the tree's 80-column test captures.
+    "graphviz",
+    "fonts-liberation2",
+    "tmux",
 ];
 
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
