@@ -785,6 +785,33 @@ fn the_graph_holds_every_key_and_device_with_its_colour() {
         "{edges:?}"
     );
 
+    // The --json document of a written file (docs/json.md).
+    let doc: Value = serde_json::from_str(&ok(alice.cli().args([
+        "--json",
+        "graph",
+        "--format",
+        "dot",
+        "--out",
+        dir.join("keys.dot").to_str().unwrap(),
+    ])))
+    .unwrap();
+    assert_eq!(doc["format"], "dot", "{doc}");
+    assert_eq!(doc["token_only"], false, "{doc}");
+    assert_eq!(
+        doc["bytes"].as_u64().unwrap(),
+        std::fs::metadata(dir.join("keys.dot")).unwrap().len()
+    );
+    let (code, out, _) = common::run(alice.cli().args(["--json", "graph"]));
+    assert_eq!(code, 1, "{out}");
+    let err: Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--json describes the file written with --out"),
+        "{err}"
+    );
+
     // DOT text, and a PNG (saved beside the token for a look).
     let dot = ok(alice.cli().args(["graph", "--format", "dot"]));
     assert!(dot.starts_with("digraph mxhsm {"), "{dot}");

@@ -50,7 +50,8 @@ pub fn register(hs: &str, localpart: &str) -> Result<User> {
 }
 
 /// Logs in as `user` with device `device_id` and uploads an Olm account's device keys.
-pub fn phone(hs: &str, user: &User, device_id: &str) -> Result {
+/// Returns the device's access token.
+pub fn phone(hs: &str, user: &User, device_id: &str) -> Result<String> {
     let v = call(
         hs,
         "/login",
@@ -81,7 +82,7 @@ pub fn phone(hs: &str, user: &User, device_id: &str) -> Result {
         "{device_id} uploaded its keys; Ed25519 fingerprint {}",
         account.ed25519_key().to_base64()
     );
-    Ok(())
+    Ok(token.to_string())
 }
 
 /// The master key `of` publishes, as `viewer` sees it (what Bob would read out to Alice).

@@ -372,7 +372,7 @@ fn demo() -> Result {
         run(&mut as_user(user, &["identity", "create"]))?;
     }
     eprintln!("\n== Alice's phone (a vodozemac Olm account) logs in and uploads its keys ==");
-    demo::phone(hs, &alice, "PHONE")?;
+    let phone = demo::phone(hs, &alice, "PHONE")?;
     run(&mut as_user(&alice, &["identity", "status"]))?;
     eprintln!("\n== Alice cross-signs her phone with the self-signing key on the token ==");
     run(&mut as_user(&alice, &["sign", "device", "PHONE", "--yes"]))?;
@@ -389,13 +389,40 @@ fn demo() -> Result {
         &alice,
         &["identity", "status", "--user", &bob.user_id],
     ))?;
+    eprintln!(
+        "\n== Alice's key backup: created with the backup key on the token, signed by her master key =="
+    );
+    let created = as_user(&alice, &["--json", "backup", "create"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let created: serde_json::Value =
+        serde_json::from_slice(&created.stdout).map_err(|e| format!("backup create: {e}"))?;
+    let (version, public) = (
+        created["version"].as_str().ok_or("no backup version")?,
+        created["public_key"].as_str().ok_or("no backup key")?,
+    );
+    eprintln!("{version}, encrypted to {public}");
+    eprintln!("\n== Her phone backs up 20 room keys; mxhsm restores them with the token ==");
+    demo::fill_backup(hs, &phone, version, public, 20)?;
+    let keys = dir.join("alice-room-keys.json");
+    run(&mut as_user(&alice, &["backup", "restore", "--format", "json", "--out"]).arg(&keys))?;
     eprintln!("\n== The keys on the token, and the doctor's audit ==");
     run(&mut mxhsm_cmd(&bin, &token, ["keys", "list"]))?;
     run(&mut mxhsm_cmd(&bin, &token, ["token", "doctor"]))?;
+    eprintln!("\n== Where are Alice's keys: the tree, and the diagram ==");
+    run(&mut as_user(
+        &alice,
+        &["identity", "status", "--tree", "--user", &bob.user_id],
+    ))?;
+    let svg = dir.join("alice-keys.svg");
+    run(as_user(&alice, &["graph", "--out"]).arg(&svg))?;
+    run(as_user(&alice, &["graph", "--format", "png", "--out"]).arg(svg.with_extension("png")))?;
     eprintln!(
-        "\nDone. The token stays in {} (PIN in {}); Synapse stops now.",
+        "\nDone. The token stays in {} (PIN in {}), the restored room keys in {}, the diagram in {} (and .png); Synapse stops now.",
         dir.join("token").display(),
-        token.pin_file.display()
+        token.pin_file.display(),
+        keys.display(),
+        svg.display()
     );
     drop(server);
     Ok(())
