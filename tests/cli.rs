@@ -392,6 +392,80 @@ fn token_list_shows_capabilities() {
     ok(soft.cli().env("MXHSM_TOKEN", uri).args(["keys", "list"]));
 }
 
+/// Modules are found as p11-kit registers them: a user's `.module` file adds one (shown
+/// with its source), `module-name=` takes its p11-kit name, a user's empty `module:`
+/// disables a system one, and a name that is not registered is an error that says so.
+#[test]
+fn modules_are_discovered_like_p11_kit() {
+    let soft = TestToken::with_label(Kind::SoftHsm, "p11kit-softhsm");
+    let config = soft.dir.path().join("config");
+    let modules = config.join("pkcs11/modules");
+    std::fs::create_dir_all(&modules).unwrap();
+    std::fs::write(
+        modules.join("team-hsm.module"),
+        format!("# the team's HSM\nmodule: {}\n", soft.module.display()),
+    )
+    .unwrap();
+    // The user disables the system's SoftHSM registration.
+    std::fs::write(modules.join("softhsm2.module"), "module:\n").unwrap();
+    let cli = || {
+        let mut c = soft.cli();
+        c.env("XDG_CONFIG_HOME", &config).env_remove("MXHSM_TOKEN");
+        c
+    };
+    let listed = json(&ok(cli().args(["--json", "token", "list"])));
+    let entry = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["module"] == soft.module.display().to_string())
+        .unwrap_or_else(|| panic!("the registered module is not listed: {listed}"));
+    assert_eq!(entry["source"], "p11-kit team-hsm", "{entry}");
+    assert_eq!(
+        entry["p11_kit_config"],
+        modules.join("team-hsm.module").display().to_string()
+    );
+    assert!(
+        entry["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["label"] == "p11kit-softhsm"),
+        "{entry}"
+    );
+    assert!(
+        !listed.to_string().contains("p11-kit softhsm2"),
+        "the disabled registration is used: {listed}"
+    );
+    let table = ok(cli().args(["token", "list"]));
+    assert!(
+        table.contains("FROM") && table.contains("p11-kit team-hsm"),
+        "{table}"
+    );
+
+    // module-name= with the p11-kit name opens the token.
+    let by_name = "pkcs11:token=p11kit-softhsm?module-name=team-hsm";
+    ok(cli().env("MXHSM_TOKEN", by_name).args(["keys", "list"]));
+    let err = fails(
+        cli()
+            .env(
+                "MXHSM_TOKEN",
+                "pkcs11:token=p11kit-softhsm?module-name=no-such-hsm",
+            )
+            .args(["keys", "list"]),
+    );
+    assert!(
+        err.contains("no-such-hsm") && err.contains("no p11-kit module of that name"),
+        "{err}"
+    );
+    let err = fails(
+        cli()
+            .env("MXHSM_TOKEN", "pkcs11:token=x?module-name=../lib/evil")
+            .args(["keys", "list"]),
+    );
+    assert!(err.contains("module-name is a name, not a path"), "{err}");
+}
+
 #[test]
 fn doctor_and_bench_without_x25519() {
     let t = TestToken::new(Kind::KryopticNoX25519);

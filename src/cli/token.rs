@@ -89,6 +89,12 @@ fn list(global: &GlobalArgs, modules: Vec<PathBuf>) -> Result<ExitCode> {
         default_modules(global)
     } else {
         modules
+            .into_iter()
+            .map(|path| pkcs11::FoundModule {
+                path,
+                source: pkcs11::ModuleSource::Named,
+            })
+            .collect()
     };
     // YubiKeys too, unless modules were named.
     let yubikeys = (!explicit).then(list_yubikeys);
@@ -98,19 +104,29 @@ fn list(global: &GlobalArgs, modules: Vec<PathBuf>) -> Result<ExitCode> {
             nothing_found(yubikeys.as_ref().and_then(|r| r.as_ref().err()))
         );
     }
-    let mut found: Vec<(PathBuf, Result<Vec<TokenEntry>, String>)> = Vec::new();
+    let mut found: Vec<(pkcs11::FoundModule, Result<Vec<TokenEntry>, String>)> = Vec::new();
     for m in modules {
-        let r = pkcs11::list_tokens(&m).map_err(|e| e.to_string());
+        let r = pkcs11::list_tokens(&m.path).map_err(|e| e.to_string());
         found.push((m, r));
     }
     let v: Vec<_> = found
         .iter()
-        .map(|(m, r)| match r {
-            Ok(tokens) => json!({
-                "module": m.display().to_string(),
-                "tokens": tokens.iter().map(token_json).collect::<Vec<_>>(),
-            }),
-            Err(e) => json!({"module": m.display().to_string(), "error": e}),
+        .map(|(m, r)| {
+            let mut doc = json!({
+                "module": m.path.display().to_string(),
+                "source": m.source.to_string(),
+                "p11_kit_config": match &m.source {
+                    pkcs11::ModuleSource::P11Kit { config, .. } => Some(config.display().to_string()),
+                    _ => None,
+                },
+            });
+            match r {
+                Ok(tokens) => {
+                    doc["tokens"] = json!(tokens.iter().map(token_json).collect::<Vec<_>>())
+                }
+                Err(e) => doc["error"] = json!(e),
+            }
+            doc
         })
         .chain(yubikeys.iter().map(|r| match r {
             Ok(keys) => json!({"yubikeys": keys.iter().map(|y| json!({
@@ -128,7 +144,8 @@ fn list(global: &GlobalArgs, modules: Vec<PathBuf>) -> Result<ExitCode> {
             match r {
                 Ok(tokens) if tokens.is_empty() => {
                     rows.push(vec![
-                        m.display().to_string(),
+                        m.path.display().to_string(),
+                        m.source.to_string(),
                         "-".into(),
                         "(no token)".into(),
                         "".into(),
@@ -140,7 +157,8 @@ fn list(global: &GlobalArgs, modules: Vec<PathBuf>) -> Result<ExitCode> {
                 Ok(tokens) => {
                     for t in tokens {
                         rows.push(vec![
-                            m.display().to_string(),
+                            m.path.display().to_string(),
+                            m.source.to_string(),
                             t.slot_id.to_string(),
                             t.summary.label.clone(),
                             t.summary.serial.clone(),
@@ -154,7 +172,8 @@ fn list(global: &GlobalArgs, modules: Vec<PathBuf>) -> Result<ExitCode> {
                     }
                 }
                 Err(e) => rows.push(vec![
-                    m.display().to_string(),
+                    m.path.display().to_string(),
+                    m.source.to_string(),
                     "-".into(),
                     format!("error: {e}"),
                     "".into(),
@@ -167,6 +186,7 @@ fn list(global: &GlobalArgs, modules: Vec<PathBuf>) -> Result<ExitCode> {
         output::table(
             &[
                 "MODULE",
+                "FROM",
                 "SLOT",
                 "TOKEN",
                 "SERIAL",
@@ -248,7 +268,7 @@ fn nothing_found(yubikeys: Option<&impl std::fmt::Display>) -> String {
 }
 
 /// The module of --token/$MXHSM_TOKEN, $MXHSM_PKCS11_MODULE and the usual install paths.
-fn default_modules(global: &GlobalArgs) -> Vec<PathBuf> {
+fn default_modules(global: &GlobalArgs) -> Vec<pkcs11::FoundModule> {
     let uri = match config::token_choice(global.token.as_deref(), global.yubikey.as_deref()) {
         Ok(config::TokenChoice::Pkcs11(uri)) => Some(uri),
         _ => None,

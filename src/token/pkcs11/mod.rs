@@ -21,11 +21,13 @@ mod bare;
 pub mod ec;
 mod module;
 mod objects;
+pub mod p11kit;
 mod session;
 pub mod uri;
 
 pub use module::{
-    MODULE_ENV, TokenEntry, default_modules, list_tokens, load_module, resolve_module_path,
+    FoundModule, MODULE_ENV, ModuleSource, TokenEntry, default_modules, list_tokens, load_module,
+    resolve_module_path,
 };
 pub use objects::key_label;
 

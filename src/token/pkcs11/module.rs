@@ -18,46 +18,100 @@ use crate::token::{Capabilities, TokenError, TokenSummary, X25519Mechanism};
 pub const MODULE_ENV: &str = "MXHSM_PKCS11_MODULE";
 
 /// Directories searched for `module-name=` (RFC 7512 leaves the search to the consumer) and
-/// for the well-known modules.
-pub(super) const MODULE_DIRS: &[&str] = &[
-    "/usr/lib/x86_64-linux-gnu/pkcs11",
-    "/usr/lib/aarch64-linux-gnu/pkcs11",
-    "/usr/lib/pkcs11",
-    "/usr/lib/softhsm",
-    "/usr/lib/x86_64-linux-gnu/softhsm",
-    "/usr/lib/x86_64-linux-gnu",
-    "/usr/lib64/pkcs11",
-    "/usr/local/lib",
-];
+/// for the well-known modules: this system's multiarch library directories first.
+pub(super) fn module_dirs() -> Vec<String> {
+    let mut dirs = Vec::new();
+    if let Some(t) = super::p11kit::multiarch() {
+        for d in ["/pkcs11", "/softhsm", ""] {
+            dirs.push(format!("/usr/lib/{t}{d}"));
+        }
+    }
+    for d in [
+        "/usr/lib/pkcs11",
+        "/usr/lib/softhsm",
+        "/usr/lib64/pkcs11",
+        "/usr/lib64",
+        "/usr/local/lib",
+    ] {
+        dirs.push(d.to_string());
+    }
+    dirs
+}
 
 /// Modules known to hold tokens, by file name: what `token list` looks for in
-/// [`MODULE_DIRS`] when no module is named.
+/// [`module_dirs`] when no module is named and p11-kit registers none.
 const WELL_KNOWN_MODULES: &[&str] = &["libsofthsm2.so", "libykcs11.so", "opensc-pkcs11.so"];
 
+/// A module to look in, and where mxhsm heard of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundModule {
+    pub path: PathBuf,
+    pub source: ModuleSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModuleSource {
+    /// Named on the command line (`token list --module`).
+    Named,
+    /// The token URI (`--token` or `$MXHSM_TOKEN`).
+    Uri,
+    /// `$MXHSM_PKCS11_MODULE`.
+    Env,
+    /// A p11-kit module config file.
+    P11Kit { name: String, config: PathBuf },
+    /// A well-known module file in a standard directory.
+    StandardPath,
+}
+
+impl std::fmt::Display for ModuleSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModuleSource::Named => f.write_str("--module"),
+            ModuleSource::Uri => f.write_str("token URI"),
+            ModuleSource::Env => write!(f, "${MODULE_ENV}"),
+            ModuleSource::P11Kit { name, .. } => write!(f, "p11-kit {name}"),
+            ModuleSource::StandardPath => f.write_str("standard path"),
+        }
+    }
+}
+
 /// The modules to look in when none is named: the module `uri` names, then
-/// `$MXHSM_PKCS11_MODULE`, then the well-known modules found in the search directories.
-/// Each file appears once (a module linked into two directories is one module).
-pub fn default_modules(uri: Option<&Pkcs11Uri>) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = Vec::new();
+/// `$MXHSM_PKCS11_MODULE`, then the modules p11-kit registers, then the well-known modules
+/// found in the standard directories. Each file appears once (a module linked into two
+/// directories is one module), with the first source that named it.
+pub fn default_modules(uri: Option<&Pkcs11Uri>) -> Vec<FoundModule> {
+    let mut out: Vec<FoundModule> = Vec::new();
     let mut seen = Vec::new();
-    let mut add = |p: PathBuf| {
-        let real = std::fs::canonicalize(&p).unwrap_or_else(|_| p.clone());
+    let mut add = |path: PathBuf, source: ModuleSource| {
+        let real = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
         if !seen.contains(&real) {
             seen.push(real);
-            out.push(p);
+            out.push(FoundModule { path, source });
         }
     };
     if let Some(p) = uri.and_then(|u| resolve_module_path(u).ok()) {
-        add(p);
+        add(p, ModuleSource::Uri);
     }
     if let Some(p) = std::env::var_os(MODULE_ENV) {
-        add(PathBuf::from(p));
+        add(PathBuf::from(p), ModuleSource::Env);
     }
+    for m in super::p11kit::registered() {
+        if m.path.exists() {
+            add(
+                m.path,
+                ModuleSource::P11Kit {
+                    name: m.name,
+                    config: m.config,
+                },
+            );
+        }
+    }
+    let dirs = module_dirs();
     for name in WELL_KNOWN_MODULES {
-        for dir in MODULE_DIRS {
+        for dir in &dirs {
             let p = Path::new(dir).join(name);
             if p.exists() {
-                add(p);
+                add(p, ModuleSource::StandardPath);
             }
         }
     }
@@ -108,17 +162,32 @@ pub fn resolve_module_path(uri: &Pkcs11Uri) -> Result<PathBuf, TokenError> {
         return Ok(p.clone());
     }
     if let Some(name) = &uri.module_name {
+        // A name p11-kit registers (`softhsm2`), else a library file in the standard
+        // directories (`libsofthsm2`, `libsofthsm2.so`).
+        if let Some(m) = super::p11kit::by_name(name) {
+            return Ok(m.path);
+        }
+        if name.contains('/') {
+            return Err(TokenError::InvalidUri {
+                uri: uri.original.clone(),
+                reason: "module-name is a name, not a path: use module-path for a path".into(),
+            });
+        }
         let file = if name.ends_with(".so") {
             name.clone()
         } else {
             format!("{name}.so")
         };
-        return MODULE_DIRS
+        let dirs = module_dirs();
+        return dirs
             .iter()
             .map(|d| Path::new(d).join(&file))
             .find(|p| p.exists())
             .ok_or_else(|| TokenError::ModuleNotFound {
-                path: format!("{file} (module-name, searched {})", MODULE_DIRS.join(", ")),
+                path: format!(
+                    "{name} (module-name: no p11-kit module of that name; no {file} in {})",
+                    dirs.join(", ")
+                ),
             });
     }
     if let Some(p) = std::env::var_os(MODULE_ENV) {
