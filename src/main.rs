@@ -13,6 +13,7 @@ fn main() -> ExitCode {
         Err(e) => return cli::usage_error(e),
     };
     let json = args.global.json;
+    cli::init_logging(&args.global);
     match cli::run(args) {
         Ok(code) => code,
         Err(e) => cli::report(&e, json),

@@ -289,3 +289,125 @@ fn new_only_restores_what_is_new_and_room_restores_one_room() {
     );
     assert!(err.contains("is not a room ID"), "{err}");
 }
+
+/// At -vvv mxhsm says which endpoints and token operations ran, and that a retry is
+/// running; it never writes a secret: not the password, the access token, the PIN, a room
+/// key, the export passphrase or the export itself. Without -v it says only the retry;
+/// -q silences that too.
+#[test]
+fn verbose_output_names_endpoints_and_token_calls_but_no_secret() {
+    let u = common::synapse::MxhsmUser::new(Kind::SoftHsm);
+    let mut said = String::new();
+    let mut traced = |cmd: &mut std::process::Command| {
+        let (code, out, err) = common::run(cmd);
+        assert_eq!(code, 0, "{out}{err}");
+        said.push_str(&err);
+        out
+    };
+    traced(u.cli().args([
+        "-vvv",
+        "login",
+        "--homeserver",
+        &u.synapse.url,
+        "--user",
+        &u.user.localpart,
+    ]));
+    traced(u.cli().args(["-vvv", "identity", "create"]));
+    let created: Value = serde_json::from_str(&traced(
+        u.cli().args(["-vvv", "--json", "backup", "create"]),
+    ))
+    .unwrap();
+    let (version, public) = (
+        created["version"].as_str().unwrap(),
+        created["public_key"].as_str().unwrap(),
+    );
+    let made = common::backups::put_sessions(&u, version, public, 5);
+    let dir = u.token.dir.path();
+    let json_out = dir.join("keys.json");
+    traced(
+        u.cli()
+            .args(["-vvv", "backup", "restore", "--format", "json", "--out"])
+            .arg(&json_out),
+    );
+    let export = dir.join("keys.txt");
+    traced(
+        u.cli()
+            .env("MXHSM_EXPORT_PASSPHRASE", "correct horse battery")
+            .args(["-vvv", "backup", "restore", "--out"])
+            .arg(&export),
+    );
+    // A server that answers 429 once: the retry is said at every level but -q.
+    let throttled = Arc::new(AtomicUsize::new(0));
+    let proxy = Proxy::start_intercepting(
+        &u.synapse.url,
+        Arc::new(|_, _, _| {}),
+        Arc::new({
+            let throttled = throttled.clone();
+            move |path| {
+                (path.starts_with("/keys/query")
+                    && throttled.fetch_add(1, Ordering::SeqCst).is_multiple_of(2))
+                .then(|| {
+                    (
+                        429,
+                        json!({"errcode": "M_LIMIT_EXCEEDED", "retry_after_ms": 10}),
+                    )
+                })
+            }
+        }),
+    );
+    let session = std::fs::read_to_string(u.session_path()).unwrap();
+    let via = u.via(&proxy.url);
+    let status = |flag: Option<&str>| {
+        let mut c = u.cli();
+        c.args(flag).args(["identity", "status"]);
+        let (code, out, err) = common::run(&mut c);
+        assert_eq!(code, 0, "{out}{err}");
+        err
+    };
+    let plain = status(None);
+    assert!(
+        plain.contains("POST /keys/query: 429; retrying in"),
+        "no retry warning: {plain}"
+    );
+    assert!(!plain.contains("→"), "requests shown without -v: {plain}");
+    let quiet = status(Some("-q"));
+    assert!(!quiet.contains("retrying"), "-q: {quiet}");
+    said.push_str(&status(Some("-vvv")));
+    drop(via);
+
+    // What was said: the endpoints, the token's operations, each agreement.
+    for expected in [
+        "→ POST /login",
+        "POST /keys/upload → 200",
+        "GET /room_keys/keys → 200",
+        "C_Login on token",
+        "C_GenerateKeyPair",
+        "C_Sign (EdDSA) with the master key of",
+        "C_DeriveKey (ECDH) with the backup key of",
+        "C_FindObjects label mxhsm:master:",
+        "retrying in",
+    ] {
+        assert!(said.contains(expected), "{expected:?} not said:\n{said}");
+    }
+    // And no secret.
+    let saved: Value = serde_json::from_str(&session).unwrap();
+    let access_token = saved["access_token"].as_str().unwrap();
+    let mut secrets = vec![
+        u.user.password.clone(),
+        access_token.to_string(),
+        common::USER_PIN.to_string(),
+        "correct horse battery".to_string(),
+    ];
+    secrets.extend(made.values().cloned());
+    let export_text = std::fs::read_to_string(&export).unwrap();
+    secrets.extend(
+        export_text
+            .lines()
+            .filter(|l| l.len() > 20 && !l.starts_with("-----"))
+            .map(str::to_string),
+    );
+    for s in &secrets {
+        assert!(!said.contains(s.as_str()), "a secret was said: {s:?}");
+    }
+    assert_eq!(restored(&json_out), made);
+}

@@ -115,8 +115,12 @@ struct Bars {
 }
 
 impl Bars {
-    fn new() -> Bars {
+    /// The bars, drawn on standard error when it is a terminal, never with `-q`.
+    fn new(quiet: bool) -> Bars {
         let all = indicatif::MultiProgress::new();
+        if quiet {
+            all.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
         let download = all.add(bar(
             0,
             "{spinner} downloading the backup: {bytes} ({bytes_per_sec})",
@@ -313,7 +317,7 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
                 secrets::passphrase(passphrase_file.as_deref(), true)
                     .map_err(|e| AccountError::Refused(format!("{e:#}")))
             };
-            let bars = Bars::new();
+            let bars = Bars::new(global.quiet);
             let r = restore::restore(&account, &options, &passphrase, &bars)?;
             bars.sessions.finish_and_clear();
             let rate = (r.restored + r.failed.len() - r.resumed) as f64 / r.seconds.max(1e-9);

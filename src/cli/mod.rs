@@ -101,6 +101,34 @@ pub struct GlobalArgs {
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Say more on standard error: -v each request to the homeserver and PKCS#11 login,
+    /// -vv each token operation (sign, find, generate), -vvv every agreement. Never a
+    /// secret.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+    /// Say less: no progress bars and no warnings such as retries; errors and the
+    /// command's answer still show.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+/// Sends the library's events to standard error at the level `-v`/`-q` chose: warnings
+/// (retries) by default, errors only with `-q`.
+pub fn init_logging(global: &GlobalArgs) {
+    use tracing::level_filters::LevelFilter;
+    let level = match (global.quiet, global.verbose) {
+        (true, _) => LevelFilter::ERROR,
+        (false, 0) => LevelFilter::WARN,
+        (false, 1) => LevelFilter::INFO,
+        (false, 2) => LevelFilter::DEBUG,
+        _ => LevelFilter::TRACE,
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
 }
 
 #[derive(Debug, Subcommand)]
@@ -715,5 +743,16 @@ fn print_bulk(global: &GlobalArgs, header: &[&str], results: Vec<PerAccount<Summ
         ExitCode::from(exit::PROBLEM)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own checks of the whole command line: no two flags of one command share a
+    /// name or a short form (a global `-v` or `-q` against a subcommand's, say).
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

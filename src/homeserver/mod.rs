@@ -410,8 +410,13 @@ impl Client {
             .map(|t| format!("Bearer {}", t.expose_secret()));
         let empty = json!({});
         let mut backoff = FIRST_BACKOFF;
+        // What the events say of the request: method and path, never the query, a body or
+        // a header (the access token).
+        let shown = crate::text::escape(&endpoint).into_owned();
         for attempt in 1..=ATTEMPTS {
             let last = attempt == ATTEMPTS;
+            let started = std::time::Instant::now();
+            tracing::debug!("→ {shown}");
             let result = match method {
                 Method::Get => {
                     let mut r = self.agent.get(&url);
@@ -434,6 +439,11 @@ impl Client {
             };
             let failure: String = match result {
                 Err(e) => {
+                    tracing::info!(
+                        "{shown} failed after {} ms: {}",
+                        started.elapsed().as_millis(),
+                        crate::text::escape(&e.to_string())
+                    );
                     let never_sent = matches!(
                         &e,
                         ureq::Error::HostNotFound
@@ -456,6 +466,7 @@ impl Client {
                 }
                 Ok(mut resp) => {
                     let status = resp.status().as_u16();
+                    tracing::info!("{shown} → {status} in {} ms", started.elapsed().as_millis());
                     if status == 200 {
                         match read(resp.body_mut()) {
                             Ok(v) => return Ok(Ok(v)),
@@ -500,6 +511,12 @@ impl Client {
                     reason: failure,
                 });
             }
+            tracing::warn!(
+                "{shown}: {}; retrying in {:.1} s (attempt {} of {ATTEMPTS})",
+                crate::text::escape(&failure),
+                backoff.as_secs_f64(),
+                attempt + 1
+            );
             std::thread::sleep(backoff);
             backoff *= 2;
         }

@@ -172,6 +172,11 @@ impl Pkcs11Store {
         let status = pin_status(&tinfo);
         let session = ctx.open_rw_session(slot).map_err(dev("C_OpenSession"))?;
         let capabilities = probe(&ctx, slot, &tinfo).map_err(dev("C_GetMechanismList"))?;
+        tracing::info!(
+            "opened {} (slot {})",
+            crate::text::escape(&summary.to_string()),
+            slot.id()
+        );
         Ok(Pkcs11Store {
             ctx,
             slot,
@@ -235,10 +240,16 @@ impl Pkcs11Store {
     /// The error of a failed call: allocates only when there is one (the agreement loop
     /// of a restore calls this for every session).
     fn dev<'a>(&'a self, operation: &'a str) -> impl Fn(CkError) -> TokenError + 'a {
-        move |e| TokenError::Device {
-            token: self.summary.to_string(),
-            operation: operation.to_string(),
-            reason: e.to_string(),
+        move |e| {
+            tracing::debug!(
+                "{operation} on {} failed: {e}",
+                crate::text::escape(&self.summary.to_string())
+            );
+            TokenError::Device {
+                token: self.summary.to_string(),
+                operation: operation.to_string(),
+                reason: e.to_string(),
+            }
         }
     }
 
@@ -277,11 +288,16 @@ impl Pkcs11Store {
                 check_user_id(user)?;
                 let mut all = Vec::new();
                 for role in KeyRole::ALL {
-                    all.extend(
-                        session
-                            .find_objects(&[Attribute::Label(key_label(user, role).into_bytes())])
-                            .map_err(self.dev("C_FindObjects"))?,
+                    let label = key_label(user, role);
+                    let found = session
+                        .find_objects(&[Attribute::Label(label.clone().into_bytes())])
+                        .map_err(self.dev("C_FindObjects"))?;
+                    tracing::debug!(
+                        "C_FindObjects label {}: {} object(s)",
+                        crate::text::escape(&label),
+                        found.len()
                     );
+                    all.extend(found);
                 }
                 (Vec::new(), all)
             }
@@ -452,6 +468,12 @@ impl KeyStore for Pkcs11Store {
             session.create_object(public).map(|h| (h, h))
         })
         .map_err(self.dev("C_CreateObject (public key)"))
+        .inspect(|_| {
+            tracing::info!(
+                "C_CreateObject: imported a key pair on {}",
+                crate::text::escape(&self.summary.to_string())
+            )
+        })
         .and_then(|_| {
             self.key_info(&session, priv_handle, None)?
                 .ok_or_else(|| self.bad_data("the imported key cannot be read back".into()))
@@ -484,6 +506,12 @@ impl KeyStore for Pkcs11Store {
                 message,
             )
             .map_err(self.dev("C_Sign (EdDSA)"))?;
+        tracing::debug!(
+            "C_Sign (EdDSA) with the {} key of {}: {} bytes signed",
+            key.role,
+            crate::text::escape(&key.user_id),
+            message.len()
+        );
         let sig: [u8; 64] = sig
             .as_slice()
             .try_into()
@@ -516,6 +544,11 @@ impl KeyStore for Pkcs11Store {
         let derived = session
             .derive_key(&mechanism, handle, &template)
             .map_err(self.dev("C_DeriveKey (ECDH)"))?;
+        tracing::trace!(
+            "C_DeriveKey (ECDH) with the {} key of {}",
+            key.role,
+            crate::text::escape(&key.user_id)
+        );
         // The secret is read once from a session object that is destroyed right after.
         let read = session.get_attributes(derived, &[AttributeType::Value]);
         let destroyed = session.destroy_object(derived);

@@ -403,10 +403,20 @@ impl Pkcs11Store {
             Attribute::Id(id),
         ];
         private.extend(private_usage(algorithm));
-        with_optional_attributes(&public, &private, |public, private| {
+        let pair = with_optional_attributes(&public, &private, |public, private| {
             session.generate_key_pair(&mechanism, public, private)
         })
-        .map_err(self.dev("C_GenerateKeyPair"))
+        .map_err(self.dev("C_GenerateKeyPair"))?;
+        tracing::info!(
+            "C_GenerateKeyPair ({algorithm:?}, {}) on {}",
+            if persistent {
+                "token object"
+            } else {
+                "session object"
+            },
+            crate::text::escape(&self.summary.to_string())
+        );
+        Ok(pair)
     }
 
     /// Generates a temporary key pair as session objects (`CKA_TOKEN` = false): it is gone
@@ -474,6 +484,11 @@ impl Pkcs11Store {
                 .destroy_object(*h)
                 .map_err(self.dev("C_DestroyObject"))?;
         }
+        tracing::info!(
+            "C_DestroyObject {}: {} object(s)",
+            crate::text::escape(label),
+            found.len()
+        );
         self.handles
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -50,6 +50,15 @@ impl Pkcs11Store {
             return Err(TokenError::PinLocked { token });
         }
         let session = self.session()?;
+        let shown = crate::text::escape(&token).into_owned();
+        tracing::info!(
+            "C_Login on {shown}{}",
+            if protected_path {
+                " (the PIN is entered on the device)"
+            } else {
+                ""
+            }
+        );
         let login = if protected_path {
             // A PIN pad on the device: the PIN is entered there.
             session.login(UserType::User, None)
@@ -71,6 +80,7 @@ impl Pkcs11Store {
         };
         match login {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {
+                tracing::debug!("C_Login on {shown}: logged in");
                 *state = LoginState::Done;
                 self.logged_in.store(true, Ordering::Release);
                 Ok(())

@@ -318,6 +318,12 @@ impl KeyStore for YubiKeyStore {
         }
         let sig = result.map_err(|e| self.card_refused("signing", slot, e))?;
         drop(card);
+        tracing::debug!(
+            "PIV sign (Ed25519) with slot {slot:02x}, the {} key of {}: {} bytes signed",
+            key.role,
+            crate::text::escape(&key.user_id),
+            message.len()
+        );
         if touch {
             self.touched(slot);
         }
@@ -375,6 +381,11 @@ impl KeyStore for YubiKeyStore {
             self.device_error(&format!("X25519 with slot {slot:02x}"), reason)
         })?;
         drop(card);
+        tracing::trace!(
+            "PIV X25519 with slot {slot:02x}, the {} key of {}",
+            key.role,
+            crate::text::escape(&key.user_id)
+        );
         if touch {
             self.touched(slot);
         }

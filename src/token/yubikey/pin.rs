@@ -135,6 +135,10 @@ pub(super) fn verify_pin(
     if retries == 0 {
         return Err(TokenError::PivPinBlocked { token });
     }
+    tracing::info!(
+        "PIV VERIFY PIN on {} ({retries} tries left)",
+        crate::text::escape(&token)
+    );
     let pin = pins.pin(&PinRequest {
         token: token.clone(),
         status,
