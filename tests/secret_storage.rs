@@ -408,3 +408,86 @@ fn a_secret_that_does_not_match_the_published_identity_is_refused() {
     );
     assert!(token_keys(&u).is_empty(), "nothing imported");
 }
+
+/// Secret storage whose key backup was deleted: the backup key is skipped (there is nothing
+/// to check it against) and the three cross-signing keys are imported. A later run with
+/// --remove-from-server removes the secrets whose keys the token already holds, and leaves
+/// the backup key where it is.
+#[test]
+fn without_a_backup_the_backup_key_waits_and_held_keys_are_removed_later() {
+    let u = MxhsmUser::new(Kind::SoftHsm);
+    let e = existing_account(&u, None, None);
+    let (st, v) = http(
+        &u.synapse.url,
+        "GET",
+        "/room_keys/version",
+        Some(&e.token),
+        None,
+    );
+    assert_eq!(st, 200, "{v}");
+    let version = v["version"].as_str().unwrap().to_string();
+    let (st, v) = http(
+        &u.synapse.url,
+        "DELETE",
+        &format!("/room_keys/version/{version}"),
+        Some(&e.token),
+        None,
+    );
+    assert_eq!(st, 200, "{v}");
+    u.login();
+    let key = key_file(&u, &encoder::recovery_key(&e.storage_key));
+    let (code, out, err) = common::run(
+        u.cli()
+            .args(["secret-storage", "import", "--key-file"])
+            .arg(&key),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("m.megolm_backup.v1: skipped (the server has no key backup"),
+        "{err}"
+    );
+    assert!(out.contains("imported 3 key(s)"), "{out}");
+    let roles: Vec<Value> = token_keys(&u).iter().map(|k| k["role"].clone()).collect();
+    assert_eq!(roles.len(), 3, "{roles:?}");
+    assert!(!roles.contains(&json!("backup")), "{roles:?}");
+
+    let (code, out, err) = common::run(
+        u.cli()
+            .args([
+                "secret-storage",
+                "import",
+                "--remove-from-server",
+                "--key-file",
+            ])
+            .arg(&key),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("removed m.cross_signing.master, m.cross_signing.self_signing, m.cross_signing.user_signing from the server"),
+        "{err}"
+    );
+    let status: Value =
+        serde_json::from_str(&ok(u.cli().args(["secret-storage", "status", "--json"]))).unwrap();
+    let on_server: Vec<(String, bool)> = status["secrets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["secret"].as_str().unwrap().to_string(),
+                s["on_server"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        on_server,
+        vec![
+            ("m.cross_signing.master".into(), false),
+            ("m.cross_signing.self_signing".into(), false),
+            ("m.cross_signing.user_signing".into(), false),
+            ("m.megolm_backup.v1".into(), true),
+        ]
+    );
+    // The token's keys still sign for the identity the server publishes.
+    assert_eq!(u.status(&[])["identity_ok"], true);
+}

@@ -110,6 +110,18 @@ pub struct Imported {
     pub removed: Vec<&'static str>,
 }
 
+impl Imported {
+    /// Whether `name` was left alone because the token already holds exactly that key.
+    fn already_held(&self, name: &str) -> bool {
+        self.skipped
+            .iter()
+            .any(|(n, why)| *n == name && why.starts_with(ALREADY_HELD))
+    }
+}
+
+/// The start of the reason a secret is skipped when the token already holds its key.
+const ALREADY_HELD: &str = "the token already holds this";
+
 /// Imports the keys in secret storage onto the token. `key_text` (a recovery key or a
 /// passphrase) is asked for after the secret-storage description was found and checked.
 pub fn import(
@@ -192,6 +204,15 @@ pub fn import(
                     "refused, nothing imported: the {name} secret's public key {derived} is not the one in {what} ({p})"
                 )));
             }
+            // Without a key backup there is nothing to check the backup key against, and
+            // nothing it would decrypt: it is left where it is, the rest goes on.
+            None if *role == KeyRole::Backup => {
+                outcome.skipped.push((
+                    name,
+                    "the server has no key backup to check it against (import it once a backup encrypted to it exists)".into(),
+                ));
+                continue;
+            }
             None => {
                 return Err(AccountError::Refused(format!(
                     "refused, nothing imported: {what} has no {role} key to check the {name} secret against"
@@ -202,7 +223,7 @@ pub fn import(
             if existing.public_key == derived {
                 outcome
                     .skipped
-                    .push((name, format!("the token already holds this {role} key")));
+                    .push((name, format!("{ALREADY_HELD} {role} key")));
                 continue;
             }
             return Err(AccountError::Refused(format!(
@@ -233,7 +254,16 @@ pub fn import(
         }
     }
     if remove_from_server {
-        for (name, _) in &outcome.imported {
+        // What the token now holds, imported in this run or before: each checked above
+        // against the published key, and on the token with that same public key.
+        let held: Vec<&'static str> = SECRETS
+            .iter()
+            .map(|(name, _)| *name)
+            .filter(|name| {
+                outcome.imported.iter().any(|(n, _)| n == name) || outcome.already_held(name)
+            })
+            .collect();
+        for name in held {
             client.set_account_data(me, name, &json!({}))?;
             outcome.removed.push(name);
         }

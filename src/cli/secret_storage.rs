@@ -23,9 +23,10 @@ pub enum SecretStorageCommand {
         /// otherwise it is asked for. Never on the command line.
         #[arg(long, value_name = "FILE")]
         key_file: Option<PathBuf>,
-        /// After the import is proven, delete these secrets from the server's account data.
-        /// The recovery key then decrypts nothing: this token, and any other you imported
-        /// them onto before, hold the only copies.
+        /// After the import is proven, delete from the server's account data every secret
+        /// whose key the token holds (imported now or before). The recovery key then
+        /// decrypts none of them: this token, and any other you imported them onto, hold
+        /// the only copies.
         #[arg(long)]
         remove_from_server: bool,
     },

@@ -54,8 +54,12 @@ pub fn http(
     let a = agent();
     let auth = token.map(|t| format!("Bearer {t}"));
     let resp = match method {
-        "GET" => {
-            let mut r = a.get(&full);
+        "GET" | "DELETE" => {
+            let mut r = if method == "GET" {
+                a.get(&full)
+            } else {
+                a.delete(&full)
+            };
             if let Some(h) = &auth {
                 r = r.header("Authorization", h);
             }
