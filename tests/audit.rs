@@ -71,7 +71,7 @@ fn a_mixed_session_is_recorded_and_every_tampering_is_found() {
         .args(["sign", "user", &bob.user_id, "--fingerprint", &bob_fp]));
     let created: Value =
         serde_json::from_str(&ok(u.cli().args(["--json", "backup", "create"]))).unwrap();
-    let version = created["version"].as_str().unwrap();
+    let version = created["backup_version"].as_str().unwrap();
     let public = created["public_key"].as_str().unwrap();
     common::backups::put_sessions(&u, version, public, 30);
     let out = u.token.dir.path().join("keys.json");
@@ -386,7 +386,7 @@ fn two_processes_keep_one_chain_and_a_crash_leaves_a_prefix() {
         .args(["keys", "list", "--json", "--user", "@a:example.org"])))
     .unwrap();
     assert_eq!(
-        keys.as_array().unwrap().len(),
+        keys["keys"].as_array().unwrap().len(),
         5,
         "the delete was not done: {keys}"
     );

@@ -126,7 +126,7 @@ fn upload_requires_auth_data_signed_by_our_master_key() {
         serde_json::from_str(&std::fs::read_to_string(u.session_path()).unwrap()).unwrap();
     let token = session["access_token"].as_str().unwrap();
     let keys: Value = serde_json::from_str(&ok(u.cli().args(["keys", "list", "--json"]))).unwrap();
-    let msk = keys
+    let msk = keys["keys"]
         .as_array()
         .unwrap()
         .iter()
@@ -318,7 +318,7 @@ fn verbose_output_names_endpoints_and_token_calls_but_no_secret() {
     ))
     .unwrap();
     let (version, public) = (
-        created["version"].as_str().unwrap(),
+        created["backup_version"].as_str().unwrap(),
         created["public_key"].as_str().unwrap(),
     );
     let made = common::backups::put_sessions(&u, version, public, 5);

@@ -17,7 +17,7 @@ fn json(out: &str) -> Value {
 
 /// How many mxhsm keys the token holds, as `keys list --json` says.
 fn key_count(t: &TestToken) -> usize {
-    json(&ok(t.cli().args(["keys", "list", "--json"])))
+    json(&ok(t.cli().args(["keys", "list", "--json"])))["keys"]
         .as_array()
         .unwrap()
         .len()
@@ -56,7 +56,7 @@ fn keys_flow(kind: Kind) {
     assert_eq!(json(&out)["origin"], "imported");
 
     let list = json(&ok(t.cli().args(["keys", "list", "--json"])));
-    let list = list.as_array().unwrap();
+    let list = list["keys"].as_array().unwrap();
     assert_eq!(list.len(), 5);
     for k in list {
         assert_eq!(k["attributes"]["sensitive"], true);
@@ -66,7 +66,7 @@ fn keys_flow(kind: Kind) {
     let alice_only = json(&ok(t
         .cli()
         .args(["keys", "list", "--json", "--user", ALICE])));
-    assert_eq!(alice_only.as_array().unwrap().len(), 4);
+    assert_eq!(alice_only["keys"].as_array().unwrap().len(), 4);
 
     let human = ok(t.cli().args(["keys", "list"]));
     assert!(
@@ -166,7 +166,7 @@ fn two_processes_at_once(kind: Kind) {
         );
     }
     let list = json(&ok(t.cli().args(["keys", "list", "--json"])));
-    let users: Vec<&str> = list
+    let users: Vec<&str> = list["keys"]
         .as_array()
         .unwrap()
         .iter()
@@ -370,7 +370,7 @@ fn token_list_shows_capabilities() {
         .arg(&soft.module)
         .arg("--module")
         .arg(&kry.module)));
-    let modules = out.as_array().unwrap();
+    let modules = out["modules"].as_array().unwrap();
     let token = |i: usize| -> Value {
         modules[i]["tokens"]
             .as_array()
@@ -414,7 +414,7 @@ fn modules_are_discovered_like_p11_kit() {
         c
     };
     let listed = json(&ok(cli().args(["--json", "token", "list"])));
-    let entry = listed
+    let entry = listed["modules"]
         .as_array()
         .unwrap()
         .iter()
@@ -655,6 +655,10 @@ fn errors_under_json_are_documents() {
     let (code, v) = run(&["--json", "keys", "list"]);
     assert_eq!(code, Some(1));
     assert_eq!(v["error"]["kind"], "token", "{v}");
+    assert_eq!(
+        v["version"], 1,
+        "every document has the interface's version: {v}"
+    );
     assert!(
         v["error"]["message"]
             .as_str()
@@ -669,6 +673,7 @@ fn errors_under_json_are_documents() {
     let (code, v) = run(&["--json", "keys", "lst"]);
     assert_eq!(code, Some(2));
     assert_eq!(v["error"]["kind"], "usage", "{v}");
+    assert_eq!(v["version"], 1, "{v}");
     assert!(
         v["error"]["message"].as_str().unwrap().contains("'lst'"),
         "{v}"

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 /// How many mxhsm keys the token holds for the user.
 fn token_key_count(u: &MxhsmUser) -> usize {
     let keys: Value = serde_json::from_str(&ok(u.cli().args(["keys", "list", "--json"]))).unwrap();
-    keys.as_array().unwrap().len()
+    keys["keys"].as_array().unwrap().len()
 }
 
 /// Synapse's own view of `user`'s device `id` (queried with `token`).
@@ -759,7 +759,7 @@ fn backup_create_does_not_drop_a_backup() {
     common::backups::put_sessions(&u, &version, &public, 5);
     let again: Value =
         serde_json::from_str(&ok(u.cli().args(["--json", "backup", "create"]))).unwrap();
-    assert_eq!(again["version"], version, "reused");
+    assert_eq!(again["backup_version"], version, "reused");
     assert_eq!(again["reused"], true);
     // Another client's backup becomes current.
     let (token, _) = u.access();
@@ -806,7 +806,7 @@ fn backup_create_does_not_drop_a_backup() {
     ])))
     .unwrap();
     assert_eq!(out["replaced_version"], theirs);
-    assert_ne!(out["version"], theirs);
+    assert_ne!(out["backup_version"], theirs);
 }
 
 /// Attack 15: A second login reuses the live session (--replace starts a new device and

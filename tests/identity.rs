@@ -226,7 +226,7 @@ fn forged_master_key_signatures_stored_by_synapse_are_not_trusted() {
     ok(alice.cli().args(["identity", "create"]));
     let keys: Value =
         serde_json::from_str(&ok(alice.cli().args(["keys", "list", "--json"]))).unwrap();
-    let usk = keys
+    let usk = keys["keys"]
         .as_array()
         .unwrap()
         .iter()
@@ -360,7 +360,8 @@ fn an_interrupted_publish_can_be_rerun() {
     assert!(err.contains("cannot reach the homeserver"), "{err}");
     let keys = |a: &Alice| -> Vec<String> {
         let v: Value = serde_json::from_str(&ok(a.cli().args(["keys", "list", "--json"]))).unwrap();
-        v.as_array()
+        v["keys"]
+            .as_array()
             .unwrap()
             .iter()
             .map(|k| k["public_key"].as_str().unwrap().to_string())
@@ -796,6 +797,7 @@ fn the_graph_holds_every_key_and_device_with_its_colour() {
     ])))
     .unwrap();
     assert_eq!(doc["format"], "dot", "{doc}");
+    assert_eq!(doc["version"], 1, "{doc}");
     assert_eq!(doc["token_only"], false, "{doc}");
     assert_eq!(
         doc["bytes"].as_u64().unwrap(),

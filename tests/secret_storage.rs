@@ -205,8 +205,7 @@ fn key_file(u: &MxhsmUser, text: &str) -> std::path::PathBuf {
 }
 
 fn token_keys(u: &MxhsmUser) -> Vec<Value> {
-    serde_json::from_str::<Value>(&ok(u.cli().args(["keys", "list", "--json"])))
-        .unwrap()
+    serde_json::from_str::<Value>(&ok(u.cli().args(["keys", "list", "--json"]))).unwrap()["keys"]
         .as_array()
         .unwrap()
         .clone()

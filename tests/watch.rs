@@ -134,7 +134,11 @@ fn each_alarm_is_raised_with_its_exit_code() {
             "backup_untrusted"
         ]
     );
-    assert_eq!(events[1]["version"], v["version"]);
+    assert_eq!(events[1]["backup_version"], v["version"]);
+    assert_eq!(
+        events[1]["version"], 1,
+        "events carry the interface version"
+    );
     let (_, events) = once(&alice, &[]);
     assert_eq!(
         kinds(&events),

@@ -133,17 +133,17 @@ impl Event {
                 "published_master_key": b64(now),
             }),
             Event::BackupChanged { previous, current } => {
-                json!({ "previous_version": previous, "version": current })
+                json!({ "previous_backup_version": previous, "backup_version": current })
             }
             Event::BackupUntrusted { version, reason } => {
-                json!({ "version": version, "reason": reason.to_string() })
+                json!({ "backup_version": version, "reason": reason.to_string() })
             }
             Event::BackupNotTokenKey {
                 version,
                 key,
                 token,
             } => json!({
-                "version": version, "public_key": key.map(|k| k.to_base64()),
+                "backup_version": version, "public_key": key.map(|k| k.to_base64()),
                 "token_backup_key": token.to_base64(),
             }),
             Event::UnsignedDevice {

@@ -175,7 +175,7 @@ fn describe_replacement(r: &BackupReplacement) -> String {
 /// The JSON document of `backup status` (docs/json.md).
 fn status_json(s: &backup::BackupStatus) -> serde_json::Value {
     json!({
-        "version": s.version, "algorithm": s.algorithm, "count": s.count,
+        "backup_version": s.version, "algorithm": s.algorithm, "count": s.count,
         "public_key": s.public_key, "master_signature_valid": s.signed_by_master.is_ok(),
         "master_signature_error": s.signed_by_master.as_ref().err().map(|e| e.to_string()),
         "token_backup_key": s.token_key.map(|k| k.to_base64()),
@@ -207,7 +207,7 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
             output::emit(
                 global.json,
                 json!({
-                    "version": c.version, "public_key": public, "reused": c.reused,
+                    "backup_version": c.version, "public_key": public, "reused": c.reused,
                     "resigned": c.resigned,
                     "replaced_version": c.replaced.as_ref().map(|r| r.version.clone()),
                 }),
@@ -237,7 +237,7 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
                 let Some(s) = backup::status(account)? else {
                     return Ok(super::Summary {
                         problem: true,
-                        doc: json!({"version": null}),
+                        doc: json!({"backup_version": null}),
                         cells: vec!["-".into(), "-".into(), "✘ no backup".into()],
                     });
                 };
@@ -387,7 +387,7 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
             progress.finish_and_clear();
             output::emit(
                 global.json,
-                json!({"uploaded": u.sessions, "version": u.version}),
+                json!({"uploaded": u.sessions, "backup_version": u.version}),
                 || {
                     say!(
                         "uploaded {} sessions to backup version {}",

@@ -193,7 +193,10 @@ pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
                 store.login()?;
             }
             let keys = store.list_keys(user.as_deref())?;
-            let value = json!(keys.iter().map(key_json).collect::<Vec<_>>());
+            let value = json!({
+                "token": store.summary().to_string(),
+                "keys": keys.iter().map(key_json).collect::<Vec<_>>(),
+            });
             output::emit(global.json, value, || {
                 if keys.is_empty() {
                     say!("no mxhsm keys on {}", store.summary());

@@ -288,8 +288,9 @@ pub fn usage_error(e: clap::Error) -> ExitCode {
 }
 
 fn error_json(kind: &str, message: &str, hint: Option<&str>) {
-    let v = serde_json::json!({"error": {"kind": kind, "message": message, "hint": hint}});
-    println!("{}", mxhsm::text::json_string(&v, false));
+    output::json_line(
+        serde_json::json!({"error": {"kind": kind, "message": message, "hint": hint}}),
+    );
 }
 
 /// Prints an error with the advice that goes with it (with `json`, as the error document

@@ -112,10 +112,28 @@ pub fn wrap(first: &str, rest: &str, text: &str, width: usize) -> Vec<String> {
     out
 }
 
-/// Prints a JSON value, pretty, with every control or bidi character escaped (the value a
-/// JSON reader gets back is unchanged).
+/// The version of the `--json` documents (docs/json.md): every document carries it as
+/// `"version"`, and it changes only when a field changes meaning or goes away.
+pub const JSON_VERSION: u64 = 1;
+
+/// `value` as a document: an object, with `"version"` added.
+pub fn document(mut value: serde_json::Value) -> serde_json::Value {
+    debug_assert!(value.is_object(), "a --json document is an object: {value}");
+    if let Some(o) = value.as_object_mut() {
+        o.insert("version".into(), JSON_VERSION.into());
+    }
+    value
+}
+
+/// Prints a JSON document, pretty, with every control or bidi character escaped (the value
+/// a JSON reader gets back is unchanged).
 pub fn json(value: &serde_json::Value) {
-    println!("{}", text::json_string(value, true));
+    println!("{}", text::json_string(&document(value.clone()), true));
+}
+
+/// Prints a JSON document on one line (an event of `watch` or `verify`, an error).
+pub fn json_line(value: serde_json::Value) {
+    println!("{}", text::json_string(&document(value), false));
 }
 
 /// Prints `value` under `--json`, else runs `human`.

@@ -109,7 +109,7 @@ fn list(global: &GlobalArgs, modules: Vec<PathBuf>) -> Result<ExitCode> {
         let r = pkcs11::list_tokens(&m.path).map_err(|e| e.to_string());
         found.push((m, r));
     }
-    let v: Vec<_> = found
+    let modules: Vec<_> = found
         .iter()
         .map(|(m, r)| {
             let mut doc = json!({
@@ -128,17 +128,26 @@ fn list(global: &GlobalArgs, modules: Vec<PathBuf>) -> Result<ExitCode> {
             }
             doc
         })
-        .chain(yubikeys.iter().map(|r| match r {
-            Ok(keys) => json!({"yubikeys": keys.iter().map(|y| json!({
+        .collect();
+    let v = json!({
+        "modules": modules,
+        // Not asked for when modules were named; `yubikey_error` says why none could be
+        // listed (pcscd not running, say).
+        "yubikeys": match &yubikeys {
+            Some(Ok(keys)) => json!(keys.iter().map(|y| json!({
                 "serial": y.serial,
                 "firmware": y.firmware,
                 "reader": y.reader,
                 "supported": y.supported,
-            })).collect::<Vec<_>>()}),
-            Err(e) => json!({"yubikeys": [], "error": e.to_string()}),
-        }))
-        .collect();
-    output::emit(global.json, json!(v), || {
+            })).collect::<Vec<_>>()),
+            _ => json!([]),
+        },
+        "yubikey_error": match &yubikeys {
+            Some(Err(e)) => Some(e.to_string()),
+            _ => None,
+        },
+    });
+    output::emit(global.json, v, || {
         let mut rows = Vec::new();
         for (m, r) in &found {
             match r {

@@ -45,7 +45,7 @@ pub(super) struct Cli {
 
 impl Cli {
     fn event(&self, v: serde_json::Value) {
-        say!("{}", mxhsm::text::json_string(&v, false));
+        super::output::json_line(v);
     }
 }
 

@@ -153,12 +153,8 @@ fn answer(
         .unwrap_or("?");
     if !args.verify {
         if global.json {
-            say!(
-                "{}",
-                mxhsm::text::json_string(
-                    &serde_json::json!({"event": "verification_request", "device_id": device}),
-                    false
-                )
+            super::output::json_line(
+                serde_json::json!({"event": "verification_request", "device_id": device}),
             );
         } else {
             say!(
@@ -184,12 +180,12 @@ fn answer(
 /// Prints `e` (a line, or a JSON line) and runs the hook. With several accounts, `user`
 /// marks whose event it is.
 fn report(global: &GlobalArgs, args: &WatchArgs, e: &Event, user: Option<&str>) {
-    let mut v = e.to_json();
+    let mut v = super::output::document(e.to_json());
     if let (Some(u), Some(o)) = (user, v.as_object_mut()) {
         o.insert("account".into(), u.into());
     }
     if global.json {
-        say!("{}", mxhsm::text::json_string(&v, false));
+        super::output::json_line(v.clone());
     } else {
         match user {
             Some(u) => say!("{}: {}", esc(u), describe(e)),

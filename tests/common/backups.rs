@@ -21,7 +21,7 @@ pub fn with_backup(kind: Kind) -> (MxhsmUser, String, String) {
         serde_json::from_str(&ok(u.cli().args(["--json", "backup", "create"]))).unwrap();
     (
         u,
-        out["version"].as_str().unwrap().to_string(),
+        out["backup_version"].as_str().unwrap().to_string(),
         out["public_key"].as_str().unwrap().to_string(),
     )
 }

@@ -296,7 +296,8 @@ impl MxhsmUser {
             &self.user.user_id,
         ])))
         .unwrap();
-        keys.as_array()
+        keys["keys"]
+            .as_array()
             .unwrap()
             .iter()
             .rfind(|k| k["role"] == role)

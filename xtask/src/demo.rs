@@ -145,7 +145,7 @@ pub fn account_with_backup(
         .map_err(|e| e.to_string())?;
     let created: Value =
         serde_json::from_slice(&out.stdout).map_err(|e| format!("backup create: {e}"))?;
-    let version = created["version"].as_str().ok_or("no version")?;
+    let version = created["backup_version"].as_str().ok_or("no version")?;
     let public = created["public_key"].as_str().ok_or("no public key")?;
     Ok((version.into(), public.into(), access_token(hs, user)?))
 }

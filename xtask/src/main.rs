@@ -71,7 +71,7 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("setup") => setup().map(|_| ()),
         _ => Err(
-            "usage: cargo xtask <test [-- cargo test args] | demo | bench [--scale [--users N] | --accounts N [--devices M] | --e2e [--sessions N]…] | restore-memory [--sessions N] | piv-check | fuzz [--seconds N] [TARGET…] | setup>"
+            "usage: cargo xtask <test [-- cargo test args] | demo | bench [--scale [--users N] | --accounts N [--devices M] | --e2e [--sessions N]… [--token softhsm|kryoptic]] | restore-memory [--sessions N] | piv-check | fuzz [--seconds N] [TARGET…] | setup>"
                 .into(),
         ),
     };
@@ -398,7 +398,9 @@ fn demo() -> Result {
     let created: serde_json::Value =
         serde_json::from_slice(&created.stdout).map_err(|e| format!("backup create: {e}"))?;
     let (version, public) = (
-        created["version"].as_str().ok_or("no backup version")?,
+        created["backup_version"]
+            .as_str()
+            .ok_or("no backup version")?,
         created["public_key"].as_str().ok_or("no backup key")?,
     );
     eprintln!("{version}, encrypted to {public}");
@@ -485,13 +487,21 @@ fn bench(args: &[String]) -> Result {
         ensure_packages(&["time"])?;
         let python = synapse::ensure_venv(&cache_dir())?;
         let dir = fresh_dir(&target_dir().join("bench-e2e"))?;
-        return e2e::bench_e2e(
-            &bin,
-            &python,
-            &dir,
-            &[("softhsm", &softhsm), ("kryoptic", &kry)],
-            &sizes,
-        );
+        // `--token softhsm|kryoptic`: one of them only.
+        let only = args
+            .iter()
+            .position(|a| a == "--token")
+            .map(|i| args.get(i + 1).cloned().ok_or("--token softhsm|kryoptic"))
+            .transpose()?;
+        let all = [("softhsm", &softhsm), ("kryoptic", &kry)];
+        let chosen: Vec<_> = all
+            .into_iter()
+            .filter(|(name, _)| only.as_deref().is_none_or(|o| o == *name))
+            .collect();
+        if chosen.is_empty() {
+            return Err("--token softhsm|kryoptic".into());
+        }
+        return e2e::bench_e2e(&bin, &python, &dir, &chosen, &sizes);
     }
     // `--scale [--users N]`: key lookups against the number of users on each token.
     if args.iter().any(|a| a == "--scale") {
