@@ -547,6 +547,19 @@ fn a_new_login_is_cross_signed_at_once() {
     assert!(out.contains("cross-signs this device"), "{out}");
 }
 
+/// Bob, with an identity another client made and his device BOBPHONE, verified by Alice:
+/// his master key signed with the user-signing key on her token.
+fn bob_verified_by(alice: &Alice) -> common::synapse::TestUser {
+    let bob = alice.synapse.register("bob");
+    let bob_token = alice.synapse.login(&bob, "BOBPHONE");
+    let bob_msk = software_identity(alice.synapse, &bob, &bob_token);
+    let fp = common::clients::spaced(&B64.encode(bob_msk.verifying_key().to_bytes()));
+    ok(alice
+        .cli()
+        .args(["sign", "user", &bob.user_id, "--fingerprint", &fp]));
+    bob
+}
+
 /// `identity status --tree` draws the chains of trust in 80 columns: the master key and
 /// what holds it, the self-signing key with our devices, the user-signing key with the
 /// users we verified, the backup; each verdict with its reason. Captured from a real
@@ -558,13 +571,7 @@ fn the_trust_tree_fits_80_columns() {
     ok(alice.cli().args(["identity", "create"]));
     ok(alice.cli().args(["backup", "create"]));
     let (_phone_token, _) = phone(alice.synapse, &alice.user, "PHONE");
-    let bob = alice.synapse.register("bob");
-    let bob_token = alice.synapse.login(&bob, "BOBPHONE");
-    let bob_msk = software_identity(alice.synapse, &bob, &bob_token);
-    let fp = common::clients::spaced(&B64.encode(bob_msk.verifying_key().to_bytes()));
-    ok(alice
-        .cli()
-        .args(["sign", "user", &bob.user_id, "--fingerprint", &fp]));
+    let bob = bob_verified_by(&alice);
     let master = alice.token_key("master");
     let (code, out, err) =
         common::run(
@@ -679,13 +686,7 @@ fn the_graph_holds_every_key_and_device_with_its_colour() {
         Some(json!({"display_name": evil_name})),
     );
     assert_eq!(s, 200, "{v}");
-    let bob = alice.synapse.register("bob");
-    let bob_token = alice.synapse.login(&bob, "BOBPHONE");
-    let bob_msk = software_identity(alice.synapse, &bob, &bob_token);
-    let fp = common::clients::spaced(&B64.encode(bob_msk.verifying_key().to_bytes()));
-    ok(alice
-        .cli()
-        .args(["sign", "user", &bob.user_id, "--fingerprint", &fp]));
+    let bob = bob_verified_by(&alice);
 
     let dir = alice.token.dir.path();
     let svg_path = dir.join("keys.svg");
