@@ -374,6 +374,9 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
                     .map_err(|e| AccountError::Refused(format!("{e:#}")))
             };
             let progress = bar(0, "{bar:40} {pos}/{len} sessions uploaded  {per_sec}");
+            if global.quiet {
+                progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
             let u = backup::upload(
                 &account,
                 &file,
