@@ -105,13 +105,27 @@ fn bar(len: u64, template: &str) -> indicatif::ProgressBar {
     bar
 }
 
+/// A spinner while PBKDF2 derives a key from a passphrase (it reports no progress of its
+/// own; at many rounds it takes seconds). Drawn only on a terminal, never with `-q`.
+fn pbkdf2_spinner(quiet: bool, what: String) -> indicatif::ProgressBar {
+    let s = indicatif::ProgressBar::new_spinner();
+    if quiet {
+        s.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    s.set_message(what);
+    s.enable_steady_tick(std::time::Duration::from_millis(120));
+    s
+}
+
 /// The progress bars of a restore, on standard error: the download and the sessions
 /// restored, at once (the restore starts while the backup downloads). The ETA is from the
 /// rate the token has been restoring at.
 struct Bars {
-    _all: indicatif::MultiProgress,
+    all: indicatif::MultiProgress,
     download: indicatif::ProgressBar,
     sessions: indicatif::ProgressBar,
+    /// The passphrase's PBKDF2, until the restore starts.
+    kdf: std::sync::Mutex<Option<indicatif::ProgressBar>>,
 }
 
 impl Bars {
@@ -130,9 +144,10 @@ impl Bars {
             "{bar:40} {pos}/{len} sessions  {per_sec}  ETA {eta}",
         ));
         Bars {
-            _all: all,
+            all,
             download,
             sessions,
+            kdf: std::sync::Mutex::new(None),
         }
     }
 }
@@ -142,6 +157,9 @@ impl RestoreProgress for Bars {
         self.download.set_position(bytes);
     }
     fn start(&self, already: u64) {
+        if let Some(s) = self.kdf.lock().ok().and_then(|mut k| k.take()) {
+            s.finish_and_clear();
+        }
         if already > 0 {
             note!("resuming: {already} sessions were restored by the interrupted run");
         }
@@ -313,11 +331,19 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
                 new_only,
                 rooms: &rooms,
             };
-            let passphrase = || {
-                secrets::passphrase(passphrase_file.as_deref(), true)
-                    .map_err(|e| AccountError::Refused(format!("{e:#}")))
-            };
             let bars = Bars::new(global.quiet);
+            let passphrase = || {
+                let p = secrets::passphrase(passphrase_file.as_deref(), true)
+                    .map_err(|e| AccountError::Refused(format!("{e:#}")))?;
+                let spinner = bars.all.add(pbkdf2_spinner(
+                    global.quiet,
+                    format!("deriving the export key: {rounds} rounds of PBKDF2-SHA-512"),
+                ));
+                if let Ok(mut k) = bars.kdf.lock() {
+                    *k = Some(spinner);
+                }
+                Ok(p)
+            };
             let r = restore::restore(&account, &options, &passphrase, &bars)?;
             bars.sessions.finish_and_clear();
             let rate = (r.restored + r.failed.len() - r.resumed) as f64 / r.seconds.max(1e-9);
@@ -369,9 +395,22 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
             passphrase_file,
         } => {
             let account = open_account(global)?;
+            let kdf = std::sync::Mutex::new(None::<indicatif::ProgressBar>);
+            let end_kdf = || {
+                if let Some(s) = kdf.lock().ok().and_then(|mut k| k.take()) {
+                    s.finish_and_clear();
+                }
+            };
             let passphrase = || {
-                secrets::passphrase(passphrase_file.as_deref(), false)
-                    .map_err(|e| AccountError::Refused(format!("{e:#}")))
+                let p = secrets::passphrase(passphrase_file.as_deref(), false)
+                    .map_err(|e| AccountError::Refused(format!("{e:#}")))?;
+                if let Ok(mut k) = kdf.lock() {
+                    *k = Some(pbkdf2_spinner(
+                        global.quiet,
+                        "opening the export: PBKDF2-SHA-512 of the passphrase".into(),
+                    ));
+                }
+                Ok(p)
             };
             let progress = bar(0, "{bar:40} {pos}/{len} sessions uploaded  {per_sec}");
             if global.quiet {
@@ -383,10 +422,12 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
                 format.into(),
                 &passphrase,
                 &|done, total| {
+                    end_kdf();
                     progress.set_length(total as u64);
                     progress.set_position(done as u64);
                 },
             )?;
+            end_kdf();
             progress.finish_and_clear();
             output::emit(
                 global.json,
