@@ -864,3 +864,48 @@ fn the_graph_holds_every_key_and_device_with_its_colour() {
         "the cluster names the user"
     );
 }
+
+/// After a user-signing key rotation, `identity publish` lists the users the previous key
+/// verified (from the audit log): their signatures no longer count. Once a user is
+/// verified again with the new key, they are no longer listed.
+#[test]
+fn a_user_signing_key_rotation_lists_the_users_to_verify_again() {
+    let alice = Alice::new(Kind::SoftHsm);
+    alice.login();
+    ok(alice.cli().args(["identity", "create"]));
+    let bob = bob_verified_by(&alice);
+    let old_usk = alice.token_key("user_signing");
+    ok(alice.cli().args([
+        "keys",
+        "generate",
+        "--user",
+        &alice.user.user_id,
+        "--role",
+        "user_signing",
+    ]));
+    assert_ne!(alice.token_key("user_signing"), old_usk);
+    let out = ok(alice.cli().args(["identity", "publish"]));
+    assert!(
+        out.contains("1 user(s) were verified with a previous user-signing key")
+            && out.contains(&bob.user_id),
+        "{out}"
+    );
+    let status = alice.status(&["--user", &bob.user_id]);
+    assert_ne!(user_trust(&status, &bob.user_id).0, "verified", "{status}");
+
+    // Verified again with the new key: no longer listed.
+    let fp = status["users"][0]["master_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(alice.cli().args([
+        "sign",
+        "user",
+        &bob.user_id,
+        "--fingerprint",
+        &common::clients::spaced(&fp),
+    ]));
+    let doc: Value =
+        serde_json::from_str(&ok(alice.cli().args(["--json", "identity", "publish"]))).unwrap();
+    assert_eq!(doc["users_to_reverify"], json!([]), "{doc}");
+}

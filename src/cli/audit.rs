@@ -50,6 +50,38 @@ pub fn log_path(global: &GlobalArgs) -> PathBuf {
         .unwrap_or_else(audit::default_path)
 }
 
+/// The users whose master key a user-signing key of `account` signed, as the audit log at
+/// `log` records it: each once, with the (base64) user-signing key of its newest signature,
+/// newest first. A missing or unreadable log gives none.
+pub fn users_signed(log: &std::path::Path, account: &str) -> Vec<(String, String)> {
+    use mxhsm::token::KeyRole;
+    let Ok(entries) = audit::entries(log, None) else {
+        return Vec::new();
+    };
+    fn s(v: Option<&serde_json::Value>) -> Option<&str> {
+        v.and_then(serde_json::Value::as_str)
+    }
+    let mut users: Vec<(String, String)> = Vec::new();
+    for e in entries.iter().rev() {
+        let object = e.get("object");
+        let key = e.get("key");
+        let signed_master = s(e.get("op")) == Some("sign")
+            && s(e.get("account")) == Some(account)
+            && s(key.and_then(|k| k.get("role"))) == Some(KeyRole::UserSigning.as_str())
+            && s(object.and_then(|o| o.get("usage"))) == Some(KeyRole::Master.as_str());
+        let (Some(user), Some(usk)) = (
+            s(object.and_then(|o| o.get("user_id"))).filter(|_| signed_master),
+            s(key.and_then(|k| k.get("public_key"))),
+        ) else {
+            continue;
+        };
+        if mxhsm::token::check_user_id(user).is_ok() && !users.iter().any(|(u, _)| u == user) {
+            users.push((user.to_string(), usk.to_string()));
+        }
+    }
+    users
+}
+
 /// `--since`: an age back from now, or a day (UTC).
 fn since_ms(text: &str) -> Result<u64> {
     if let Some(d) = mxhsm::text::parse_duration(text) {

@@ -14,7 +14,7 @@
 //! `broken`, `holds`, `copy`, `legend`), so that a reader or a test can find them.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
@@ -604,35 +604,6 @@ pub struct GraphArgs {
 /// At most this many users are taken from the audit log (the most recently signed).
 const MAX_AUDIT_USERS: usize = 50;
 
-/// The users whose master key `account`'s user-signing key signed, newest first, as the
-/// audit log at `log` records them. A missing or unreadable log gives none.
-fn signed_users(log: &Path, account: &str) -> Vec<String> {
-    let Ok(entries) = mxhsm::account::audit::entries(log, None) else {
-        return Vec::new();
-    };
-    let mut users: Vec<String> = Vec::new();
-    fn s(v: Option<&serde_json::Value>) -> Option<&str> {
-        v.and_then(serde_json::Value::as_str)
-    }
-    for e in entries.iter().rev() {
-        let object = e.get("object");
-        let signed_master = s(e.get("op")) == Some("sign")
-            && s(e.get("account")) == Some(account)
-            && s(e.get("key").and_then(|k| k.get("role"))) == Some(KeyRole::UserSigning.as_str())
-            && s(object.and_then(|o| o.get("usage"))) == Some(KeyRole::Master.as_str());
-        let Some(user) = s(object.and_then(|o| o.get("user_id"))).filter(|_| signed_master) else {
-            continue;
-        };
-        if mxhsm::token::check_user_id(user).is_ok() && !users.iter().any(|u| u == user) {
-            users.push(user.to_string());
-            if users.len() == MAX_AUDIT_USERS {
-                break;
-            }
-        }
-    }
-    users
-}
-
 /// Lays `dot` out with Graphviz into `format`; `None` when `dot` is not installed.
 fn layout(dot: &str, format: Format) -> Result<Option<Vec<u8>>> {
     use std::io::Write;
@@ -699,7 +670,11 @@ pub fn run(global: &GlobalArgs, args: GraphArgs) -> Result<ExitCode> {
     let graph = match &account {
         Some(account) => {
             let mut users = args.users.clone();
-            for u in signed_users(&super::audit::log_path(global), account.user_id()) {
+            let log = super::audit::log_path(global);
+            for (u, _) in super::audit::users_signed(&log, account.user_id())
+                .into_iter()
+                .take(MAX_AUDIT_USERS)
+            {
                 if !users.contains(&u) {
                     users.push(u);
                 }

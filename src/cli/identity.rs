@@ -178,6 +178,18 @@ fn replace_confirmation(
 }
 
 fn report_published(global: &GlobalArgs, p: &Published) {
+    // Users whose newest signature (as the audit log records it) is by another
+    // user-signing key than the published one: they are not verified now.
+    let usk = p.user_signing.to_base64();
+    let to_reverify: Vec<String> = if p.published {
+        super::audit::users_signed(&super::audit::log_path(global), &p.user_id)
+            .into_iter()
+            .filter(|(_, key)| *key != usk)
+            .map(|(u, _)| u)
+            .collect()
+    } else {
+        Vec::new()
+    };
     let sources: Vec<_> = p
         .sources
         .iter()
@@ -200,6 +212,7 @@ fn report_published(global: &GlobalArgs, p: &Published) {
             "keys": sources,
             "replaced_master_key": p.replaced.as_ref().map(|r| r.published_master.to_base64()),
             "devices_to_resign": p.devices_to_resign,
+            "users_to_reverify": to_reverify,
         }),
         || {
             for (role, source) in &p.sources {
@@ -242,6 +255,13 @@ fn report_published(global: &GlobalArgs, p: &Published) {
                     "{} device(s) were signed by the previous self-signing key and are not cross-signed now: {}. Check each one and sign it again with `mxhsm sign devices ID…`",
                     p.devices_to_resign.len(),
                     mxhsm::text::escape_joined(&p.devices_to_resign, ", ")
+                );
+            }
+            if !to_reverify.is_empty() {
+                say!(
+                    "{} user(s) were verified with a previous user-signing key (as the audit log records) and are not verified now: {}. Check each one and verify it again with `mxhsm verify user ID` or `mxhsm sign user ID --fingerprint …`",
+                    to_reverify.len(),
+                    mxhsm::text::escape_joined(&to_reverify, ", ")
                 );
             }
         },
