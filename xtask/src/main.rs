@@ -407,7 +407,7 @@ fn demo() -> Result {
     eprintln!("\n== Her phone backs up 20 room keys; mxhsm restores them with the token ==");
     demo::fill_backup(hs, &phone, version, public, 20)?;
     let keys = dir.join("alice-room-keys.json");
-    run(&mut as_user(&alice, &["backup", "restore", "--format", "json", "--out"]).arg(&keys))?;
+    run(as_user(&alice, &["backup", "restore", "--format", "json", "--out"]).arg(&keys))?;
     eprintln!("\n== The keys on the token, and the doctor's audit ==");
     run(&mut mxhsm_cmd(&bin, &token, ["keys", "list"]))?;
     run(&mut mxhsm_cmd(&bin, &token, ["token", "doctor"]))?;
