@@ -110,18 +110,6 @@ pub struct Imported {
     pub removed: Vec<&'static str>,
 }
 
-impl Imported {
-    /// Whether `name` was left alone because the token already holds exactly that key.
-    fn already_held(&self, name: &str) -> bool {
-        self.skipped
-            .iter()
-            .any(|(n, why)| *n == name && why.starts_with(ALREADY_HELD))
-    }
-}
-
-/// The start of the reason a secret is skipped when the token already holds its key.
-const ALREADY_HELD: &str = "the token already holds this";
-
 /// Imports the keys in secret storage onto the token. `key_text` (a recovery key or a
 /// passphrase) is asked for after the secret-storage description was found and checked.
 pub fn import(
@@ -174,6 +162,8 @@ pub fn import(
         skipped: Vec::new(),
         removed: Vec::new(),
     };
+    // Secrets whose key the token holds already (checked like the ones imported).
+    let mut already_held: Vec<&'static str> = Vec::new();
     // Decrypt and check everything before anything goes onto the token.
     let mut plan: Vec<(&'static str, KeyRole, Zeroizing<[u8; 32]>)> = Vec::new();
     for ((name, role), pub_key) in SECRETS.iter().zip(published) {
@@ -223,7 +213,8 @@ pub fn import(
             if existing.public_key == derived {
                 outcome
                     .skipped
-                    .push((name, format!("{ALREADY_HELD} {role} key")));
+                    .push((name, format!("the token already holds this {role} key")));
+                already_held.push(name);
                 continue;
             }
             return Err(AccountError::Refused(format!(
@@ -260,7 +251,7 @@ pub fn import(
             .iter()
             .map(|(name, _)| *name)
             .filter(|name| {
-                outcome.imported.iter().any(|(n, _)| n == name) || outcome.already_held(name)
+                outcome.imported.iter().any(|(n, _)| n == name) || already_held.contains(name)
             })
             .collect();
         for name in held {

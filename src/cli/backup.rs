@@ -105,16 +105,40 @@ fn bar(len: u64, template: &str) -> indicatif::ProgressBar {
     bar
 }
 
-/// A spinner while PBKDF2 derives a key from a passphrase (it reports no progress of its
-/// own; at many rounds it takes seconds). Drawn only on a terminal, never with `-q`.
-fn pbkdf2_spinner(quiet: bool, what: String) -> indicatif::ProgressBar {
-    let s = indicatif::ProgressBar::new_spinner();
+/// `bar`, drawn nowhere with `-q` (otherwise on standard error when it is a terminal).
+fn unless_quiet(quiet: bool, bar: indicatif::ProgressBar) -> indicatif::ProgressBar {
     if quiet {
-        s.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    s.set_message(what);
-    s.enable_steady_tick(std::time::Duration::from_millis(120));
-    s
+    bar
+}
+
+/// A spinner while PBKDF2 derives a key from a passphrase (it reports no progress of its
+/// own; at many rounds it takes seconds), from when the passphrase is given until the
+/// first progress of the work that follows.
+#[derive(Default)]
+struct KdfSpinner(std::sync::Mutex<Option<indicatif::ProgressBar>>);
+
+impl KdfSpinner {
+    fn start(
+        &self,
+        quiet: bool,
+        what: String,
+        shown: impl FnOnce(indicatif::ProgressBar) -> indicatif::ProgressBar,
+    ) {
+        let s = unless_quiet(quiet, indicatif::ProgressBar::new_spinner());
+        s.set_message(what);
+        s.enable_steady_tick(std::time::Duration::from_millis(120));
+        if let Ok(mut k) = self.0.lock() {
+            *k = Some(shown(s));
+        }
+    }
+
+    fn end(&self) {
+        if let Some(s) = self.0.lock().ok().and_then(|mut k| k.take()) {
+            s.finish_and_clear();
+        }
+    }
 }
 
 /// The progress bars of a restore, on standard error: the download and the sessions
@@ -125,7 +149,7 @@ struct Bars {
     download: indicatif::ProgressBar,
     sessions: indicatif::ProgressBar,
     /// The passphrase's PBKDF2, until the restore starts.
-    kdf: std::sync::Mutex<Option<indicatif::ProgressBar>>,
+    kdf: KdfSpinner,
 }
 
 impl Bars {
@@ -147,7 +171,7 @@ impl Bars {
             all,
             download,
             sessions,
-            kdf: std::sync::Mutex::new(None),
+            kdf: KdfSpinner::default(),
         }
     }
 }
@@ -157,9 +181,7 @@ impl RestoreProgress for Bars {
         self.download.set_position(bytes);
     }
     fn start(&self, already: u64) {
-        if let Some(s) = self.kdf.lock().ok().and_then(|mut k| k.take()) {
-            s.finish_and_clear();
-        }
+        self.kdf.end();
         if already > 0 {
             note!("resuming: {already} sessions were restored by the interrupted run");
         }
@@ -335,13 +357,11 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
             let passphrase = || {
                 let p = secrets::passphrase(passphrase_file.as_deref(), true)
                     .map_err(|e| AccountError::Refused(format!("{e:#}")))?;
-                let spinner = bars.all.add(pbkdf2_spinner(
+                bars.kdf.start(
                     global.quiet,
                     format!("deriving the export key: {rounds} rounds of PBKDF2-SHA-512"),
-                ));
-                if let Ok(mut k) = bars.kdf.lock() {
-                    *k = Some(spinner);
-                }
+                    |s| bars.all.add(s),
+                );
                 Ok(p)
             };
             let r = restore::restore(&account, &options, &passphrase, &bars)?;
@@ -395,39 +415,33 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
             passphrase_file,
         } => {
             let account = open_account(global)?;
-            let kdf = std::sync::Mutex::new(None::<indicatif::ProgressBar>);
-            let end_kdf = || {
-                if let Some(s) = kdf.lock().ok().and_then(|mut k| k.take()) {
-                    s.finish_and_clear();
-                }
-            };
+            let kdf = KdfSpinner::default();
             let passphrase = || {
                 let p = secrets::passphrase(passphrase_file.as_deref(), false)
                     .map_err(|e| AccountError::Refused(format!("{e:#}")))?;
-                if let Ok(mut k) = kdf.lock() {
-                    *k = Some(pbkdf2_spinner(
-                        global.quiet,
-                        "opening the export: PBKDF2-SHA-512 of the passphrase".into(),
-                    ));
-                }
+                kdf.start(
+                    global.quiet,
+                    "opening the export: PBKDF2-SHA-512 of the passphrase".into(),
+                    |s| s,
+                );
                 Ok(p)
             };
-            let progress = bar(0, "{bar:40} {pos}/{len} sessions uploaded  {per_sec}");
-            if global.quiet {
-                progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-            }
+            let progress = unless_quiet(
+                global.quiet,
+                bar(0, "{bar:40} {pos}/{len} sessions uploaded  {per_sec}"),
+            );
             let u = backup::upload(
                 &account,
                 &file,
                 format.into(),
                 &passphrase,
                 &|done, total| {
-                    end_kdf();
+                    kdf.end();
                     progress.set_length(total as u64);
                     progress.set_position(done as u64);
                 },
             )?;
-            end_kdf();
+            kdf.end();
             progress.finish_and_clear();
             output::emit(
                 global.json,

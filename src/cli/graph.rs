@@ -23,11 +23,11 @@ use mxhsm::account::backup::BackupStatus;
 use mxhsm::account::identity::Status;
 use mxhsm::account::secret_storage;
 use mxhsm::matrix::cross_signing::Trust;
-use mxhsm::token::{KeyInfo, KeyRole, TokenSummary};
+use mxhsm::token::{KeyInfo, KeyRole, TokenSummary, newest_by_role};
 
 use super::GlobalArgs;
 use super::output::{self, esc, note, say};
-use super::tree::{protection, short};
+use super::tree::{protection, short, short_b64};
 
 /// The longest text of a node line; server strings beyond it are cut.
 const MAX_LINE: usize = 48;
@@ -101,17 +101,18 @@ impl Link {
     }
 }
 
+/// A node; its DOT name is `n` and its index in `Graph::nodes`.
 struct Node {
-    id: String,
     lines: Vec<String>,
     class: Class,
     /// The cluster it is drawn in (an index into `Graph::clusters`).
     cluster: Option<usize>,
 }
 
+/// An edge between two nodes, by index.
 struct Edge {
-    from: String,
-    to: String,
+    from: usize,
+    to: usize,
     label: String,
     link: Link,
 }
@@ -122,6 +123,8 @@ pub struct Graph {
     clusters: Vec<(String, Class)>,
     nodes: Vec<Node>,
     edges: Vec<Edge>,
+    /// The legend's cluster, once drawn.
+    legend: Option<usize>,
 }
 
 /// Made safe inside a DOT quoted string, where `\` starts an escape (`\N`, `\G`, `\l`…).
@@ -163,6 +166,7 @@ impl Graph {
             clusters: Vec::new(),
             nodes: Vec::new(),
             edges: Vec::new(),
+            legend: None,
         }
     }
 
@@ -171,29 +175,27 @@ impl Graph {
         self.clusters.len() - 1
     }
 
-    /// Adds a node and returns its ID. `lines` are plain text (escaped when written).
-    fn node(&mut self, class: Class, cluster: Option<usize>, lines: Vec<String>) -> String {
-        let id = format!("n{}", self.nodes.len());
+    /// Adds a node and returns its index. `lines` are plain text (escaped when written).
+    fn node(&mut self, class: Class, cluster: Option<usize>, lines: Vec<String>) -> usize {
         self.nodes.push(Node {
-            id: id.clone(),
             lines,
             class,
             cluster,
         });
-        id
+        self.nodes.len() - 1
     }
 
-    fn edge(&mut self, from: &str, to: &str, link: Link, label: impl Into<String>) {
+    fn edge(&mut self, from: usize, to: usize, link: Link, label: impl Into<String>) {
         self.edges.push(Edge {
-            from: from.into(),
-            to: to.into(),
+            from,
+            to,
             label: label.into(),
             link,
         });
     }
 
     /// A signature link from its verdict: verified, or broken with the reason.
-    fn trust_edge(&mut self, from: &str, to: &str, what: &str, trust: &Trust) {
+    fn trust_edge(&mut self, from: usize, to: usize, what: &str, trust: &Trust) {
         match trust {
             Trust::Verified => self.edge(from, to, Link::Signature, what),
             Trust::ChainBroken(r) => self.edge(from, to, Link::Broken, format!("✘ broken: {r}")),
@@ -204,6 +206,7 @@ impl Graph {
     /// The legend: one node per colour, one edge per kind of link.
     fn legend(&mut self) {
         let c = self.cluster("legend".into(), Class::Public);
+        self.legend = Some(c);
         let private = self.node(
             Class::Private,
             Some(c),
@@ -216,10 +219,10 @@ impl Graph {
             vec!["shared with trusted parties".into()],
         );
         let other = self.node(Class::Public, Some(c), vec!["…".into()]);
-        self.edge(&private, &public, Link::Holds, "its public half");
-        self.edge(&public, &other, Link::Signature, "signs");
-        self.edge(&public, &shared, Link::Agreement, "encrypts to");
-        self.edge(&shared, &other, Link::Broken, "✘ broken link");
+        self.edge(private, public, Link::Holds, "its public half");
+        self.edge(public, other, Link::Signature, "signs");
+        self.edge(public, shared, Link::Agreement, "encrypts to");
+        self.edge(shared, other, Link::Broken, "✘ broken link");
     }
 
     /// The diagram as DOT text.
@@ -234,8 +237,8 @@ impl Graph {
         out.push_str(
             "  node [shape=box, style=\"rounded,filled\", fontname=\"Liberation Sans\", fontsize=10];\n  edge [fontname=\"Liberation Sans\", fontsize=9];\n",
         );
-        let in_legend = |n: &Node| n.cluster.is_some_and(|c| self.clusters[c].0 == "legend");
-        let write_node = |out: &mut String, n: &Node, indent: &str| {
+        let in_legend = |n: &Node| self.legend.is_some() && n.cluster == self.legend;
+        let write_node = |out: &mut String, i: usize, n: &Node, indent: &str| {
             let label = n
                 .lines
                 .iter()
@@ -246,8 +249,7 @@ impl Graph {
             let legend = if in_legend(n) { " legend" } else { "" };
             let _ = writeln!(
                 out,
-                "{indent}{} [label=\"{label}\", class=\"{}{legend}\", color=\"{border}\", fillcolor=\"{fill}\"];",
-                n.id,
+                "{indent}n{i} [label=\"{label}\", class=\"{}{legend}\", color=\"{border}\", fillcolor=\"{fill}\"];",
                 n.class.name(),
             );
         };
@@ -258,23 +260,27 @@ impl Graph {
                 "  subgraph cluster_{i} {{\n    label=\"{}\"; color=\"{border}\"; style=rounded;",
                 edge_text(label)
             );
-            for n in self.nodes.iter().filter(|n| n.cluster == Some(i)) {
-                write_node(&mut out, n, "    ");
+            for (j, n) in self.nodes.iter().enumerate() {
+                if n.cluster == Some(i) {
+                    write_node(&mut out, j, n, "    ");
+                }
             }
             out.push_str("  }\n");
         }
-        for n in self.nodes.iter().filter(|n| n.cluster.is_none()) {
-            write_node(&mut out, n, "  ");
+        for (j, n) in self.nodes.iter().enumerate() {
+            if n.cluster.is_none() {
+                write_node(&mut out, j, n, "  ");
+            }
         }
         for e in &self.edges {
-            let class = if self.nodes.iter().any(|n| n.id == e.from && in_legend(n)) {
+            let class = if in_legend(&self.nodes[e.from]) {
                 format!("{} legend", e.link.name())
             } else {
                 e.link.name().to_string()
             };
             let _ = writeln!(
                 out,
-                "  {} -> {} [label=\"{}\", class=\"{class}\", {}];",
+                "  n{} -> n{} [label=\"{}\", class=\"{class}\", {}];",
                 e.from,
                 e.to,
                 edge_text(&e.label),
@@ -291,7 +297,7 @@ fn key_line(role: KeyRole, key: &KeyInfo) -> String {
     format!(
         "{} key {}",
         role_words(role),
-        short_text(&key.public_key_base64())
+        short_b64(&key.public_key_base64())
     )
 }
 
@@ -302,16 +308,6 @@ fn role_words(role: KeyRole) -> &'static str {
         KeyRole::UserSigning => "user-signing",
         KeyRole::Backup => "backup",
         KeyRole::Audit => "audit",
-    }
-}
-
-/// The first twelve characters of a base64 key in groups of four, as the tree shows them.
-fn short_text(b64: &str) -> String {
-    let c: Vec<char> = b64.chars().take(12).collect();
-    let part = |r: std::ops::Range<usize>| c.get(r).map(|s| s.iter().collect::<String>());
-    match (part(0..4), part(4..8), part(8..12)) {
-        (Some(a), Some(b), Some(d)) => format!("{a} {b} {d}…"),
-        _ => b64.to_string(),
     }
 }
 
@@ -333,13 +329,6 @@ pub struct AccountParts<'a> {
     pub secrets: Option<&'a secret_storage::Status>,
 }
 
-/// The newest key of `role` among `keys`.
-fn newest(keys: &[KeyInfo], role: KeyRole) -> Option<&KeyInfo> {
-    keys.iter()
-        .filter(|k| k.role == role)
-        .max_by_key(|k| k.created_ms)
-}
-
 /// The diagram of a live account.
 pub fn account(p: &AccountParts<'_>) -> Graph {
     let own = &p.status.own;
@@ -349,7 +338,8 @@ pub fn account(p: &AccountParts<'_>) -> Graph {
         format!("{} — private keys never leave it", token_title(p.token)),
         Class::Private,
     );
-    // The token's private keys, each with its public half.
+    // The token's current private keys, each with its public half.
+    let current = newest_by_role(p.keys);
     let mut private = std::collections::BTreeMap::new();
     for role in [
         KeyRole::Master,
@@ -357,23 +347,23 @@ pub fn account(p: &AccountParts<'_>) -> Graph {
         KeyRole::UserSigning,
         KeyRole::Backup,
     ] {
-        if let Some(k) = newest(p.keys, role) {
+        if let Some(k) = current.get(&role) {
             let mut lines = vec![format!("{} private key", role_words(role))];
             if let mxhsm::token::KeyBackend::Piv { slot, .. } = &k.backend {
                 lines.push(format!("slot {slot}"));
             }
             lines.push(protection(k));
-            private.insert(role.as_str(), g.node(Class::Private, Some(token), lines));
+            private.insert(role, g.node(Class::Private, Some(token), lines));
         }
     }
-    let public_of = |g: &mut Graph, role: KeyRole, key: Option<String>| -> String {
+    let public_of = |g: &mut Graph, role: KeyRole, key: Option<String>| -> usize {
         let line = match key {
-            Some(k) => format!("{} key {}", role_words(role), short_text(&k)),
+            Some(k) => format!("{} key {}", role_words(role), short_b64(&k)),
             None => format!("{} key: none on the token", role_words(role)),
         };
         let id = g.node(Class::Public, None, vec![line]);
-        if let Some(pk) = private.get(role.as_str()) {
-            g.edge(pk, &id, Link::Holds, "");
+        if let Some(&pk) = private.get(&role) {
+            g.edge(pk, id, Link::Holds, "");
         }
         id
     };
@@ -388,13 +378,13 @@ pub fn account(p: &AccountParts<'_>) -> Graph {
         KeyRole::UserSigning,
         own.user_signing.map(|k| k.to_base64()),
     );
-    g.edge(&master, &ssk, Link::Signature, "signs");
-    g.edge(&master, &usk, Link::Signature, "signs");
+    g.edge(master, ssk, Link::Signature, "signs");
+    g.edge(master, usk, Link::Signature, "signs");
     if !report.own_identity.is_empty() {
         let mut lines = vec!["✘ the published identity is not the token's".to_string()];
         lines.extend(report.own_identity.iter().cloned());
         let problem = g.node(Class::Problem, None, lines);
-        g.edge(&master, &problem, Link::Broken, "✘ as published");
+        g.edge(master, problem, Link::Broken, "✘ as published");
     }
     // Our devices, signed by the self-signing key.
     for d in report.devices.iter().filter(|d| d.user_id == own.user_id) {
@@ -409,7 +399,7 @@ pub fn account(p: &AccountParts<'_>) -> Graph {
             lines.push(short(k));
         }
         let dev = g.node(Class::Public, None, lines);
-        g.trust_edge(&ssk, &dev, "signs", &d.trust);
+        g.trust_edge(ssk, dev, "signs", &d.trust);
     }
     // Other users: their master key signed by our user-signing key, and their devices.
     for u in &report.users {
@@ -418,14 +408,14 @@ pub fn account(p: &AccountParts<'_>) -> Graph {
             None => format!("{}: no master key", u.user_id),
         };
         let theirs = g.node(Class::Public, None, vec![line]);
-        g.trust_edge(&usk, &theirs, "signs", &u.trust);
+        g.trust_edge(usk, theirs, "signs", &u.trust);
         for d in report.devices.iter().filter(|d| d.user_id == u.user_id) {
             let mut lines = vec![format!("device {}", d.device_id)];
             if let Some(n) = &d.display_name {
                 lines.push(format!("\"{n}\""));
             }
             let dev = g.node(Class::Public, None, lines);
-            g.trust_edge(&theirs, &dev, "signs (their self-signing key)", &d.trust);
+            g.trust_edge(theirs, dev, "signs (their self-signing key)", &d.trust);
         }
     }
     // The backup: room keys encrypted to the backup key, auth_data signed by the master key.
@@ -453,26 +443,26 @@ pub fn account(p: &AccountParts<'_>) -> Graph {
                     Class::Public,
                     None,
                     vec![
-                        format!("backup key {}", short_text(&b.public_key)),
+                        format!("backup key {}", short_b64(&b.public_key)),
                         "✘ not a key on the token".into(),
                     ],
                 )
             };
             if b.is_token_key() {
-                g.edge(&key, &backup, Link::Agreement, "room keys encrypted to");
+                g.edge(key, backup, Link::Agreement, "room keys encrypted to");
             } else {
                 g.edge(
-                    &key,
-                    &backup,
+                    key,
+                    backup,
                     Link::Broken,
                     "✘ encrypted to a key not on the token",
                 );
             }
             match &b.signed_by_master {
-                Ok(()) => g.edge(&master, &backup, Link::Signature, "signs auth_data"),
+                Ok(()) => g.edge(master, backup, Link::Signature, "signs auth_data"),
                 Err(e) => g.edge(
-                    &master,
-                    &backup,
+                    master,
+                    backup,
                     Link::Broken,
                     format!("✘ auth_data not trusted: {e}"),
                 ),
@@ -487,15 +477,16 @@ pub fn account(p: &AccountParts<'_>) -> Graph {
             None => "secret storage: no default key".into(),
         }];
         for x in &s.secrets {
-            let state = match (x.on_server, x.token_key.is_some(), x.matches()) {
-                (false, _, _) => "absent",
-                (true, true, Some(true)) => "holds a copy of the token's key",
-                (true, _, Some(false)) | (true, _, None) if x.published_key.is_none() => {
-                    "stale: nothing published for it"
+            let state = if !x.on_server {
+                "absent"
+            } else if x.published_key.is_none() {
+                "stale: nothing published for it"
+            } else {
+                match x.matches() {
+                    Some(true) => "holds a copy of the token's key",
+                    Some(false) => "stale: not the published key",
+                    None => "present (not on the token)",
                 }
-                (true, _, Some(false)) => "stale: not the published key",
-                (true, false, _) => "present (not on the token)",
-                (true, true, None) => "present",
             };
             lines.push(format!("{}: {state}", x.name));
         }
@@ -505,9 +496,9 @@ pub fn account(p: &AccountParts<'_>) -> Graph {
             .iter()
             .filter(|x| x.on_server && x.token_key.is_some())
         {
-            if let Some(pk) = private.get(x.role.as_str()) {
+            if let Some(&pk) = private.get(&x.role) {
                 g.edge(
-                    &storage,
+                    storage,
                     pk,
                     Link::Copy,
                     format!("⚠ {}: may hold a copy", x.name),
@@ -531,11 +522,10 @@ pub fn token_only(token: &TokenSummary, keys: &[KeyInfo]) -> Graph {
     for user in users {
         let c = g.cluster(user.to_string(), Class::Private);
         let mine: Vec<&KeyInfo> = keys.iter().filter(|k| k.user_id == user).collect();
+        let newest = newest_by_role(mine.iter().copied());
         for k in &mine {
-            let current = mine
-                .iter()
-                .filter(|o| o.role == k.role)
-                .max_by_key(|o| o.created_ms)
+            let current = newest
+                .get(&k.role)
                 .is_some_and(|n| n.public_key == k.public_key);
             let mut lines = vec![format!("{} private key", role_words(k.role))];
             lines.push(k.backend.to_string());
@@ -545,7 +535,7 @@ pub fn token_only(token: &TokenSummary, keys: &[KeyInfo]) -> Graph {
             }
             let private = g.node(Class::Private, Some(c), lines);
             let public = g.node(Class::Public, Some(c), vec![key_line(k.role, k)]);
-            g.edge(&private, &public, Link::Holds, "");
+            g.edge(private, public, Link::Holds, "");
         }
     }
     if keys.is_empty() {
@@ -680,12 +670,9 @@ pub fn run(global: &GlobalArgs, args: GraphArgs) -> Result<ExitCode> {
                 }
             }
             let status = mxhsm::account::identity::status(account, &users)?;
-            // A PKCS#11 token shows the private keys' protection attributes once logged
-            // in, as for `keys list` (a YubiKey's metadata needs no PIN).
-            if account.store().as_pkcs11().is_some() {
-                account.store().login()?;
-            }
-            let keys = account.keys().list_keys(Some(account.user_id()))?;
+            let keys = account
+                .store()
+                .list_keys_with_protection(Some(account.user_id()))?;
             let backup = mxhsm::account::backup::status(account)?;
             let secrets = secret_storage::status(account)?;
             self::account(&AccountParts {
@@ -698,10 +685,7 @@ pub fn run(global: &GlobalArgs, args: GraphArgs) -> Result<ExitCode> {
         }
         None => {
             let store = super::open_store(global)?;
-            if store.as_pkcs11().is_some() {
-                store.login()?;
-            }
-            let keys = store.list_keys(None)?;
+            let keys = store.list_keys_with_protection(None)?;
             token_only(store.summary(), &keys)
         }
     };
@@ -769,7 +753,7 @@ mod tests {
             None,
             vec!["evil\" ]; n0 -> n0 [label=\"x\\N\u{202e}\n".into()],
         );
-        g.edge(&n, &n, Link::Broken, "a\"b\\c");
+        g.edge(n, n, Link::Broken, "a\"b\\c");
         let dot = g.to_dot();
         let line = dot.lines().find(|l| l.starts_with("  n0 [")).unwrap();
         // The label is one quoted string: every quote in it is escaped, so the line

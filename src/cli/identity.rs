@@ -374,12 +374,10 @@ pub fn run_identity(global: &GlobalArgs, cmd: IdentityCommand) -> Result<ExitCod
             let account = open_account(global)?;
             let status = identity::status(&account, &users)?;
             if tree {
-                // What holds each key includes its protection attributes, which a PKCS#11
-                // token shows once logged in (as for `keys list`).
-                if account.store().as_pkcs11().is_some() {
-                    account.store().login()?;
-                }
-                let keys = account.keys().list_keys(Some(account.user_id()))?;
+                // What holds each key includes its protection attributes.
+                let keys = account
+                    .store()
+                    .list_keys_with_protection(Some(account.user_id()))?;
                 let backup = mxhsm::account::backup::status(&account)?;
                 for line in
                     super::tree::lines(&status, &keys, account.keys().summary(), backup.as_ref())

@@ -187,12 +187,7 @@ pub fn run(global: &GlobalArgs, cmd: KeysCommand) -> Result<ExitCode> {
         }
         KeysCommand::List { user } => {
             let store = open_store(global)?;
-            // A PKCS#11 token shows the private keys' protection attributes once logged in
-            // (a YubiKey's metadata needs no PIN).
-            if store.as_pkcs11().is_some() {
-                store.login()?;
-            }
-            let keys = store.list_keys(user.as_deref())?;
+            let keys = store.list_keys_with_protection(user.as_deref())?;
             let value = json!({
                 "token": store.summary().to_string(),
                 "keys": keys.iter().map(key_json).collect::<Vec<_>>(),

@@ -127,8 +127,8 @@ pub fn document(mut value: serde_json::Value) -> serde_json::Value {
 
 /// Prints a JSON document, pretty, with every control or bidi character escaped (the value
 /// a JSON reader gets back is unchanged).
-pub fn json(value: &serde_json::Value) {
-    println!("{}", text::json_string(&document(value.clone()), true));
+pub fn json(value: serde_json::Value) {
+    println!("{}", text::json_string(&document(value), true));
 }
 
 /// Prints a JSON document on one line (an event of `watch` or `verify`, an error).
@@ -139,7 +139,7 @@ pub fn json_line(value: serde_json::Value) {
 /// Prints `value` under `--json`, else runs `human`.
 pub fn emit(json_mode: bool, value: serde_json::Value, human: impl FnOnce()) {
     if json_mode {
-        json(&value);
+        json(value);
     } else {
         human();
     }

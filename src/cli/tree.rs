@@ -5,7 +5,7 @@ use mxhsm::account::backup::BackupStatus;
 use mxhsm::account::identity::Status;
 use mxhsm::matrix::cross_signing::Trust;
 use mxhsm::matrix::keys::Ed25519PublicKey;
-use mxhsm::token::{KeyBackend, KeyInfo, KeyRole, TokenSummary};
+use mxhsm::token::{KeyBackend, KeyInfo, KeyRole, TokenSummary, newest_by_role};
 
 use super::output::esc;
 
@@ -37,8 +37,18 @@ impl Node {
 
 /// The start of a key, enough to tell keys apart and compare with another screen.
 pub(super) fn short(key: &Ed25519PublicKey) -> String {
-    let b = key.to_base64();
-    format!("{} {} {}…", &b[0..4], &b[4..8], &b[8..12])
+    short_b64(&key.to_base64())
+}
+
+/// [`short`] of a key given as base64 (which may come from the server: a short or odd
+/// string is shown whole).
+pub(super) fn short_b64(b: &str) -> String {
+    let c: Vec<char> = b.chars().take(12).collect();
+    if c.len() < 12 {
+        return b.to_string();
+    }
+    let part = |r: std::ops::Range<usize>| c[r].iter().collect::<String>();
+    format!("{} {} {}…", part(0..4), part(4..8), part(8..12))
 }
 
 fn verdict(t: &Trust) -> String {
@@ -102,10 +112,10 @@ pub fn lines(
 ) -> Vec<String> {
     let own = &status.own;
     let report = &status.report;
+    let current = newest_by_role(keys);
     let on_token = |role: KeyRole| {
-        keys.iter()
-            .filter(|k| k.role == role)
-            .max_by_key(|k| k.created_ms)
+        current
+            .get(&role)
             .map(|k| holder(k, token))
             .unwrap_or_else(|| "not on the token".into())
     };

@@ -547,6 +547,23 @@ impl fmt::Display for TokenSummary {
     }
 }
 
+/// The newest key of each role among `keys` (one user's listing): the current ones. Of
+/// two with the same creation time, the later in the listing.
+pub fn newest_by_role<'a>(
+    keys: impl IntoIterator<Item = &'a KeyInfo>,
+) -> BTreeMap<KeyRole, &'a KeyInfo> {
+    let mut current: BTreeMap<KeyRole, &KeyInfo> = BTreeMap::new();
+    for key in keys {
+        match current.get(&key.role) {
+            Some(k) if k.created_ms > key.created_ms => {}
+            _ => {
+                current.insert(key.role, key);
+            }
+        }
+    }
+    current
+}
+
 /// A store of Matrix keys on one token.
 ///
 /// Implementations are thread-safe: operations on different keys (or the same key) may
@@ -596,16 +613,11 @@ pub trait KeyStore: Send + Sync {
 
     /// The current (newest) key of each role `user_id` has, from one listing.
     fn current_keys(&self, user_id: &str) -> Result<BTreeMap<KeyRole, KeyInfo>, TokenError> {
-        let mut current: BTreeMap<KeyRole, KeyInfo> = BTreeMap::new();
-        for key in self.list_keys(Some(user_id))? {
-            match current.get(&key.role) {
-                Some(k) if k.created_ms > key.created_ms => {}
-                _ => {
-                    current.insert(key.role, key);
-                }
-            }
-        }
-        Ok(current)
+        let keys = self.list_keys(Some(user_id))?;
+        Ok(newest_by_role(&keys)
+            .into_iter()
+            .map(|(role, key)| (role, key.clone()))
+            .collect())
     }
 
     /// The current (newest) key of `role` for `user_id`.

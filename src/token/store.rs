@@ -268,6 +268,19 @@ impl Store {
         }
     }
 
+    /// The keys of `user_id` (or of everyone), with each private key's protection
+    /// attributes: a PKCS#11 token shows those only after login, so this logs in there
+    /// first (the PIN is asked for if needed); a YubiKey's metadata needs no PIN.
+    pub fn list_keys_with_protection(
+        &self,
+        user_id: Option<&str>,
+    ) -> Result<Vec<super::KeyInfo>, TokenError> {
+        if self.as_pkcs11().is_some() {
+            self.login()?;
+        }
+        self.list_keys(user_id)
+    }
+
     /// The PKCS#11 store, if this is one.
     pub fn as_pkcs11(&self) -> Option<&Pkcs11Store> {
         match &self.backend {

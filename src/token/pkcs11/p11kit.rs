@@ -103,6 +103,7 @@ fn listed(value: Option<&String>) -> Option<bool> {
 
 /// The modules registered in `dirs` (lowest precedence first), by name.
 fn registered_in(dirs: &[PathBuf]) -> Vec<RegisteredModule> {
+    let relative_to = module_dir();
     let mut by_name: BTreeMap<String, Option<RegisteredModule>> = BTreeMap::new();
     for dir in dirs {
         let Ok(entries) = std::fs::read_dir(dir) else {
@@ -144,7 +145,7 @@ fn registered_in(dirs: &[PathBuf]) -> Vec<RegisteredModule> {
                     path: if p.is_absolute() {
                         p.to_path_buf()
                     } else {
-                        module_dir().join(p)
+                        relative_to.join(p)
                     },
                     config: config.clone(),
                 }
