@@ -415,8 +415,185 @@ fn key_templates_are_explicit(kind: Kind) {
     }
 }
 
+/// Raw cryptoki helpers for the index tests: objects as mxhsm made them before keys had a
+/// subject, and the index marker.
+mod raw {
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+    use cryptoki::session::Session;
+    use mxhsm::token::KeyRole;
+    use mxhsm::token::pkcs11::{ec, key_label};
+
+    /// An Ed25519 pair with an mxhsm label and ID and no `CKA_SUBJECT`.
+    pub fn legacy_pair(session: &Session, user: &str, role: KeyRole) {
+        let mut id = b"mx\x01".to_vec();
+        id.extend_from_slice(&1_700_000_000_000u64.to_be_bytes());
+        id.extend_from_slice(&[1, 2, 3, 4]);
+        let label = key_label(user, role).into_bytes();
+        let common = [
+            Attribute::Token(true),
+            Attribute::Label(label),
+            Attribute::Id(id),
+        ];
+        let mut public = vec![
+            Attribute::Private(false),
+            Attribute::EcParams(ec::OID_ED25519.to_vec()),
+            Attribute::Verify(true),
+        ];
+        public.extend(common.clone());
+        let mut private = vec![
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Sign(true),
+        ];
+        private.extend(common);
+        session
+            .generate_key_pair(&Mechanism::EccEdwardsKeyPairGen, &public, &private)
+            .unwrap();
+    }
+
+    pub fn markers(session: &Session) -> Vec<ObjectHandle> {
+        session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Label(b"mxhsm:index".to_vec()),
+            ])
+            .unwrap()
+    }
+
+    /// The `CKA_SUBJECT` of every object labelled for `user`, by class.
+    pub fn subjects(session: &Session, user: &str) -> Vec<(ObjectClass, Vec<u8>)> {
+        let mut out = Vec::new();
+        for role in KeyRole::ALL {
+            let label = key_label(user, role).into_bytes();
+            for h in session.find_objects(&[Attribute::Label(label)]).unwrap() {
+                let (mut class, mut subject) = (None, Vec::new());
+                for a in session
+                    .get_attributes(h, &[AttributeType::Class, AttributeType::Subject])
+                    .unwrap()
+                {
+                    match a {
+                        Attribute::Class(c) => class = Some(c),
+                        Attribute::Subject(v) => subject = v,
+                        _ => {}
+                    }
+                }
+                out.push((class.unwrap(), subject));
+            }
+        }
+        out
+    }
+}
+
+/// On a new token, the first key makes the index marker, and both halves of every key
+/// (generated or imported) carry the owner's subject, so a lookup is one search by subject.
+/// Another application's object with the same subject is not taken for a key.
+fn users_are_found_by_subject_on_a_new_token(kind: Kind) {
+    let t = TestToken::new(kind);
+    let store = t.open();
+    store
+        .generate(ALICE, KeyRole::Master, &KeyOptions::default())
+        .unwrap();
+    store
+        .import(
+            ALICE,
+            KeyRole::Backup,
+            SecretKeyBytes::new(random32()),
+            &KeyOptions::default(),
+        )
+        .unwrap();
+    store
+        .generate("@bob:localhost", KeyRole::Master, &KeyOptions::default())
+        .unwrap();
+    drop(store);
+    let session = t.raw_session();
+    assert_eq!(
+        raw::markers(&session).len(),
+        1,
+        "one index marker on {kind:?}"
+    );
+    let subjects = raw::subjects(&session, ALICE);
+    assert_eq!(subjects.len(), 4, "{subjects:?}");
+    let alice = &subjects[0].1;
+    assert!(
+        alice.starts_with(&[0x30]) && alice.ends_with(ALICE.as_bytes()),
+        "{alice:?}"
+    );
+    assert!(subjects.iter().all(|(_, s)| s == alice), "{subjects:?}");
+    let bob = raw::subjects(&session, "@bob:localhost");
+    assert!(
+        bob.iter().all(|(_, s)| s.ends_with(b"@bob:localhost")),
+        "{bob:?}"
+    );
+    // A foreign data object with Alice's subject (data objects have none, so a public key
+    // under another label): found by the search, never listed as hers.
+    {
+        use cryptoki::mechanism::Mechanism;
+        use cryptoki::object::Attribute;
+        let public = [
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::EcParams(mxhsm::token::pkcs11::ec::OID_ED25519.to_vec()),
+            Attribute::Label(b"other-app key".to_vec()),
+            Attribute::Subject(alice.clone()),
+        ];
+        let private = [Attribute::Token(true), Attribute::Subject(alice.clone())];
+        session
+            .generate_key_pair(&Mechanism::EccEdwardsKeyPairGen, &public, &private)
+            .unwrap();
+    }
+    drop(session);
+    let store = t.open();
+    let keys = store.list_keys(Some(ALICE)).unwrap();
+    let roles: Vec<KeyRole> = keys.iter().map(|k| k.role).collect();
+    assert_eq!(roles, [KeyRole::Master, KeyRole::Backup], "{keys:?}");
+    assert_eq!(store.list_keys(Some("@bob:localhost")).unwrap().len(), 1);
+    assert_eq!(store.list_keys(None).unwrap().len(), 3);
+}
+
+/// A token holding keys made before subjects (no `CKA_SUBJECT`) gets no marker: every
+/// lookup searches by label, so the old keys are still found, new keys beside them too.
+fn tokens_with_keys_without_a_subject_are_searched_by_label(kind: Kind) {
+    let t = TestToken::new(kind);
+    let old = "@old:localhost";
+    {
+        let session = t.raw_session();
+        raw::legacy_pair(&session, old, KeyRole::Master);
+        raw::legacy_pair(&session, ALICE, KeyRole::SelfSigning);
+    }
+    for _ in 0..2 {
+        let store = t.open();
+        store
+            .generate(ALICE, KeyRole::Master, &KeyOptions::default())
+            .unwrap();
+        drop(store);
+        assert!(
+            raw::markers(&t.raw_session()).is_empty(),
+            "no marker on {kind:?}"
+        );
+    }
+    let store = t.open();
+    let keys = store.list_keys(Some(ALICE)).unwrap();
+    let roles: Vec<KeyRole> = keys.iter().map(|k| k.role).collect();
+    assert_eq!(
+        roles,
+        [KeyRole::Master, KeyRole::Master, KeyRole::SelfSigning],
+        "{keys:?}"
+    );
+    let old_keys = store.list_keys(Some(old)).unwrap();
+    assert_eq!(old_keys.len(), 1, "{old_keys:?}");
+    let k = store.find_key(old, KeyRole::Master).unwrap();
+    verify(
+        &k.public_key,
+        b"still works",
+        &store.sign_ed25519(&k, b"still works").unwrap(),
+    );
+}
+
 per_pkcs11_token!(
     key_templates_are_explicit,
+    users_are_found_by_subject_on_a_new_token,
+    tokens_with_keys_without_a_subject_are_searched_by_label,
     generate_all_roles_sign_and_agree,
     imported_seed_signs_like_dalek_and_js_sdk,
     imported_x25519_matches_rfc7748,

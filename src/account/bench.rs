@@ -253,6 +253,10 @@ pub struct ScaleRow {
     pub same_user_again: Duration,
     /// Median time to list every key.
     pub all: Duration,
+    /// PKCS#11 only: the median time of one search that matches nothing (one pass over the
+    /// token's objects), measured alternately with `one_user`, and how many searches a
+    /// user's lookup makes.
+    pub one_pass: Option<(Duration, usize)>,
 }
 
 /// The users the scale bench makes (and deletes): in a domain that cannot exist.
@@ -298,7 +302,9 @@ pub fn scale(
                 v.sort();
                 v[v.len() / 2]
             };
-            let (mut one, mut again, mut all) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut one, mut again, mut all, mut pass) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut searches = 0;
             // Users not looked up before (a first lookup is a token search; a second one
             // of the same user, in the same process, is answered from what the first found).
             for round in 0..size.min(15) {
@@ -309,6 +315,11 @@ pub fn scale(
                 let t = Instant::now();
                 store.list_keys(Some(&user))?;
                 again.push(t.elapsed());
+                if let Some(p) = store.as_pkcs11() {
+                    let (d, n) = p.search_cost()?;
+                    pass.push(d);
+                    searches = n;
+                }
                 if round % 5 == 0 {
                     let t = Instant::now();
                     store.list_keys(None)?;
@@ -321,6 +332,7 @@ pub fn scale(
                 one_user: median(one),
                 same_user_again: median(again),
                 all: median(all),
+                one_pass: (!pass.is_empty()).then(|| (median(pass), searches)),
             };
             step(&row);
             rows.push(row);

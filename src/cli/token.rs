@@ -539,6 +539,8 @@ fn scale_bench(global: &GlobalArgs, users: usize, keep: bool) -> Result<ExitCode
             "one_user_ms": r.one_user.as_secs_f64() * 1e3, "all_ms": r.all.as_secs_f64() * 1e3,
             "same_user_again_ms": r.same_user_again.as_secs_f64() * 1e3,
             "one_user_ratio": r.one_user.as_secs_f64() / base,
+            "one_pass_ms": r.one_pass.map(|(d, _)| d.as_secs_f64() * 1e3),
+            "searches_per_user": r.one_pass.map(|(_, n)| n),
         })).collect::<Vec<_>>()}),
         || {
             let table: Vec<Vec<String>> = rows
@@ -551,6 +553,12 @@ fn scale_bench(global: &GlobalArgs, users: usize, keep: bool) -> Result<ExitCode
                         format!("{:.2}", r.one_user.as_secs_f64() / base),
                         format!("{:.3} ms", r.same_user_again.as_secs_f64() * 1e3),
                         format!("{:.1} ms", r.all.as_secs_f64() * 1e3),
+                        r.one_pass.map_or("-".into(), |(d, n)| {
+                            format!("{:.2} ms ({n} per user)", d.as_secs_f64() * 1e3)
+                        }),
+                        r.one_pass.map_or("-".into(), |(d, _)| {
+                            format!("{:.2}", r.one_user.as_secs_f64() / d.as_secs_f64())
+                        }),
                     ]
                 })
                 .collect();
@@ -563,6 +571,8 @@ fn scale_bench(global: &GlobalArgs, users: usize, keep: bool) -> Result<ExitCode
                     "ONE USER / FIRST",
                     "SAME USER AGAIN",
                     "ALL KEYS",
+                    "ONE SEARCH",
+                    "ONE USER / ONE SEARCH",
                 ],
                 &table,
             );

@@ -19,6 +19,7 @@
 
 mod bare;
 pub mod ec;
+mod index;
 mod module;
 mod objects;
 pub mod p11kit;
@@ -101,6 +102,8 @@ pub struct Pkcs11Store {
     /// this store makes clears its user's entry. A token search costs a pass over all its
     /// objects, so a flow that looks a user up several times pays for it once.
     listed: Mutex<HashMap<String, (bool, Vec<KeyInfo>)>>,
+    /// Whether a user's keys are found by subject (see `index`).
+    index: Mutex<index::Index>,
 }
 
 impl std::fmt::Debug for Pkcs11Store {
@@ -197,6 +200,7 @@ impl Pkcs11Store {
             pool: Mutex::new(vec![session]),
             handles: Mutex::new(HashMap::new()),
             listed: Mutex::new(HashMap::new()),
+            index: Mutex::new(index::Index::Unknown),
         })
     }
 
@@ -287,17 +291,29 @@ impl Pkcs11Store {
             Some(user) => {
                 check_user_id(user)?;
                 let mut all = Vec::new();
-                for role in KeyRole::ALL {
-                    let label = key_label(user, role);
+                if self.indexed(&session)? {
                     let found = session
-                        .find_objects(&[Attribute::Label(label.clone().into_bytes())])
+                        .find_objects(&[Attribute::Subject(index::subject_of(user))])
                         .map_err(self.dev("C_FindObjects"))?;
                     tracing::debug!(
-                        "C_FindObjects label {}: {} object(s)",
-                        crate::text::escape(&label),
+                        "C_FindObjects subject CN={}: {} object(s)",
+                        crate::text::escape(user),
                         found.len()
                     );
-                    all.extend(found);
+                    all = found;
+                } else {
+                    for role in KeyRole::ALL {
+                        let label = key_label(user, role);
+                        let found = session
+                            .find_objects(&[Attribute::Label(label.clone().into_bytes())])
+                            .map_err(self.dev("C_FindObjects"))?;
+                        tracing::debug!(
+                            "C_FindObjects label {}: {} object(s)",
+                            crate::text::escape(&label),
+                            found.len()
+                        );
+                        all.extend(found);
+                    }
                 }
                 (Vec::new(), all)
             }
@@ -331,6 +347,10 @@ impl Pkcs11Store {
                     keys.push(k);
                 }
             }
+        }
+        if let Some(user) = user_id {
+            // A subject search could find another application's object of that subject.
+            keys.retain(|k| k.user_id == user);
         }
         keys.sort_by(|a, b| {
             (&a.user_id, a.role, a.created_ms).cmp(&(&b.user_id, b.role, b.created_ms))
@@ -399,8 +419,11 @@ impl KeyStore for Pkcs11Store {
         self.login()?;
         let session = self.session()?;
         let label = key_label(user_id, role);
-        let (_, private) =
-            self.generate_objects(&session, role.algorithm(), &label, new_key_id()?, true)?;
+        self.index_before_create(&session)?;
+        let subject = Some(index::subject_of(user_id));
+        let (public, private) =
+            self.generate_objects(&session, role.algorithm(), &label, new_key_id()?, subject)?;
+        self.index_after_create(&session, public, user_id)?;
         self.key_info(&session, private, None)?
             .ok_or_else(|| self.bad_data("the new key cannot be read back".into()))
     }
@@ -425,6 +448,8 @@ impl KeyStore for Pkcs11Store {
         // The PIN before the secret goes into a template (an early return must not skip
         // the zeroizing below).
         self.login()?;
+        self.index_before_create(&*self.session()?)?;
+        let subject = index::subject_of(user_id);
         let mut private = vec![
             Attribute::Class(ObjectClass::PRIVATE_KEY),
             Attribute::KeyType(key_type),
@@ -436,6 +461,7 @@ impl KeyStore for Pkcs11Store {
             Attribute::Extractable(false),
             Attribute::Label(label.clone().into_bytes()),
             Attribute::Id(id.clone()),
+            Attribute::Subject(subject.clone()),
         ];
         private.extend(private_usage(algorithm));
         drop(secret);
@@ -462,12 +488,14 @@ impl KeyStore for Pkcs11Store {
             Attribute::Private(false),
             Attribute::Label(label.clone().into_bytes()),
             Attribute::Id(id.clone()),
+            Attribute::Subject(subject),
         ];
         public.extend(public_usage(algorithm));
         let checked = with_optional_attributes(&public, &[], |public, _| {
             session.create_object(public).map(|h| (h, h))
         })
         .map_err(self.dev("C_CreateObject (public key)"))
+        .and_then(|(h, _)| self.index_after_create(&session, h, user_id))
         .inspect(|_| {
             tracing::info!(
                 "C_CreateObject: imported a key pair on {}",

@@ -368,16 +368,19 @@ impl Pkcs11Store {
         }
     }
 
-    /// Generates a key pair; `persistent` = token objects (false: session objects that
-    /// vanish with the session, for self-tests and benchmarks).
+    /// Generates a key pair: token objects carrying `subject` (the owner's `CKA_SUBJECT`),
+    /// or, without one, session objects that vanish with the session, for self-tests and
+    /// benchmarks.
     pub(super) fn generate_objects(
         &self,
         session: &Session,
         algorithm: KeyAlgorithm,
         label: &str,
         id: Vec<u8>,
-        persistent: bool,
+        subject: Option<Vec<u8>>,
     ) -> Result<(ObjectHandle, ObjectHandle), TokenError> {
+        // Session keys (self-tests, benchmarks) belong to nobody and have no subject.
+        let persistent = subject.is_some();
         let (key_type, params) = self.key_params(algorithm)?;
         let mechanism = match key_type {
             KeyType::EC_MONTGOMERY => Mechanism::EccMontgomeryKeyPairGen,
@@ -403,6 +406,10 @@ impl Pkcs11Store {
             Attribute::Id(id),
         ];
         private.extend(private_usage(algorithm));
+        if let Some(subject) = subject {
+            public.push(Attribute::Subject(subject.clone()));
+            private.push(Attribute::Subject(subject));
+        }
         let pair = with_optional_attributes(&public, &private, |public, private| {
             session.generate_key_pair(&mechanism, public, private)
         })
@@ -431,7 +438,7 @@ impl Pkcs11Store {
         };
         let id = new_key_id()?;
         let (public, private) =
-            self.generate_objects(&session, algorithm, label, id.clone(), false)?;
+            self.generate_objects(&session, algorithm, label, id.clone(), None)?;
         let point = session
             .get_attributes(public, &[AttributeType::EcPoint])
             .map_err(self.dev("C_GetAttributeValue"))?;
