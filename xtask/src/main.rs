@@ -71,7 +71,7 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("setup") => setup().map(|_| ()),
         _ => Err(
-            "usage: cargo xtask <test [-- cargo test args] | demo | bench [--scale [--users N] | --accounts N [--devices M] | --e2e [--sessions N]… [--token softhsm|kryoptic]] | restore-memory [--sessions N] | piv-check | fuzz [--seconds N] [TARGET…] | setup>"
+            "usage: cargo xtask <test [-- cargo test args] | demo | bench [--scale [--users N] [--token softhsm|kryoptic] | --accounts N [--devices M] | --e2e [--sessions N]… [--token softhsm|kryoptic]] | restore-memory [--sessions N] | piv-check | fuzz [--seconds N] [TARGET…] | setup>"
                 .into(),
         ),
     };
@@ -506,7 +506,15 @@ fn bench(args: &[String]) -> Result {
     // `--scale [--users N]`: key lookups against the number of users on each token.
     if args.iter().any(|a| a == "--scale") {
         let users = arg("--users", "1000");
-        for t in [&softhsm, &kry] {
+        let only = arg("--token", "");
+        let all = [("softhsm", &softhsm), ("kryoptic", &kry)];
+        if !only.is_empty() && !all.iter().any(|(name, _)| *name == only) {
+            return Err("--token softhsm|kryoptic".into());
+        }
+        for (_, t) in all
+            .into_iter()
+            .filter(|(name, _)| only.is_empty() || *name == only)
+        {
             run(&mut mxhsm_cmd(
                 &bin,
                 t,

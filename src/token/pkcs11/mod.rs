@@ -281,12 +281,10 @@ impl Pkcs11Store {
         logged_in: bool,
     ) -> Result<Vec<KeyInfo>, TokenError> {
         let session = self.session()?;
-        // One search per label for a user (private and public halves together), or one
-        // per class for all: every C_FindObjects costs a pass over the token's objects,
-        // so the private keys are paired with their public halves in memory, not by a
-        // search each.
-        // A user's label searches find both halves; the listing of all keys finds each
-        // class once.
+        // Every C_FindObjects costs a pass over the token's objects. A user's keys (both
+        // halves) are one search by subject on an indexed token, or one per role's label
+        // on a legacy one; the listing of all keys is one search per class, and private
+        // keys are paired with their public halves in memory, not by a search each.
         let (found_privates, halves) = match user_id {
             Some(user) => {
                 check_user_id(user)?;
