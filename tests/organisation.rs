@@ -183,7 +183,7 @@ fn config_accounts_and_bulk_status() {
     let org = Org::new();
     // Before any login: three accounts, none logged in.
     let list = org.json(&["account", "list"]);
-    assert_eq!(list["version"], 1);
+    common::json_doc::check("account list", &list);
     let accounts = list["accounts"].as_array().unwrap();
     assert_eq!(accounts.len(), 3, "{list}");
     assert!(accounts.iter().all(|a| a["logged_in"] == false), "{list}");
@@ -233,7 +233,7 @@ fn config_accounts_and_bulk_status() {
 
     // `--account all`: every account, one document.
     let all = org.json(&["--account", "all", "identity", "status"]);
-    assert_eq!(all["version"], 1);
+    common::json_doc::check_all_accounts("identity status", &all);
     let docs = all["accounts"].as_array().unwrap();
     assert_eq!(docs.len(), 3, "{all}");
     for d in docs {
@@ -253,6 +253,7 @@ fn config_accounts_and_bulk_status() {
     assert_eq!(out.matches("no backup").count(), 3, "{out}");
     ok(org.cli().args(["--account", "alice", "backup", "create"]));
     let all = org.json(&["--account", "all", "backup", "status"]);
+    common::json_doc::check_all_accounts("backup status", &all);
     let alice = all["accounts"]
         .as_array()
         .unwrap()
@@ -336,7 +337,7 @@ fn config_file_errors_name_the_line() {
         .args(["account", "list"]));
     // `account add` writes the file and keeps what is there; twice is refused.
     std::fs::write(org.config(), "# hand-written\n").unwrap();
-    ok(org.cli().args([
+    let added = org.json(&[
         "account",
         "add",
         "dave",
@@ -344,7 +345,9 @@ fn config_file_errors_name_the_line() {
         "@dave:example.org",
         "--token",
         &org.team.uri,
-    ]));
+    ]);
+    common::json_doc::check("account add", &added);
+    assert_eq!(added["added"], "dave", "{added}");
     let text = std::fs::read_to_string(org.config()).unwrap();
     assert!(
         text.starts_with("# hand-written\n") && text.contains("[accounts.dave]"),
@@ -370,6 +373,7 @@ fn devices_signed_under_a_policy_with_one_pin() {
     )
     .unwrap();
     let first = org.json(&policy_args("alice,bob", &policy));
+    common::json_doc::check_all_accounts("sign devices --policy", &first);
     let alice_first = &first["accounts"][0]["result"]["devices"];
     let old = alice_first
         .as_array()

@@ -261,6 +261,7 @@ fn import_then_sign_and_restore(kind: Kind) {
         .args(["--json", "secret-storage", "import", "--key-file"])
         .arg(&file)))
     .unwrap();
+    common::json_doc::check("secret-storage import", &out);
     assert_eq!(out["imported"].as_array().unwrap().len(), 4, "{out}");
     let keys = token_keys(&u);
     let pk = |role: &str| {

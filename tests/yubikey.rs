@@ -636,6 +636,7 @@ fn cli_on_the_yubikey() {
             "--json", "keys", "attest", "--user", ALICE, "--role", "master", "--root",
         ])
         .arg(&t.card.as_ref().unwrap().ca)));
+    common::json_doc::check("keys attest", &attest);
     assert_eq!(attest["verified"], true);
     assert_eq!(attest["serial"], t.serial());
     let err = fails(
@@ -669,9 +670,11 @@ fn cli_on_the_yubikey() {
                 .contains("PIN, PUK, management key")),
         "{doctor}"
     );
-    ok(t.cli().args([
-        "keys", "adopt", "--user", ALICE, "--role", "backup", "--slot", "90",
-    ]));
+    let adopted = json(&ok(t.cli().args([
+        "--json", "keys", "adopt", "--user", ALICE, "--role", "backup", "--slot", "90",
+    ])));
+    common::json_doc::check_key("keys adopt", &adopted);
+    assert!(adopted["pin_policy"].is_string(), "{adopted}");
     // The adoption is in the audit log.
     let shown = json(&ok(t.cli().args(["--json", "audit", "show"])));
     assert!(

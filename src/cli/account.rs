@@ -193,7 +193,7 @@ fn session_json(ctx: &Setup, session: &mxhsm::homeserver::Session) -> serde_json
         "user_id": session.user_id, "device_id": session.device_id,
         "homeserver": session.homeserver,
         "session_file": ctx.sessions.path_for(&session.user_id).display().to_string(),
-        "reused": false, "cross_signed": null,
+        "reused": false, "cross_signed": null, "replaced": null,
     })
 }
 

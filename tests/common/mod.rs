@@ -10,6 +10,7 @@
 pub mod backups;
 pub mod clients;
 pub mod hostile;
+pub mod json_doc;
 pub mod peer;
 pub mod piv;
 pub mod sas_peer;
