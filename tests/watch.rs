@@ -177,6 +177,12 @@ fn each_alarm_is_raised_with_its_exit_code() {
         B64.encode(reset.verifying_key().to_bytes())
     );
     assert_eq!(events[0]["token_master_key"], alice.token_key("master"));
+    // The master key in secret storage is now the reset's own, not a copy of the token's:
+    // no copy alarm.
+    assert!(
+        !events.iter().any(|e| e["event"] == "secret_storage_copy"),
+        "{events:?}"
+    );
     let (code, out, _) = run(alice.cli().args(["watch", "--once"]));
     assert_eq!(code, 10);
     assert!(

@@ -322,6 +322,7 @@ pub fn check(account: &Account, state: &mut WatchState) -> Result<Vec<Event>, Ac
 
     // The backup.
     let backup = account.client().backup_version(None)?;
+    let mut backup_key = None;
     match (&state.backup_version, &backup) {
         (Some(prev), Some(v)) if *prev != v.version => events.push(Event::BackupChanged {
             previous: prev.clone(),
@@ -340,6 +341,7 @@ pub fn check(account: &Account, state: &mut WatchState) -> Result<Vec<Event>, Ac
                 reason,
             }),
             Ok(key) => {
+                backup_key = Some(key);
                 let token = current
                     .get(&KeyRole::Backup)
                     .and_then(|k| k.public_key.curve25519());
@@ -367,14 +369,32 @@ pub fn check(account: &Account, state: &mut WatchState) -> Result<Vec<Event>, Ac
         }
     }
 
-    // Secret storage: an encrypted copy of a key the token holds.
+    // Secret storage: an encrypted copy of a key the token holds. The watch cannot read
+    // the secret, so it calls it a copy only while the role's published key (the
+    // backup's, for the backup key) is the token's. After a reset, or a backup made under
+    // another key, the client that did it stored its own new key there: that is not a
+    // copy of the token's, and the reset's or the backup's event says what happened.
+    let token_key = |role: KeyRole| current.get(&role).map(|k| &k.public_key);
+    let published_is_token = |role: KeyRole| {
+        let published = match role {
+            KeyRole::Master => published.master,
+            KeyRole::SelfSigning => published.self_signing,
+            KeyRole::UserSigning => published.user_signing,
+            KeyRole::Backup => {
+                return backup_key.is_some()
+                    && backup_key == token_key(role).and_then(|k| k.curve25519());
+            }
+            KeyRole::Audit => None,
+        };
+        published.is_some() && published == token_key(role).and_then(|k| k.ed25519())
+    };
     for (secret, role) in [
         (ssss::MASTER, KeyRole::Master),
         (ssss::SELF_SIGNING, KeyRole::SelfSigning),
         (ssss::USER_SIGNING, KeyRole::UserSigning),
         (ssss::BACKUP, KeyRole::Backup),
     ] {
-        if !current.contains_key(&role) {
+        if !published_is_token(role) {
             continue;
         }
         let stored = account.client().account_data(me, secret)?;
