@@ -411,3 +411,62 @@ fn verbose_output_names_endpoints_and_token_calls_but_no_secret() {
     }
     assert_eq!(restored(&json_out), made);
 }
+
+/// In a terminal, a restore shows a spinner while PBKDF2 derives the export key (which
+/// reports no progress of its own), and an upload while it opens the export; both are
+/// cleared once done, and `-q` shows none.
+#[test]
+fn a_spinner_shows_while_pbkdf2_runs() {
+    let (u, version, public) = with_backup(Kind::SoftHsm);
+    common::backups::put_sessions(&u, &version, &public, 3);
+    let dir = u.token.dir.path();
+    let cli = |args: &[&str]| {
+        let mut c = u.cli();
+        c.env("MXHSM_EXPORT_PASSPHRASE", "correct horse")
+            .args(args)
+            .args(["--rounds", "600000"]);
+        c
+    };
+    let shown = |frames: &[String], what: &str| frames.iter().any(|f| f.contains(what));
+    let deriving = "deriving the export key: 600000 rounds of PBKDF2-SHA-512";
+
+    let out = dir.join("spun.txt");
+    let frames = common::terminal_frames(
+        &cli(&["backup", "restore", "--out", out.to_str().unwrap()]),
+        100,
+        dir,
+    );
+    assert!(shown(&frames, deriving), "{frames:#?}");
+    let last = frames.last().unwrap();
+    assert!(
+        !last.contains("deriving") && last.contains("restored 3 sessions"),
+        "{last}"
+    );
+
+    let quiet = dir.join("quiet.txt");
+    let frames = common::terminal_frames(
+        &cli(&["-q", "backup", "restore", "--out", quiet.to_str().unwrap()]),
+        100,
+        dir,
+    );
+    assert!(!shown(&frames, "PBKDF2"), "{frames:#?}");
+    assert!(quiet.exists(), "{frames:#?}");
+
+    let mut upload = u.cli();
+    upload
+        .env("MXHSM_EXPORT_PASSPHRASE", "correct horse")
+        .args(["backup", "upload"])
+        .arg(&out);
+    let frames = common::terminal_frames(&upload, 100, dir);
+    assert!(
+        shown(
+            &frames,
+            "opening the export: PBKDF2-SHA-512 of the passphrase"
+        ),
+        "{frames:#?}"
+    );
+    assert!(
+        frames.last().unwrap().contains("uploaded 3 sessions"),
+        "{frames:#?}"
+    );
+}

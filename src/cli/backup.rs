@@ -120,17 +120,14 @@ fn unless_quiet(quiet: bool, bar: indicatif::ProgressBar) -> indicatif::Progress
 struct KdfSpinner(std::sync::Mutex<Option<indicatif::ProgressBar>>);
 
 impl KdfSpinner {
-    fn start(
-        &self,
-        quiet: bool,
-        what: String,
-        shown: impl FnOnce(indicatif::ProgressBar) -> indicatif::ProgressBar,
-    ) {
+    /// Shows the spinner on its own, not in a restore's `MultiProgress`: a bar cleared
+    /// there before any other bar has drawn stays on the screen.
+    fn start(&self, quiet: bool, what: String) {
         let s = unless_quiet(quiet, indicatif::ProgressBar::new_spinner());
         s.set_message(what);
         s.enable_steady_tick(std::time::Duration::from_millis(120));
         if let Ok(mut k) = self.0.lock() {
-            *k = Some(shown(s));
+            *k = Some(s);
         }
     }
 
@@ -145,7 +142,6 @@ impl KdfSpinner {
 /// restored, at once (the restore starts while the backup downloads). The ETA is from the
 /// rate the token has been restoring at.
 struct Bars {
-    all: indicatif::MultiProgress,
     download: indicatif::ProgressBar,
     sessions: indicatif::ProgressBar,
     /// The passphrase's PBKDF2, until the restore starts.
@@ -168,7 +164,6 @@ impl Bars {
             "{bar:40} {pos}/{len} sessions  {per_sec}  ETA {eta}",
         ));
         Bars {
-            all,
             download,
             sessions,
             kdf: KdfSpinner::default(),
@@ -360,7 +355,6 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
                 bars.kdf.start(
                     global.quiet,
                     format!("deriving the export key: {rounds} rounds of PBKDF2-SHA-512"),
-                    |s| bars.all.add(s),
                 );
                 Ok(p)
             };
@@ -422,7 +416,6 @@ pub fn run(global: &GlobalArgs, cmd: BackupCommand) -> Result<ExitCode> {
                 kdf.start(
                     global.quiet,
                     "opening the export: PBKDF2-SHA-512 of the passphrase".into(),
-                    |s| s,
                 );
                 Ok(p)
             };

@@ -393,6 +393,17 @@ macro_rules! per_pkcs11_token {
 /// Runs `cmd` in a real terminal (a tmux pane `width` columns wide) and returns what the
 /// screen shows once it is done: as text, and with its escape sequences (colours).
 pub fn in_terminal(cmd: &Command, width: u16, dir: &Path) -> (String, String) {
+    let (_, text, escapes) = terminal(cmd, width, dir);
+    (text, escapes)
+}
+
+/// [`in_terminal`], with every different screen seen while the command ran (as text, in
+/// order, polled every 50 ms): what a progress bar or spinner showed before it was cleared.
+pub fn terminal_frames(cmd: &Command, width: u16, dir: &Path) -> Vec<String> {
+    terminal(cmd, width, dir).0
+}
+
+fn terminal(cmd: &Command, width: u16, dir: &Path) -> (Vec<String>, String, String) {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let session = format!("mxhsm-{}-{n}", std::process::id());
@@ -420,10 +431,17 @@ pub fn in_terminal(cmd: &Command, width: u16, dir: &Path) -> (String, String) {
         String::from_utf8_lossy(&tmux(&args).stdout).into_owned()
     };
     let start = std::time::Instant::now();
-    while !capture(false).contains("__done__")
-        && start.elapsed() < std::time::Duration::from_secs(30)
-    {
-        std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut frames: Vec<String> = Vec::new();
+    loop {
+        let frame = capture(false);
+        let done = frame.contains("__done__");
+        if frames.last() != Some(&frame) {
+            frames.push(frame);
+        }
+        if done || start.elapsed() > std::time::Duration::from_secs(30) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let shown = (capture(false), capture(true));
     let _ = tmux(&["kill-session", "-t", &session]);
@@ -433,5 +451,5 @@ pub fn in_terminal(cmd: &Command, width: u16, dir: &Path) -> (String, String) {
             .collect::<Vec<_>>()
             .join("\n")
     };
-    (cut(shown.0), cut(shown.1))
+    (frames, cut(shown.0), cut(shown.1))
 }
