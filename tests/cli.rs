@@ -216,6 +216,48 @@ fn wrong_pin_reaches_the_token_once() {
     assert_eq!(calls.matches("C_Login").count(), 0, "{calls}");
 }
 
+/// What one user's lookup costs the token, counted by pkcs11-spy: every C_FindObjects is a
+/// pass over all the token's objects (docs/tokens.md), so a lookup is one search for the
+/// index marker and one by subject, whatever the number of users; and each of the user's
+/// objects is read once (cryptoki's two C_GetAttributeValue passes).
+#[test]
+fn a_user_lookup_is_two_searches_and_one_read_per_object() {
+    let t = TestToken::with_label(Kind::SoftHsm, "counted");
+    for user in ["@one:localhost", "@two:localhost", "@three:localhost"] {
+        for role in ["master", "self_signing", "user_signing", "backup"] {
+            ok(t.cli()
+                .args(["keys", "generate", "--user", user, "--role", role]));
+        }
+    }
+    let log = t.dir.path().join("spy.log");
+    let out = ok(t
+        .cli()
+        .env(
+            "MXHSM_TOKEN",
+            format!(
+                "pkcs11:token=counted?module-path={}",
+                spy_module().display()
+            ),
+        )
+        .env("PKCS11SPY", &t.module)
+        .env("PKCS11SPY_OUTPUT", &log)
+        .args(["keys", "list", "--user", "@two:localhost"]));
+    assert_eq!(out.matches("@two:localhost").count(), 4, "{out}");
+    let calls = std::fs::read_to_string(&log).unwrap();
+    let count = |f: &str| {
+        calls
+            .lines()
+            .filter(|l| {
+                l.split_once(": ")
+                    .is_some_and(|(n, c)| n.parse::<u32>().is_ok() && c == f)
+            })
+            .count()
+    };
+    assert_eq!(count("C_FindObjectsInit"), 2, "{calls}");
+    // 4 keys, 8 objects, two passes each.
+    assert_eq!(count("C_GetAttributeValue"), 16, "{calls}");
+}
+
 /// Kryoptic locks the PIN after 10 failures and reports the count in its flags. Each run of
 /// mxhsm with a wrong PIN must use up exactly one try: after 7 runs the token says the count
 /// is low, after 9 it is on its final try, and the right PIN then still works (with a

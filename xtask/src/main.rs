@@ -71,7 +71,7 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("setup") => setup().map(|_| ()),
         _ => Err(
-            "usage: cargo xtask <test [-- cargo test args] | demo | bench [--scale [--users N] [--token softhsm|kryoptic] | --accounts N [--devices M] | --e2e [--sessions N]… [--token softhsm|kryoptic]] | restore-memory [--sessions N] | piv-check | fuzz [--seconds N] [TARGET…] | setup>"
+            "usage: cargo xtask <test [-- cargo test args] | demo | bench [--scale [--users N] [--token softhsm|kryoptic|kryoptic-indexed] | --accounts N [--devices M] | --e2e [--sessions N]… [--token softhsm|kryoptic]] | restore-memory [--sessions N] | piv-check | fuzz [--seconds N] [TARGET…] | setup>"
                 .into(),
         ),
     };
@@ -507,9 +507,19 @@ fn bench(args: &[String]) -> Result {
     if args.iter().any(|a| a == "--scale") {
         let users = arg("--users", "1000");
         let only = arg("--token", "");
-        let all = [("softhsm", &softhsm), ("kryoptic", &kry)];
+        let indexed = tokens::Token::kryoptic(
+            &dir.join("kryoptic-indexed"),
+            "bench-kryoptic-indexed",
+            &kryoptic,
+        )?;
+        indexed.index_kryoptic()?;
+        let all = [
+            ("softhsm", &softhsm),
+            ("kryoptic", &kry),
+            ("kryoptic-indexed", &indexed),
+        ];
         if !only.is_empty() && !all.iter().any(|(name, _)| *name == only) {
-            return Err("--token softhsm|kryoptic".into());
+            return Err("--token softhsm|kryoptic|kryoptic-indexed".into());
         }
         for (_, t) in all
             .into_iter()

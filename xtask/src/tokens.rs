@@ -102,6 +102,28 @@ impl Token {
     }
 }
 
+impl Token {
+    /// Adds an SQLite index on (attribute, value) to a Kryoptic token's database. Kryoptic
+    /// 1.5 has none: every search, and every read of an object's attributes (it finds the
+    /// object by `CKA_UNIQUE_ID`), scans the whole table (docs/tokens.md).
+    pub fn index_kryoptic(&self) -> Result {
+        let db = self
+            .env
+            .iter()
+            .find(|(k, _)| *k == "KRYOPTIC_CONF")
+            .map(|(_, v)| v)
+            .ok_or("not a Kryoptic token")?;
+        run(Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); \
+             c.execute('CREATE INDEX IF NOT EXISTS mxhsm_attr_val ON objects(attr, val)'); \
+             c.commit()",
+            ])
+            .arg(db))
+    }
+}
+
 fn uri(label: &str, module: &Path, pin_file: &Path) -> String {
     format!(
         "pkcs11:token={label}?module-path={}&pin-source=file:{}",

@@ -332,9 +332,11 @@ impl Pkcs11Store {
         let mut keys = Vec::new();
         if logged_in {
             let (mut privates, points) = self.split_halves(&session, &halves)?;
-            privates.extend(found_privates);
-            for h in privates {
-                if let Some(k) = self.key_info(&session, h, Some(&points))? {
+            for h in found_privates {
+                privates.push(self.read_object(&session, h)?);
+            }
+            for o in privates {
+                if let Some(k) = self.private_key_info(&session, o, Some(&points))? {
                     keys.push(k);
                 }
             }

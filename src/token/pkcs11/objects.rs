@@ -72,50 +72,36 @@ impl Pkcs11Store {
         Ok(handle)
     }
 
-    /// Reads a key back from its private-key object and the public-key object paired with it
-    /// (its point taken from `points`, by `CKA_ID`, when the caller read them already).
-    pub(super) fn key_info(
+    /// Everything mxhsm reads from a key object, in one `C_GetAttributeValue` (each read
+    /// can cost a pass over the token's objects: docs/tokens.md). Attributes the object
+    /// does not have (a public key's protection flags, a private key's point) are `None`.
+    pub(super) fn read_object(
         &self,
         session: &Session,
-        private: ObjectHandle,
-        points: Option<&PublicPoints>,
-    ) -> Result<Option<KeyInfo>, TokenError> {
+        handle: ObjectHandle,
+    ) -> Result<ObjectAttributes, TokenError> {
         let attrs = session
-            .get_attributes(
-                private,
-                &[
-                    AttributeType::Label,
-                    AttributeType::Id,
-                    AttributeType::KeyType,
-                    AttributeType::EcParams,
-                    AttributeType::Token,
-                    AttributeType::Private,
-                    AttributeType::Sensitive,
-                    AttributeType::Extractable,
-                    AttributeType::AlwaysSensitive,
-                    AttributeType::NeverExtractable,
-                    AttributeType::Local,
-                    AttributeType::Sign,
-                    AttributeType::Derive,
-                    AttributeType::Decrypt,
-                    AttributeType::Unwrap,
-                    AttributeType::SignRecover,
-                    AttributeType::Modifiable,
-                    AttributeType::Copyable,
-                ],
-            )
+            .get_attributes(handle, OBJECT_ATTRIBUTES)
             .map_err(self.dev("C_GetAttributeValue"))?;
-        let mut label = None;
-        let mut id = None;
-        let mut key_type = None;
-        let mut curve = None;
-        let mut p = KeyProtection::default();
+        let mut o = ObjectAttributes {
+            handle,
+            class: None,
+            label: None,
+            id: None,
+            key_type: None,
+            curve: None,
+            point: None,
+            protection: KeyProtection::default(),
+        };
+        let p = &mut o.protection;
         for a in attrs {
             match a {
-                Attribute::Label(v) => label = String::from_utf8(v).ok(),
-                Attribute::Id(v) => id = Some(v),
-                Attribute::KeyType(t) => key_type = Some(t),
-                Attribute::EcParams(v) => curve = ec::curve_from_params(&v),
+                Attribute::Class(c) => o.class = Some(c),
+                Attribute::Label(v) => o.label = String::from_utf8(v).ok(),
+                Attribute::Id(v) => o.id = Some(v),
+                Attribute::KeyType(t) => o.key_type = Some(t),
+                Attribute::EcParams(v) => o.curve = ec::curve_from_params(&v),
+                Attribute::EcPoint(v) => o.point = ec::decode_point(&v),
                 Attribute::Token(b) => p.token = Some(b),
                 Attribute::Private(b) => p.private = Some(b),
                 Attribute::Sensitive(b) => p.sensitive = Some(b),
@@ -133,11 +119,48 @@ impl Pkcs11Store {
                 _ => {}
             }
         }
+        Ok(o)
+    }
+
+    /// Reads a key back from its private-key object and the public-key object paired with it
+    /// (its point taken from `points`, by `CKA_ID`, when the caller read them already).
+    pub(super) fn key_info(
+        &self,
+        session: &Session,
+        private: ObjectHandle,
+        points: Option<&PublicPoints>,
+    ) -> Result<Option<KeyInfo>, TokenError> {
+        let object = self.read_object(session, private)?;
+        self.private_key_info(session, object, points)
+    }
+
+    /// [`Self::key_info`] from a private-key object already read. Its handle is kept, so
+    /// that signing with the key needs no search of its own.
+    pub(super) fn private_key_info(
+        &self,
+        session: &Session,
+        object: ObjectAttributes,
+        points: Option<&PublicPoints>,
+    ) -> Result<Option<KeyInfo>, TokenError> {
+        let ObjectAttributes {
+            handle: private,
+            label,
+            id,
+            key_type,
+            curve,
+            point: own_point,
+            protection: p,
+            ..
+        } = object;
         let Some(label) = label else { return Ok(None) };
         let Some(identified) = self.identify(&label, curve, key_type)? else {
             return Ok(None);
         };
         let id = id.unwrap_or_default();
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), private);
         if let Some(point) = points.and_then(|p| p.get(&(id.clone(), label.clone()))) {
             let local = p.local;
             return self
@@ -154,16 +177,15 @@ impl Pkcs11Store {
         let point = match public.first() {
             Some(h) => session
                 .get_attributes(*h, &[AttributeType::EcPoint])
-                .map_err(self.dev("C_GetAttributeValue"))?,
+                .map_err(self.dev("C_GetAttributeValue"))?
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::EcPoint(v) => ec::decode_point(&v),
+                    _ => None,
+                }),
             // Some tokens keep the point on the private object too.
-            None => session
-                .get_attributes(private, &[AttributeType::EcPoint])
-                .map_err(self.dev("C_GetAttributeValue"))?,
+            None => own_point,
         };
-        let point = point.into_iter().find_map(|a| match a {
-            Attribute::EcPoint(v) => ec::decode_point(&v),
-            _ => None,
-        });
         let local = p.local;
         self.described(label, id, identified, point, local, p)
             .map(Some)
@@ -233,43 +255,22 @@ impl Pkcs11Store {
         Ok(Some((role, user_id.to_string(), mechanism)))
     }
 
-    /// Sorts `handles` into private keys and the points of public keys, by (`CKA_ID`,
-    /// `CKA_LABEL`), with one read each, so that pairing each private key with its public
-    /// half needs no search of its own.
+    /// Sorts `handles` into private keys (read) and the points of public keys, by
+    /// (`CKA_ID`, `CKA_LABEL`), with one read each, so that pairing each private key with
+    /// its public half needs no search of its own.
     pub(super) fn split_halves(
         &self,
         session: &Session,
         handles: &[ObjectHandle],
-    ) -> Result<(Vec<ObjectHandle>, PublicPoints), TokenError> {
+    ) -> Result<(Vec<ObjectAttributes>, PublicPoints), TokenError> {
         let mut privates = Vec::new();
         let mut points = PublicPoints::new();
         for h in handles {
-            // CKA_EC_POINT is unavailable on a private key; it is left out, not an error.
-            let attrs = session
-                .get_attributes(
-                    *h,
-                    &[
-                        AttributeType::Class,
-                        AttributeType::Id,
-                        AttributeType::Label,
-                        AttributeType::EcPoint,
-                    ],
-                )
-                .map_err(self.dev("C_GetAttributeValue"))?;
-            let (mut class, mut id, mut label, mut point) = (None, None, None, None);
-            for a in attrs {
-                match a {
-                    Attribute::Class(c) => class = Some(c),
-                    Attribute::Id(v) => id = Some(v),
-                    Attribute::Label(v) => label = String::from_utf8(v).ok(),
-                    Attribute::EcPoint(v) => point = ec::decode_point(&v),
-                    _ => {}
-                }
-            }
-            match class {
-                Some(ObjectClass::PRIVATE_KEY) => privates.push(*h),
+            let o = self.read_object(session, *h)?;
+            match o.class {
+                Some(ObjectClass::PRIVATE_KEY) => privates.push(o),
                 Some(ObjectClass::PUBLIC_KEY) => {
-                    if let (Some(id), Some(label), Some(point)) = (id, label, point) {
+                    if let (Some(id), Some(label), Some(point)) = (o.id, o.label, o.point) {
                         points.insert((id, label), point);
                     }
                 }
@@ -535,6 +536,42 @@ pub(super) type Identified = (KeyRole, String, Option<X25519Mechanism>);
 
 /// Public-key points by (`CKA_ID`, `CKA_LABEL`).
 pub(super) type PublicPoints = std::collections::HashMap<(Vec<u8>, String), [u8; 32]>;
+
+/// What [`Pkcs11Store::read_object`] reads.
+const OBJECT_ATTRIBUTES: &[AttributeType] = &[
+    AttributeType::Class,
+    AttributeType::Label,
+    AttributeType::Id,
+    AttributeType::KeyType,
+    AttributeType::EcParams,
+    AttributeType::EcPoint,
+    AttributeType::Token,
+    AttributeType::Private,
+    AttributeType::Sensitive,
+    AttributeType::Extractable,
+    AttributeType::AlwaysSensitive,
+    AttributeType::NeverExtractable,
+    AttributeType::Local,
+    AttributeType::Sign,
+    AttributeType::Derive,
+    AttributeType::Decrypt,
+    AttributeType::Unwrap,
+    AttributeType::SignRecover,
+    AttributeType::Modifiable,
+    AttributeType::Copyable,
+];
+
+/// A key object's attributes, as one read found them.
+pub(super) struct ObjectAttributes {
+    pub handle: ObjectHandle,
+    pub class: Option<ObjectClass>,
+    pub label: Option<String>,
+    pub id: Option<Vec<u8>>,
+    pub key_type: Option<KeyType>,
+    pub curve: Option<Curve>,
+    pub point: Option<[u8; 32]>,
+    pub protection: KeyProtection,
+}
 
 pub(super) fn origin(local: Option<bool>) -> KeyOrigin {
     match local {
