@@ -242,6 +242,7 @@ fn a_mismatch_signs_nothing() {
     up_to_the_keys(&mut s, &mut mx, "txn-no");
     mx.until("sas", T);
     mx.answer("no");
+    assert_eq!(mx.event(T)["event"], "mismatch");
     cancelled_with(&mut s, &mut mx, "m.mismatched_sas");
     assert_eq!(mx.exit(T), 3);
     assert!(!phone_signed_by_ssk(&s));

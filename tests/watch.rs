@@ -19,10 +19,11 @@ use serde_json::{Value, json};
 /// `watch --once --json`: (exit code, events).
 fn once(user: &MxhsmUser, extra: &[&str]) -> (i32, Vec<Value>) {
     let (code, out, err) = run(user.cli().args(["--json", "watch", "--once"]).args(extra));
-    let events = out
+    let events: Vec<Value> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?} ({err})")))
         .collect();
+    events.iter().for_each(common::json_doc::check_event);
     (code, events)
 }
 
@@ -530,4 +531,56 @@ fn the_identity_is_taken_back_after_a_reset() {
     // The watch is quiet about the identity again.
     let (_, events) = once(&alice, &[]);
     assert!(!kinds(&events).contains(&"identity_reset"), "{events:?}");
+}
+
+/// The master key stays the token's but the server serves another self-signing key: an
+/// `identity_changed` alarm (exit 10). A newer backup key on the token than the one the
+/// current backup uses: `backup_not_token_key` (exit 12).
+#[test]
+fn a_swapped_self_signing_key_and_a_newer_backup_key_are_reported() {
+    let alice = MxhsmUser::new(Kind::SoftHsm);
+    alice.login();
+    ok(alice.cli().args(["identity", "create"]));
+    ok(alice.cli().args(["backup", "create"]));
+    assert_eq!(once(&alice, &[]).0, 0);
+
+    let me = alice.user.user_id.clone();
+    let evil = B64.encode(random_key().verifying_key().to_bytes());
+    let (me2, evil2) = (me.clone(), evil.clone());
+    let proxy = Proxy::start(
+        &alice.synapse.url,
+        Arc::new(move |path, _status, v| {
+            if path.contains("/keys/query") {
+                v["self_signing_keys"][&me2] = json!({"user_id": me2, "usage": ["self_signing"],
+                    "keys": {format!("ed25519:{evil2}"): evil2}});
+            }
+        }),
+    );
+    let via = alice.via(&proxy.url);
+    let (code, events) = once(&alice, &[]);
+    assert_eq!(code, 10, "{events:?}");
+    assert_eq!(events[0]["event"], "identity_changed", "{events:?}");
+    assert_eq!(events[0]["class"], "identity_reset", "{events:?}");
+    assert!(
+        !events[0]["problems"].as_array().unwrap().is_empty(),
+        "{events:?}"
+    );
+    drop(via);
+
+    let before = alice.token_key("backup");
+    ok(alice
+        .cli()
+        .args(["keys", "generate", "--user", &me, "--role", "backup"]));
+    let newer = alice.token_key("backup");
+    assert_ne!(before, newer);
+    let (code, events) = once(&alice, &[]);
+    assert_eq!(code, 12, "{events:?}");
+    let e = events
+        .iter()
+        .find(|e| e["event"] == "backup_not_token_key")
+        .unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(
+        (e["public_key"].as_str(), e["token_backup_key"].as_str()),
+        (Some(before.as_str()), Some(newer.as_str()))
+    );
 }

@@ -77,6 +77,34 @@ pub fn check_key(command: &str, doc: &Value) {
     check_shape(command, element_of("keys list", "keys"), &key);
 }
 
+/// One line of `verify --json` or `watch --json`: its `event` names the shape
+/// (`verify NAME`, else `watch NAME`); `version`, `event`, and for watch's classed events
+/// `class` and (with several accounts) `account`, are checked and left out of the shape.
+pub fn check_event(v: &Value) {
+    assert_eq!(v["version"], 1, "no \"version\": 1 in {v}");
+    let name = v["event"]
+        .as_str()
+        .unwrap_or_else(|| panic!("an event without \"event\": {v}"));
+    let mut rest = v.clone();
+    let o = rest.as_object_mut().unwrap();
+    for f in ["version", "event", "account"] {
+        o.remove(f);
+    }
+    let command = if all().contains_key(&format!("verify {name}")) {
+        format!("verify {name}")
+    } else {
+        let command = format!("watch {name}");
+        if name != "verification_request" {
+            assert!(
+                o.remove("class").is_some_and(|c| c.is_string()),
+                "no class: {v}"
+            );
+        }
+        command
+    };
+    check_shape(&command, documented(&command), &rest);
+}
+
 /// `--account all` (or a list) with `command`: the bulk document, and each account's
 /// `result` as `command`'s document (an account that failed has `error` instead).
 pub fn check_all_accounts(command: &str, doc: &Value) {

@@ -189,6 +189,7 @@ impl JsonChild {
             .recv_timeout(within)
             .unwrap_or_else(|_| panic!("no event within {within:?}; so far {:?}", self.seen));
         let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        super::json_doc::check_event(&v);
         self.seen.push(v.clone());
         v
     }
