@@ -590,9 +590,54 @@ fn tokens_with_keys_without_a_subject_are_searched_by_label(kind: Kind) {
     );
 }
 
+/// A key without a subject on an indexed token (made by an older mxhsm or another tool)
+/// ends the index: a user found by nothing but such keys is looked up by label before being
+/// called keyless, and a listing of all keys that reads one removes the marker too. From
+/// then on every lookup searches by label and finds everything.
+fn a_key_without_a_subject_ends_the_index(kind: Kind) {
+    let t = TestToken::new(kind);
+    let late = "@late:localhost";
+    let store = t.open();
+    store
+        .generate(ALICE, KeyRole::Master, &KeyOptions::default())
+        .unwrap();
+    drop(store);
+    assert_eq!(raw::markers(&t.raw_session()).len(), 1);
+    raw::legacy_pair(&t.raw_session(), late, KeyRole::Master);
+    let store = t.open();
+    let found = store.list_keys(Some(late)).unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    drop(store);
+    assert!(raw::markers(&t.raw_session()).is_empty(), "{kind:?}");
+
+    // Another token: Alice has a key by subject, and one without (a rotation by an older
+    // version): her lookup by subject misses it, until a listing of all keys sees it.
+    let t = TestToken::new(kind);
+    let store = t.open();
+    store
+        .generate(ALICE, KeyRole::Master, &KeyOptions::default())
+        .unwrap();
+    drop(store);
+    raw::legacy_pair(&t.raw_session(), ALICE, KeyRole::UserSigning);
+    let store = t.open();
+    assert_eq!(store.list_keys(Some(ALICE)).unwrap().len(), 1);
+    assert_eq!(store.list_keys(None).unwrap().len(), 2);
+    drop(store);
+    assert!(raw::markers(&t.raw_session()).is_empty(), "{kind:?}");
+    let store = t.open();
+    let roles: Vec<KeyRole> = store
+        .list_keys(Some(ALICE))
+        .unwrap()
+        .iter()
+        .map(|k| k.role)
+        .collect();
+    assert_eq!(roles, [KeyRole::Master, KeyRole::UserSigning]);
+}
+
 per_pkcs11_token!(
     key_templates_are_explicit,
     users_are_found_by_subject_on_a_new_token,
+    a_key_without_a_subject_ends_the_index,
     tokens_with_keys_without_a_subject_are_searched_by_label,
     generate_all_roles_sign_and_agree,
     imported_seed_signs_like_dalek_and_js_sdk,

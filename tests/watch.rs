@@ -179,10 +179,22 @@ fn each_alarm_is_raised_with_its_exit_code() {
     );
     assert_eq!(events[0]["token_master_key"], alice.token_key("master"));
     // The master key in secret storage is now the reset's own, not a copy of the token's:
-    // no copy alarm.
+    // no copy alarm, and the doctor does not call secret storage clean either.
     assert!(
         !events.iter().any(|e| e["event"] == "secret_storage_copy"),
         "{events:?}"
+    );
+    let (_, out, _) = run(alice.cli().args(["--json", "doctor"]));
+    let doctor: Value = serde_json::from_str(&out).unwrap();
+    let line = doctor["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "secret storage")
+        .unwrap_or_else(|| panic!("{doctor}"));
+    assert!(
+        line["ok"] == false && line["detail"].as_str().unwrap().starts_with("not judged"),
+        "{line}"
     );
     let (code, out, _) = run(alice.cli().args(["watch", "--once"]));
     assert_eq!(code, 10);

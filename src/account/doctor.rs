@@ -196,7 +196,22 @@ pub fn account(account: &super::Account) -> Result<Vec<Check>, AccountError> {
             _ => None,
         })
         .collect();
-    checks.push(if copies.is_empty() {
+    let reset = events.iter().any(|e| {
+        matches!(
+            e,
+            Event::IdentityReset { .. } | Event::IdentityChanged { .. }
+        )
+    });
+    checks.push(if copies.is_empty() && reset {
+        // What secret storage holds for a role whose published key is not the token's is
+        // most likely that key, not a copy; the watch cannot decrypt it to tell.
+        line(
+            "secret storage",
+            false,
+            "not judged: the identity on the server is not the token's, so what secret storage holds for it cannot be told apart from a copy".into(),
+            None,
+        )
+    } else if copies.is_empty() {
         line(
             "secret storage",
             true,

@@ -322,7 +322,12 @@ pub fn check(account: &Account, state: &mut WatchState) -> Result<Vec<Event>, Ac
 
     // The backup.
     let backup = account.client().backup_version(None)?;
-    let mut backup_key = None;
+    let backup_public_key = backup.as_ref().and_then(|v| {
+        v.auth_data
+            .get("public_key")
+            .and_then(Value::as_str)
+            .and_then(|k| Curve25519PublicKey::from_base64(k).ok())
+    });
     match (&state.backup_version, &backup) {
         (Some(prev), Some(v)) if *prev != v.version => events.push(Event::BackupChanged {
             previous: prev.clone(),
@@ -341,7 +346,6 @@ pub fn check(account: &Account, state: &mut WatchState) -> Result<Vec<Event>, Ac
                 reason,
             }),
             Ok(key) => {
-                backup_key = Some(key);
                 let token = current
                     .get(&KeyRole::Backup)
                     .and_then(|k| k.public_key.curve25519());
@@ -370,23 +374,22 @@ pub fn check(account: &Account, state: &mut WatchState) -> Result<Vec<Event>, Ac
     }
 
     // Secret storage: an encrypted copy of a key the token holds. The watch cannot read
-    // the secret, so it calls it a copy only while the role's published key (the
-    // backup's, for the backup key) is the token's. After a reset, or a backup made under
-    // another key, the client that did it stored its own new key there: that is not a
-    // copy of the token's, and the reset's or the backup's event says what happened.
+    // the secret, so it does not call it a copy once the server shows another key for the
+    // role: after a reset (or a backup made under another key) the client that did it
+    // stored its own new key there, and the reset's or the backup's event says what
+    // happened. With no other key shown (nothing published, no backup), it is a copy.
     let token_key = |role: KeyRole| current.get(&role).map(|k| &k.public_key);
-    let published_is_token = |role: KeyRole| {
-        let published = match role {
-            KeyRole::Master => published.master,
-            KeyRole::SelfSigning => published.self_signing,
-            KeyRole::UserSigning => published.user_signing,
-            KeyRole::Backup => {
-                return backup_key.is_some()
-                    && backup_key == token_key(role).and_then(|k| k.curve25519());
-            }
-            KeyRole::Audit => None,
-        };
-        published.is_some() && published == token_key(role).and_then(|k| k.ed25519())
+    let other_ed25519 = |shown: Option<Ed25519PublicKey>, role| {
+        shown.is_some_and(|k| Some(k) != token_key(role).and_then(|t| t.ed25519()))
+    };
+    let others_key = |role: KeyRole| match role {
+        KeyRole::Master => other_ed25519(published.master, role),
+        KeyRole::SelfSigning => other_ed25519(published.self_signing, role),
+        KeyRole::UserSigning => other_ed25519(published.user_signing, role),
+        // The backup's key as auth_data states it, signed or not.
+        KeyRole::Backup => backup_public_key
+            .is_some_and(|k| Some(k) != token_key(role).and_then(|t| t.curve25519())),
+        KeyRole::Audit => true,
     };
     for (secret, role) in [
         (ssss::MASTER, KeyRole::Master),
@@ -394,7 +397,7 @@ pub fn check(account: &Account, state: &mut WatchState) -> Result<Vec<Event>, Ac
         (ssss::USER_SIGNING, KeyRole::UserSigning),
         (ssss::BACKUP, KeyRole::Backup),
     ] {
-        if !published_is_token(role) {
+        if !current.contains_key(&role) || others_key(role) {
             continue;
         }
         let stored = account.client().account_data(me, secret)?;

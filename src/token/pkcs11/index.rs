@@ -85,11 +85,14 @@ impl Pkcs11Store {
     pub(super) fn indexed(&self, session: &Session) -> Result<bool, TokenError> {
         let mut state = self.index_state();
         if *state == Index::Unknown {
-            let found = self.find_marker(session)?;
-            *state = if found.is_empty() {
-                Index::Absent
-            } else {
-                Index::Present
+            // A token that cannot search for a data object is searched by label.
+            *state = match self.find_marker(session) {
+                Ok(found) if found.is_empty() => Index::Absent,
+                Ok(_) => Index::Present,
+                Err(e) => {
+                    tracing::debug!("no index: {e}");
+                    Index::Legacy
+                }
             };
         }
         Ok(*state == Index::Present)
@@ -103,40 +106,25 @@ impl Pkcs11Store {
         Ok(found)
     }
 
-    /// Before a key is created: makes the marker if the token has none and none of its
-    /// mxhsm keys lacks a subject. The check reads every public key once, once per store,
-    /// and only on a token without the marker.
+    /// Before a key is created (logged in): makes the marker if the token has none and
+    /// none of its mxhsm key objects, private or public, lacks a subject. The check reads
+    /// every key object once, once per store, and only on a token without the marker. A
+    /// token on which the check or the marker fails is searched by label.
     pub(super) fn index_before_create(&self, session: &Session) -> Result<(), TokenError> {
         if self.indexed(session)? || *self.index_state() == Index::Legacy {
             return Ok(());
         }
-        let publics = session
-            .find_objects(&[Attribute::Class(ObjectClass::PUBLIC_KEY)])
-            .map_err(self.dev("C_FindObjects"))?;
-        let mut legacy = 0usize;
-        for h in publics {
-            let attrs = session
-                .get_attributes(h, &[AttributeType::Label, AttributeType::Subject])
-                .map_err(self.dev("C_GetAttributeValue"))?;
-            let mut label = None;
-            let mut subject = Vec::new();
-            for a in attrs {
-                match a {
-                    Attribute::Label(v) => label = String::from_utf8(v).ok(),
-                    Attribute::Subject(v) => subject = v,
-                    _ => {}
-                }
+        let legacy = match self.count_without_subject(session) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!("no index: {e}");
+                *self.index_state() = Index::Legacy;
+                return Ok(());
             }
-            let Some((_, user)) = label.as_deref().and_then(parse_label) else {
-                continue;
-            };
-            if subject != subject_of(user) {
-                legacy += 1;
-            }
-        }
+        };
         if legacy > 0 {
             tracing::debug!(
-                "{legacy} mxhsm key(s) without a subject: users are looked up by label"
+                "{legacy} mxhsm key object(s) without a subject: users are looked up by label"
             );
             *self.index_state() = Index::Legacy;
             return Ok(());
@@ -161,6 +149,66 @@ impl Pkcs11Store {
         Ok(())
     }
 
+    /// How many of the token's mxhsm key objects (both classes) lack their subject.
+    fn count_without_subject(&self, session: &Session) -> Result<usize, TokenError> {
+        let mut legacy = 0;
+        for class in [ObjectClass::PUBLIC_KEY, ObjectClass::PRIVATE_KEY] {
+            let found = session
+                .find_objects(&[Attribute::Class(class)])
+                .map_err(self.dev("C_FindObjects"))?;
+            for h in found {
+                if self.lacks_subject(session, h)? {
+                    legacy += 1;
+                }
+            }
+        }
+        Ok(legacy)
+    }
+
+    /// Whether the object `h` is an mxhsm key without the subject of the user its label
+    /// names.
+    fn lacks_subject(&self, session: &Session, h: ObjectHandle) -> Result<bool, TokenError> {
+        let attrs = session
+            .get_attributes(h, &[AttributeType::Label, AttributeType::Subject])
+            .map_err(self.dev("C_GetAttributeValue"))?;
+        let mut label = None;
+        let mut subject = Vec::new();
+        for a in attrs {
+            match a {
+                Attribute::Label(v) => label = String::from_utf8(v).ok(),
+                Attribute::Subject(v) => subject = v,
+                _ => {}
+            }
+        }
+        Ok(label
+            .as_deref()
+            .and_then(parse_label)
+            .is_some_and(|(_, user)| subject != subject_of(user)))
+    }
+
+    /// Ends the index (`why`: an mxhsm key without its subject was seen): the marker is
+    /// destroyed, and users are looked up by label from then on, by this store and every
+    /// later process. If the marker cannot be destroyed, this store still stops using it.
+    pub(super) fn unindex(&self, session: &Session, why: &str) {
+        if *self.index_state() != Index::Present {
+            return;
+        }
+        *self.index_state() = Index::Legacy;
+        let destroyed = self.find_marker(session).and_then(|found| {
+            found.into_iter().try_for_each(|h| {
+                session
+                    .destroy_object(h)
+                    .map_err(self.dev("C_DestroyObject (index marker)"))
+            })
+        });
+        match destroyed {
+            Ok(()) => tracing::info!("{why}: the index marker {INDEX_LABEL} is removed"),
+            Err(e) => tracing::warn!(
+                "{why}, but the index marker {INDEX_LABEL} could not be removed ({e}): other processes may miss such keys"
+            ),
+        }
+    }
+
     /// For benchmarks: how long one search takes that matches nothing (the pass over the
     /// token's objects every search costs), and how many searches a user's lookup makes.
     pub fn search_cost(&self) -> Result<(std::time::Duration, usize), TokenError> {
@@ -179,32 +227,22 @@ impl Pkcs11Store {
         Ok((t.elapsed(), searches))
     }
 
-    /// After a key is created: if the token dropped its subject, the marker goes (the key
-    /// would not be found by subject), and lookups search by label from then on.
+    /// After a key is created: if the token dropped the subject from either half, the
+    /// index ends (the key would not be found by subject).
     pub(super) fn index_after_create(
         &self,
         session: &Session,
-        public: ObjectHandle,
-        user_id: &str,
+        halves: &[ObjectHandle],
     ) -> Result<(), TokenError> {
         if *self.index_state() != Index::Present {
             return Ok(());
         }
-        let kept = session
-            .get_attributes(public, &[AttributeType::Subject])
-            .map_err(self.dev("C_GetAttributeValue"))?
-            .into_iter()
-            .any(|a| matches!(a, Attribute::Subject(v) if v == subject_of(user_id)));
-        if kept {
-            return Ok(());
+        for h in halves {
+            if self.lacks_subject(session, *h)? {
+                self.unindex(session, "the token dropped CKA_SUBJECT from a new key");
+                break;
+            }
         }
-        for h in self.find_marker(session)? {
-            session
-                .destroy_object(h)
-                .map_err(self.dev("C_DestroyObject (index marker)"))?;
-        }
-        tracing::info!("the token dropped CKA_SUBJECT: the index marker is removed");
-        *self.index_state() = Index::Legacy;
         Ok(())
     }
 }

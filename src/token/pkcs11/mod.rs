@@ -95,8 +95,9 @@ pub struct Pkcs11Store {
     pin_source: Option<PathBuf>,
     /// Where the PIN comes from when the store logs in by itself (see `open_lazy`).
     pins: Option<Arc<dyn PinProvider>>,
-    /// Private-key handles by `CKA_ID`, so repeated operations skip `C_FindObjects`.
-    handles: Mutex<HashMap<Vec<u8>, ObjectHandle>>,
+    /// Private-key handles by (`CKA_ID`, `CKA_LABEL`), so repeated operations skip
+    /// `C_FindObjects`.
+    handles: Mutex<HashMap<(Vec<u8>, String), ObjectHandle>>,
     /// Each user's keys as last listed (and whether logged in then), kept only while the
     /// process lock is held: then no other process can change the token, and every change
     /// this store makes clears its user's entry. A token search costs a pass over all its
@@ -283,14 +284,14 @@ impl Pkcs11Store {
         let session = self.session()?;
         // Every C_FindObjects costs a pass over the token's objects. A user's keys (both
         // halves) are one search by subject on an indexed token, or one per role's label
-        // on a legacy one; the listing of all keys is one search per class, and private
-        // keys are paired with their public halves in memory, not by a search each.
-        let (found_privates, halves) = match user_id {
+        // on a legacy one; the listing of all keys is one search per class. Each object is
+        // then read once, and private keys are paired with their public halves in memory.
+        let handles = match user_id {
             Some(user) => {
                 check_user_id(user)?;
-                let mut all = Vec::new();
+                let mut found = Vec::new();
                 if self.indexed(&session)? {
-                    let found = session
+                    found = session
                         .find_objects(&[Attribute::Subject(index::subject_of(user))])
                         .map_err(self.dev("C_FindObjects"))?;
                     tracing::debug!(
@@ -298,22 +299,14 @@ impl Pkcs11Store {
                         crate::text::escape(user),
                         found.len()
                     );
-                    all = found;
-                } else {
-                    for role in KeyRole::ALL {
-                        let label = key_label(user, role);
-                        let found = session
-                            .find_objects(&[Attribute::Label(label.clone().into_bytes())])
-                            .map_err(self.dev("C_FindObjects"))?;
-                        tracing::debug!(
-                            "C_FindObjects label {}: {} object(s)",
-                            crate::text::escape(&label),
-                            found.len()
-                        );
-                        all.extend(found);
-                    }
                 }
-                (Vec::new(), all)
+                // Nothing by subject: before calling the user keyless, their labels are
+                // searched too, for keys made without a subject (by an older mxhsm, or
+                // another tool); finding any ends the index below.
+                if found.is_empty() {
+                    found = self.find_by_labels(&session, user)?;
+                }
+                found
             }
             None => {
                 let find = |class| {
@@ -321,20 +314,29 @@ impl Pkcs11Store {
                         .find_objects(&[Attribute::Class(class)])
                         .map_err(self.dev("C_FindObjects"))
                 };
-                let privates = if logged_in {
-                    find(ObjectClass::PRIVATE_KEY)?
-                } else {
-                    Vec::new()
-                };
-                (privates, find(ObjectClass::PUBLIC_KEY)?)
+                let mut found = find(ObjectClass::PUBLIC_KEY)?;
+                if logged_in {
+                    found.extend(find(ObjectClass::PRIVATE_KEY)?);
+                }
+                found
             }
         };
+        let mut objects = Vec::with_capacity(handles.len());
+        for h in handles {
+            objects.push(self.read_object(&session, h)?);
+        }
+        if let Some(o) = objects.iter().find(|o| o.lacks_subject()) {
+            self.unindex(
+                &session,
+                &format!(
+                    "{} has no subject",
+                    crate::text::escape(o.label.as_deref().unwrap_or_default())
+                ),
+            );
+        }
         let mut keys = Vec::new();
         if logged_in {
-            let (mut privates, points) = self.split_halves(&session, &halves)?;
-            for h in found_privates {
-                privates.push(self.read_object(&session, h)?);
-            }
+            let (privates, points) = objects::split_halves(objects);
             for o in privates {
                 if let Some(k) = self.private_key_info(&session, o, Some(&points))? {
                     keys.push(k);
@@ -342,8 +344,10 @@ impl Pkcs11Store {
             }
         } else {
             // Before login only public objects are visible.
-            for h in halves {
-                if let Some(k) = self.public_key_info(&session, h)? {
+            for o in objects {
+                if o.class == Some(ObjectClass::PUBLIC_KEY)
+                    && let Some(k) = self.public_key_info(o)?
+                {
                     keys.push(k);
                 }
             }
@@ -356,6 +360,28 @@ impl Pkcs11Store {
             (&a.user_id, a.role, a.created_ms).cmp(&(&b.user_id, b.role, b.created_ms))
         });
         Ok(keys)
+    }
+
+    /// Both halves of `user`'s keys, one label search per role.
+    fn find_by_labels(
+        &self,
+        session: &Session,
+        user: &str,
+    ) -> Result<Vec<ObjectHandle>, TokenError> {
+        let mut all = Vec::new();
+        for role in KeyRole::ALL {
+            let label = key_label(user, role);
+            let found = session
+                .find_objects(&[Attribute::Label(label.clone().into_bytes())])
+                .map_err(self.dev("C_FindObjects"))?;
+            tracing::debug!(
+                "C_FindObjects label {}: {} object(s)",
+                crate::text::escape(&label),
+                found.len()
+            );
+            all.extend(found);
+        }
+        Ok(all)
     }
 
     /// Forgets the listing of `user_id` (its keys changed).
@@ -421,11 +447,18 @@ impl KeyStore for Pkcs11Store {
         let label = key_label(user_id, role);
         self.index_before_create(&session)?;
         let subject = Some(index::subject_of(user_id));
+        let id = new_key_id()?;
         let (public, private) =
-            self.generate_objects(&session, role.algorithm(), &label, new_key_id()?, subject)?;
-        self.index_after_create(&session, public, user_id)?;
-        self.key_info(&session, private, None)?
-            .ok_or_else(|| self.bad_data("the new key cannot be read back".into()))
+            self.generate_objects(&session, role.algorithm(), &label, id.clone(), subject)?;
+        let made = self
+            .index_after_create(&session, &[public, private])
+            .and_then(|()| self.key_info(&session, private, None))
+            .and_then(|k| k.ok_or_else(|| self.bad_data("the new key cannot be read back".into())));
+        if made.is_err() {
+            // A key mxhsm could not check is not left behind.
+            let _ = self.destroy_pair(&session, &id, &label);
+        }
+        made
     }
 
     fn import(
@@ -495,7 +528,7 @@ impl KeyStore for Pkcs11Store {
             session.create_object(public).map(|h| (h, h))
         })
         .map_err(self.dev("C_CreateObject (public key)"))
-        .and_then(|(h, _)| self.index_after_create(&session, h, user_id))
+        .and_then(|(h, _)| self.index_after_create(&session, &[h, priv_handle]))
         .inspect(|_| {
             tracing::info!(
                 "C_CreateObject: imported a key pair on {}",

@@ -49,7 +49,7 @@ impl Pkcs11Store {
             .handles
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(id)
+            .get(&(id.clone(), label.clone()))
         {
             return Ok(*h);
         }
@@ -68,7 +68,7 @@ impl Pkcs11Store {
         self.handles
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone(), handle);
+            .insert((id.clone(), label.clone()), handle);
         Ok(handle)
     }
 
@@ -91,6 +91,7 @@ impl Pkcs11Store {
             key_type: None,
             curve: None,
             point: None,
+            subject: None,
             protection: KeyProtection::default(),
         };
         let p = &mut o.protection;
@@ -102,6 +103,7 @@ impl Pkcs11Store {
                 Attribute::KeyType(t) => o.key_type = Some(t),
                 Attribute::EcParams(v) => o.curve = ec::curve_from_params(&v),
                 Attribute::EcPoint(v) => o.point = ec::decode_point(&v),
+                Attribute::Subject(v) => o.subject = Some(v),
                 Attribute::Token(b) => p.token = Some(b),
                 Attribute::Private(b) => p.private = Some(b),
                 Attribute::Sensitive(b) => p.sensitive = Some(b),
@@ -160,7 +162,7 @@ impl Pkcs11Store {
         self.handles
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone(), private);
+            .insert((id.clone(), label.clone()), private);
         if let Some(point) = points.and_then(|p| p.get(&(id.clone(), label.clone()))) {
             let local = p.local;
             return self
@@ -255,63 +257,21 @@ impl Pkcs11Store {
         Ok(Some((role, user_id.to_string(), mechanism)))
     }
 
-    /// Sorts `handles` into private keys (read) and the points of public keys, by
-    /// (`CKA_ID`, `CKA_LABEL`), with one read each, so that pairing each private key with
-    /// its public half needs no search of its own.
-    pub(super) fn split_halves(
-        &self,
-        session: &Session,
-        handles: &[ObjectHandle],
-    ) -> Result<(Vec<ObjectAttributes>, PublicPoints), TokenError> {
-        let mut privates = Vec::new();
-        let mut points = PublicPoints::new();
-        for h in handles {
-            let o = self.read_object(session, *h)?;
-            match o.class {
-                Some(ObjectClass::PRIVATE_KEY) => privates.push(o),
-                Some(ObjectClass::PUBLIC_KEY) => {
-                    if let (Some(id), Some(label), Some(point)) = (o.id, o.label, o.point) {
-                        points.insert((id, label), point);
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok((privates, points))
-    }
-
-    /// A key as its public-key object shows it (before login): no protection attributes.
+    /// A key as its public-key object (already read) shows it, before login: no
+    /// protection attributes.
     pub(super) fn public_key_info(
         &self,
-        session: &Session,
-        public: ObjectHandle,
+        object: ObjectAttributes,
     ) -> Result<Option<KeyInfo>, TokenError> {
-        let attrs = session
-            .get_attributes(
-                public,
-                &[
-                    AttributeType::Label,
-                    AttributeType::Id,
-                    AttributeType::KeyType,
-                    AttributeType::EcParams,
-                    AttributeType::EcPoint,
-                    AttributeType::Local,
-                ],
-            )
-            .map_err(self.dev("C_GetAttributeValue"))?;
-        let (mut label, mut id, mut key_type, mut curve, mut point, mut local) =
-            (None, None, None, None, None, None);
-        for a in attrs {
-            match a {
-                Attribute::Label(v) => label = String::from_utf8(v).ok(),
-                Attribute::Id(v) => id = Some(v),
-                Attribute::KeyType(t) => key_type = Some(t),
-                Attribute::EcParams(v) => curve = ec::curve_from_params(&v),
-                Attribute::EcPoint(v) => point = ec::decode_point(&v),
-                Attribute::Local(b) => local = Some(b),
-                _ => {}
-            }
-        }
+        let ObjectAttributes {
+            label,
+            id,
+            key_type,
+            curve,
+            point,
+            protection,
+            ..
+        } = object;
         let Some(label) = label else { return Ok(None) };
         let Some(identified) = self.identify(&label, curve, key_type)? else {
             return Ok(None);
@@ -322,7 +282,7 @@ impl Pkcs11Store {
             id,
             identified,
             point,
-            local,
+            protection.local,
             KeyProtection::default(),
         )
         .map(Some)
@@ -471,7 +431,7 @@ impl Pkcs11Store {
         self.handles
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, private);
+            .insert((id, label.to_string()), private);
         Ok(key)
     }
 
@@ -500,7 +460,7 @@ impl Pkcs11Store {
         self.handles
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+            .remove(&(id.to_vec(), label.to_string()));
         Ok(found.len())
     }
 }
@@ -537,6 +497,28 @@ pub(super) type Identified = (KeyRole, String, Option<X25519Mechanism>);
 /// Public-key points by (`CKA_ID`, `CKA_LABEL`).
 pub(super) type PublicPoints = std::collections::HashMap<(Vec<u8>, String), [u8; 32]>;
 
+/// Sorts key objects into private keys and the points of public keys, by (`CKA_ID`,
+/// `CKA_LABEL`), so that pairing each private key with its public half needs no search
+/// of its own.
+pub(super) fn split_halves(
+    objects: Vec<ObjectAttributes>,
+) -> (Vec<ObjectAttributes>, PublicPoints) {
+    let mut privates = Vec::new();
+    let mut points = PublicPoints::new();
+    for o in objects {
+        match o.class {
+            Some(ObjectClass::PRIVATE_KEY) => privates.push(o),
+            Some(ObjectClass::PUBLIC_KEY) => {
+                if let (Some(id), Some(label), Some(point)) = (o.id, o.label, o.point) {
+                    points.insert((id, label), point);
+                }
+            }
+            _ => {}
+        }
+    }
+    (privates, points)
+}
+
 /// What [`Pkcs11Store::read_object`] reads.
 const OBJECT_ATTRIBUTES: &[AttributeType] = &[
     AttributeType::Class,
@@ -545,6 +527,7 @@ const OBJECT_ATTRIBUTES: &[AttributeType] = &[
     AttributeType::KeyType,
     AttributeType::EcParams,
     AttributeType::EcPoint,
+    AttributeType::Subject,
     AttributeType::Token,
     AttributeType::Private,
     AttributeType::Sensitive,
@@ -570,7 +553,20 @@ pub(super) struct ObjectAttributes {
     pub key_type: Option<KeyType>,
     pub curve: Option<Curve>,
     pub point: Option<[u8; 32]>,
+    pub subject: Option<Vec<u8>>,
     pub protection: KeyProtection,
+}
+
+impl ObjectAttributes {
+    /// An mxhsm key object (by its label) without the subject the index needs.
+    pub fn lacks_subject(&self) -> bool {
+        self.label
+            .as_deref()
+            .and_then(parse_label)
+            .is_some_and(|(_, user)| {
+                self.subject.as_deref() != Some(super::index::subject_of(user).as_slice())
+            })
+    }
 }
 
 pub(super) fn origin(local: Option<bool>) -> KeyOrigin {
@@ -621,8 +617,11 @@ pub(super) fn public_usage(algorithm: KeyAlgorithm) -> [Attribute; 6] {
 /// the token refuses the template; the doctor reports what the key ended up with.
 pub(super) fn optional_stage(a: &Attribute) -> Option<u8> {
     match a {
-        Attribute::Copyable(_) => Some(1),
-        Attribute::Modifiable(_) => Some(2),
+        // Without its subject a key is only slower to find (the index marker then goes),
+        // so it is given up before any restriction.
+        Attribute::Subject(_) => Some(1),
+        Attribute::Copyable(_) => Some(2),
+        Attribute::Modifiable(_) => Some(3),
         Attribute::Decrypt(false)
         | Attribute::Unwrap(false)
         | Attribute::SignRecover(false)
@@ -631,7 +630,7 @@ pub(super) fn optional_stage(a: &Attribute) -> Option<u8> {
         | Attribute::VerifyRecover(false)
         | Attribute::Derive(false)
         | Attribute::Sign(false)
-        | Attribute::Verify(false) => Some(3),
+        | Attribute::Verify(false) => Some(4),
         _ => None,
     }
 }
@@ -662,7 +661,7 @@ pub(super) fn with_optional_attributes<T>(
     if !refused_attribute(&first) {
         return Err(first);
     }
-    for stage in 1..=3u8 {
+    for stage in 1..=4u8 {
         let keep = |a: &&Attribute| optional_stage(a).is_none_or(|s| s > stage);
         let public: Vec<Attribute> = public.iter().filter(keep).cloned().collect();
         let mut private: Vec<Attribute> = private.iter().filter(keep).cloned().collect();
