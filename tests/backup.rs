@@ -103,12 +103,7 @@ fn upload_requires_auth_data_signed_by_our_master_key() {
     let (u, _, _) = with_backup(Kind::Kryoptic);
     let made = sessions(20, 2);
     let file = u.token.dir.path().join("export.json");
-    let array: Vec<Value> = made
-        .iter()
-        .map(|((r, s), k)| json!({"algorithm": "m.megolm.v1.aes-sha2", "room_id": r, "session_id": s, "session_key": k,
-                                  "sender_key": "WimPd2udAU/1S/+YBpPbmr9L+0H5H+BnAVHSwDxlPGc", "sender_claimed_keys": {}, "forwarding_curve25519_key_chain": []}))
-        .collect();
-    std::fs::write(&file, serde_json::to_string(&array).unwrap()).unwrap();
+    common::backups::write_export(&file, &made);
     let out = ok(u
         .cli()
         .args(["backup", "upload", "--format", "json"])

@@ -169,12 +169,7 @@ fn every_command_prints_what_docs_json_md_says() {
     check("backup create", &created);
     let export = dir.join("export.json");
     let sessions = common::backups::sessions(3, 1);
-    let array: Vec<Value> = sessions
-        .iter()
-        .map(|((r, s), k)| json!({"algorithm": "m.megolm.v1.aes-sha2", "room_id": r, "session_id": s, "session_key": k,
-                                  "sender_key": "WimPd2udAU/1S/+YBpPbmr9L+0H5H+BnAVHSwDxlPGc", "sender_claimed_keys": {}, "forwarding_curve25519_key_chain": []}))
-        .collect();
-    std::fs::write(&export, serde_json::to_string(&array).unwrap()).unwrap();
+    common::backups::write_export(&export, &sessions);
     check(
         "backup upload",
         &doc(&ok(cli()
