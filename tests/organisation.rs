@@ -398,6 +398,17 @@ fn devices_signed_under_a_policy_with_one_pin() {
     // The dry run signs nothing.
     let dry = org.json(&[&policy_args("all", &policy)[..], &["--dry-run"]].concat());
     assert!(dry.to_string().contains("would_sign"), "{dry}");
+    // One listing of each token serves all its accounts: no search for anyone's keys.
+    let (_, _, err) = run(org
+        .cli()
+        .args(["-vv", "--json"])
+        .args(policy_args("all", &policy))
+        .arg("--dry-run"));
+    assert!(err.contains("listed the keys of"), "{err}");
+    assert!(
+        !err.contains("C_FindObjects subject") && !err.contains("C_FindObjects label"),
+        "{err}"
+    );
     let alice_check = checker(&org.alice);
     assert!(!cross_signed(
         org.synapse,

@@ -648,6 +648,7 @@ fn for_each_account<T>(
         mxhsm::account::accounts::choose(&ctx.config, &ctx.sessions, &Setup::selector(global))?;
     let mut stores: Vec<(TokenChoice, Store)> = Vec::new();
     let mut out = Vec::new();
+    let many = chosen.len() > 1;
     for mut c in chosen {
         let user_id = c.user_id().to_string();
         let name = ctx.config.name_of(&user_id).map(str::to_string);
@@ -658,7 +659,14 @@ fn for_each_account<T>(
                 .ok_or(TokenError::NoTokenChosen)?;
             let store = match stores.iter().position(|(t, _)| *t == token.choice) {
                 Some(i) => stores.swap_remove(i).1,
-                None => open_resolved(global, &token)?,
+                None => {
+                    let store = open_resolved(global, &token)?;
+                    // Many accounts on one token: one listing of it, not a search each.
+                    if let (true, Some(p)) = (many, store.as_pkcs11()) {
+                        p.expect_many_users();
+                    }
+                    store
+                }
             };
             let account = match account_with(global, session, store) {
                 Ok(a) => a,
