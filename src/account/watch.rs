@@ -322,12 +322,9 @@ pub fn check(account: &Account, state: &mut WatchState) -> Result<Vec<Event>, Ac
 
     // The backup.
     let backup = account.client().backup_version(None)?;
-    let backup_public_key = backup.as_ref().and_then(|v| {
-        v.auth_data
-            .get("public_key")
-            .and_then(Value::as_str)
-            .and_then(|k| Curve25519PublicKey::from_base64(k).ok())
-    });
+    let backup_public_key = backup
+        .as_ref()
+        .and_then(|v| Curve25519PublicKey::from_base64(v.claimed_public_key()).ok());
     match (&state.backup_version, &backup) {
         (Some(prev), Some(v)) if *prev != v.version => events.push(Event::BackupChanged {
             previous: prev.clone(),

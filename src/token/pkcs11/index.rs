@@ -53,6 +53,14 @@ pub(super) fn subject_of(user_id: &str) -> Vec<u8> {
     name
 }
 
+/// Whether an object with `label` and `subject` is an mxhsm key without the subject of the
+/// user its label names.
+pub(super) fn lacks_subject(label: Option<&str>, subject: Option<&[u8]>) -> bool {
+    label
+        .and_then(parse_label)
+        .is_some_and(|(_, user)| subject != Some(subject_of(user).as_slice()))
+}
+
 /// Appends a DER TLV (definite length, short or long form).
 fn der_push(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
     out.push(tag);
@@ -157,7 +165,7 @@ impl Pkcs11Store {
                 .find_objects(&[Attribute::Class(class)])
                 .map_err(self.dev("C_FindObjects"))?;
             for h in found {
-                if self.lacks_subject(session, h)? {
+                if self.object_lacks_subject(session, h)? {
                     legacy += 1;
                 }
             }
@@ -167,7 +175,7 @@ impl Pkcs11Store {
 
     /// Whether the object `h` is an mxhsm key without the subject of the user its label
     /// names.
-    fn lacks_subject(&self, session: &Session, h: ObjectHandle) -> Result<bool, TokenError> {
+    fn object_lacks_subject(&self, session: &Session, h: ObjectHandle) -> Result<bool, TokenError> {
         let attrs = session
             .get_attributes(h, &[AttributeType::Label, AttributeType::Subject])
             .map_err(self.dev("C_GetAttributeValue"))?;
@@ -180,10 +188,7 @@ impl Pkcs11Store {
                 _ => {}
             }
         }
-        Ok(label
-            .as_deref()
-            .and_then(parse_label)
-            .is_some_and(|(_, user)| subject != subject_of(user)))
+        Ok(lacks_subject(label.as_deref(), Some(&subject)))
     }
 
     /// Ends the index (`why`: an mxhsm key without its subject was seen): the marker is
@@ -238,7 +243,7 @@ impl Pkcs11Store {
             return Ok(());
         }
         for h in halves {
-            if self.lacks_subject(session, *h)? {
+            if self.object_lacks_subject(session, *h)? {
                 self.unindex(session, "the token dropped CKA_SUBJECT from a new key");
                 break;
             }

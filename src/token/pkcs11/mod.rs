@@ -464,28 +464,24 @@ impl KeyStore for Pkcs11Store {
     fn list_keys(&self, user_id: Option<&str>) -> Result<Vec<KeyInfo>, TokenError> {
         let logged_in = self.is_logged_in();
         let cached = self._process_lock.is_some();
-        if cached
-            && let Some(user) = user_id
-            && let Some((when, keys)) = self
-                .listed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(user)
-            && *when == logged_in
-        {
-            return Ok(keys.clone());
-        }
-        if cached
-            && let Some(user) = user_id
-            && self.prefetch(logged_in)
-            && let Some((when, keys)) = self
-                .listed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(user)
-            && *when == logged_in
-        {
-            return Ok(keys.clone());
+        if cached && let Some(user) = user_id {
+            // What an earlier lookup, or a listing of the whole token, found.
+            let known = || {
+                self.listed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(user)
+                    .filter(|(when, _)| *when == logged_in)
+                    .map(|(_, keys)| keys.clone())
+            };
+            if let Some(keys) = known() {
+                return Ok(keys);
+            }
+            if self.prefetch(logged_in)
+                && let Some(keys) = known()
+            {
+                return Ok(keys);
+            }
         }
         let keys = self.search_keys(user_id, logged_in)?;
         if cached && let Some(user) = user_id {

@@ -560,12 +560,7 @@ pub(super) struct ObjectAttributes {
 impl ObjectAttributes {
     /// An mxhsm key object (by its label) without the subject the index needs.
     pub fn lacks_subject(&self) -> bool {
-        self.label
-            .as_deref()
-            .and_then(parse_label)
-            .is_some_and(|(_, user)| {
-                self.subject.as_deref() != Some(super::index::subject_of(user).as_slice())
-            })
+        super::index::lacks_subject(self.label.as_deref(), self.subject.as_deref())
     }
 }
 
